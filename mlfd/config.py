@@ -1,0 +1,529 @@
+"""Typed specs for the MLFD pipeline, with strict YAML in/out.
+
+Every spec is a frozen-by-convention dataclass. ``from_dict`` validates types, ranges and unknown keys and raises
+:class:`SpecError` whose message names the dotted field path and what is allowed. ``to_dict`` / ``from_dict``
+round-trip exactly, so ``dump_yaml(load_yaml(x)) == x`` for any canonical file.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+MAX_LEVEL = 4
+
+
+class SpecError(ValueError):
+    """A spec or input file is invalid. The message is one line naming the field and what is allowed."""
+
+
+def _check(cond: bool, path: str, msg: str) -> None:
+    if not cond:
+        raise SpecError(f"{path}: {msg}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Specs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AugmentSpec:
+    """Train-time augmentation, applied batched on the training device."""
+
+    crop_padding: int = 2
+    """Random-crop padding in pixels at the model's input size (0 disables the crop)."""
+    flip: bool = False
+    """Random horizontal flip (off by default: digits and letters are not mirror-symmetric)."""
+    autoaugment: bool = False
+    """torchvision AutoAugment (ImageNet policy) per image, as in the authors' T1 recipe."""
+
+    def validate(self, path: str) -> None:
+        _check(self.crop_padding >= 0, f"{path}.crop_padding", f"must be >= 0, got {self.crop_padding}")
+
+
+@dataclass
+class RecipeSpec:
+    """How one stage trains: optimizer, schedule, batch, precision, seed."""
+
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    """adamw (decoupled decay), adam (coupled decay, the authors' T1 choice) or sgd (momentum 0.9, nesterov)."""
+    lr: float = 2e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.05
+    epochs: int = 10
+    batch_size: int = 128
+    schedule: Literal["cosine", "constant", "onecycle"] = "cosine"
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    grad_accum: int = 1
+    """Gradient accumulation steps per optimizer step."""
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    """auto = bf16 autocast on CUDA, fp32 on CPU."""
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    """auto = channels_last on CUDA only."""
+    compile: bool = False
+    """Wrap the trained model in torch.compile."""
+    grad_clip: float = 0.0
+    """Clip the global grad norm to this value (0 disables)."""
+    seed: int = 0
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
+
+    def validate(self, path: str) -> None:
+        _check(self.lr > 0, f"{path}.lr", f"must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, f"{path}.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.epochs >= 1, f"{path}.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, f"{path}.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.warmup_epochs >= 0, f"{path}.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+        _check(0 <= self.label_smoothing < 1, f"{path}.label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
+        _check(self.grad_accum >= 1, f"{path}.grad_accum", f"must be >= 1, got {self.grad_accum}")
+        _check(self.grad_clip >= 0, f"{path}.grad_clip", f"must be >= 0, got {self.grad_clip}")
+        self.augment.validate(f"{path}.augment")
+
+
+@dataclass
+class ModelSpec:
+    """A timm model, by name."""
+
+    arch: str = "test_resnet"
+    """Any name ``timm.list_models()`` knows."""
+    input_size: int = 32
+    """Square input resolution the dataset's images are resized to."""
+    pretrained: bool = False
+    """Load timm pretrained weights (needs network access to the hub)."""
+    checkpoint: Optional[str] = None
+    """Path to a state dict to load instead of training the teacher (skips stage 1 for this dataset)."""
+    kwargs: dict = field(default_factory=dict)
+    """Extra keyword arguments for ``timm.create_model`` (e.g. drop_rate)."""
+
+    def validate(self, path: str) -> None:
+        _check(self.input_size >= 8, f"{path}.input_size", f"must be >= 8, got {self.input_size}")
+        from mlfd.models.features import check_arch  # local: keeps config importable without timm loaded
+
+        check_arch(self.arch, f"{path}.arch")
+        if self.checkpoint is not None:
+            _check(Path(self.checkpoint).is_file(), f"{path}.checkpoint", f"file not found: {self.checkpoint}")
+
+
+@dataclass
+class DatasetSpec:
+    """One dataset D_i: where it comes from, how it is split, and the models trained on it."""
+
+    name: str
+    """Short unique name used in tables, metrics and artifact keys."""
+    source: str
+    """One of mlfd.data.SOURCES: sklearn_digits, mnist5k, fashion_mnist, torchvision, folder, parquet."""
+    options: dict = field(default_factory=dict)
+    """Source options (root, name, image_column, label_column, ...)."""
+    classes: Optional[list] = None
+    """Keep only these source classes (ints or names), relabelled 0..n-1 in the given order."""
+    val_fraction: float = 0.1
+    """Stratified fraction of train carved as val when the source has no val split."""
+    max_train: Optional[int] = None
+    """Keep a stratified subset of at most this many train images (None: all)."""
+    max_val: Optional[int] = None
+    max_test: Optional[int] = None
+    split_seed: int = 0
+    """Seed of the val carve-out and of the subsets."""
+    model: ModelSpec = field(default_factory=ModelSpec)
+    """The teacher architecture (also the dataset-specific baseline)."""
+    student_model: Optional[ModelSpec] = None
+    """The student architecture; None means the same as ``model``."""
+
+    def validate(self, path: str) -> None:
+        _check(bool(self.name) and self.name.replace("_", "").replace("-", "").isalnum(), f"{path}.name",
+               f"must be a non-empty name of letters, digits, '_' or '-', got {self.name!r}")
+        from mlfd.data import SOURCES
+
+        _check(self.source in SOURCES, f"{path}.source", f"unknown source {self.source!r}; allowed: {sorted(SOURCES)}")
+        _check(0 < self.val_fraction < 1, f"{path}.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        for k in ("max_train", "max_val", "max_test"):
+            v = getattr(self, k)
+            _check(v is None or v >= 1, f"{path}.{k}", f"must be >= 1 or null, got {v}")
+        if self.classes is not None:
+            _check(len(self.classes) >= 2, f"{path}.classes", "needs at least 2 classes")
+            _check(len(set(map(str, self.classes))) == len(self.classes), f"{path}.classes", "has duplicates")
+        self.model.validate(f"{path}.model")
+        if self.student_model is not None:
+            self.student_model.validate(f"{path}.student_model")
+
+    @property
+    def student(self) -> ModelSpec:
+        return self.student_model if self.student_model is not None else self.model
+
+
+@dataclass
+class JointSpec:
+    """Stage 2: the joint teacher T* fused from frozen teachers at one level."""
+
+    variant: Literal["union", "per_target"] = "union"
+    """union: one T* over all datasets with one head each (Algorithm 1); per_target: one T* per dataset trained on
+    that dataset only (what the authors' code did)."""
+    dropout: float = 0.85
+    """Dropout before the level-1 dense layer (the paper uses 0.8-0.9)."""
+    adaptor_width: int = 64
+    """Channels (maps) or units (vectors) of each per-teacher adaptor A_i."""
+    width: int = 128
+    """Width of the joint teacher's NN blocks (its embedding width at every level)."""
+    recipe: RecipeSpec = field(default_factory=lambda: RecipeSpec(lr=1e-3, weight_decay=1e-4, epochs=10))
+
+    def validate(self, path: str) -> None:
+        _check(0 <= self.dropout < 1, f"{path}.dropout", f"must be in [0, 1), got {self.dropout}")
+        _check(self.adaptor_width >= 1, f"{path}.adaptor_width", f"must be >= 1, got {self.adaptor_width}")
+        _check(self.width >= 1, f"{path}.width", f"must be >= 1, got {self.width}")
+        self.recipe.validate(f"{path}.recipe")
+
+
+@dataclass
+class StudentSpec:
+    """Stage 3: students trained with Eq. (3)."""
+
+    w_ce: float = 1.0
+    """Weight of the label cross-entropy (the authors' code used 0.2)."""
+    alpha: float = 0.6
+    """Weight of the logit KD term alpha * T^2 * KL."""
+    temperature: float = 2.0
+    betas: dict = field(default_factory=dict)
+    """beta_c per level c (keys 1..4, none above the highest fusion level); levels not listed use ``beta_default``."""
+    beta_default: float = 0.2
+    """beta_c for a distilled level not listed in ``betas`` (Table 1's 0.2)."""
+    targets: Literal["cache", "online"] = "cache"
+    """cache: joint-teacher targets of un-augmented images (cheap, the authors' choice); online: frozen teachers and
+    T* run on the student's augmented batch (aligned views, extra forward passes)."""
+    recipe: RecipeSpec = field(default_factory=RecipeSpec)
+
+    def validate(self, path: str) -> None:
+        _check(self.w_ce >= 0, f"{path}.w_ce", f"must be >= 0, got {self.w_ce}")
+        _check(self.alpha >= 0, f"{path}.alpha", f"must be >= 0, got {self.alpha}")
+        _check(self.temperature > 0, f"{path}.temperature", f"must be > 0, got {self.temperature}")
+        _check(self.beta_default >= 0, f"{path}.beta_default", f"must be >= 0, got {self.beta_default}")
+        fixed = {}
+        for k, v in self.betas.items():
+            try:
+                lvl = int(k)
+            except (TypeError, ValueError):
+                raise SpecError(f"{path}.betas: key {k!r} is not a level; allowed: 1..{MAX_LEVEL}") from None
+            _check(1 <= lvl <= MAX_LEVEL, f"{path}.betas.{k}", f"level must be in 1..{MAX_LEVEL}")
+            _check(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, f"{path}.betas.{k}",
+                   f"must be a number >= 0, got {v!r}")
+            fixed[lvl] = float(v)
+        self.betas = fixed
+        self.recipe.validate(f"{path}.recipe")
+
+    def beta(self, level: int) -> float:
+        return float(self.betas.get(level, self.beta_default))
+
+
+@dataclass
+class BaselineSpec:
+    """The two multi-dataset baselines (shared backbone)."""
+
+    multi_head: bool = True
+    """Shared backbone, one head per dataset, one batch from each dataset per step, equal weights."""
+    joint_head: bool = True
+    """Shared backbone, one head over the union of classes, mixed batches."""
+    model: Optional[ModelSpec] = None
+    """Shared backbone; None means the first dataset's teacher model."""
+    recipe: Optional[RecipeSpec] = None
+    """None means the teachers' recipe."""
+
+    def validate(self, path: str) -> None:
+        if self.model is not None:
+            self.model.validate(f"{path}.model")
+        if self.recipe is not None:
+            self.recipe.validate(f"{path}.recipe")
+
+
+@dataclass
+class ControlSpec:
+    """Controls a skeptical reader needs beside the students."""
+
+    own_teacher: bool = True
+    """Students distilled from a T* built on their own teacher only (no fusion across datasets)."""
+    no_kd: bool = True
+    """Students with alpha = 0 (feature terms and CE only)."""
+
+
+@dataclass
+class PipelineSpec:
+    """A whole MLFD experiment: datasets (each with its teacher/student model), and the three stages."""
+
+    datasets: list
+    """At least two DatasetSpec entries, each with its own label set."""
+    name: str = "mlfd"
+    fusion_levels: list = field(default_factory=lambda: [1, 2])
+    """Fusion levels k to run; each gives a joint teacher L_k and students distilled at levels 1..k."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    teacher: RecipeSpec = field(default_factory=RecipeSpec)
+    """Recipe of stage 1 (teachers = dataset-specific baselines)."""
+    joint: JointSpec = field(default_factory=JointSpec)
+    student: StudentSpec = field(default_factory=StudentSpec)
+    baselines: BaselineSpec = field(default_factory=BaselineSpec)
+    controls: ControlSpec = field(default_factory=ControlSpec)
+    only_students: Optional[list] = None
+    """Train students (and their controls) only for these dataset names; None: all. Used by per-student searches."""
+
+    def validate(self, path: str = "pipeline") -> None:
+        _check(len(self.datasets) >= 2, f"{path}.datasets", f"needs at least 2 datasets, got {len(self.datasets)}")
+        names = [d.name for d in self.datasets]
+        _check(len(set(names)) == len(names), f"{path}.datasets", f"dataset names must be unique, got {names}")
+        for i, d in enumerate(self.datasets):
+            d.validate(f"{path}.datasets[{i}]")
+        _check(len(self.fusion_levels) >= 1, f"{path}.fusion_levels", "needs at least one level")
+        for lvl in self.fusion_levels:
+            _check(isinstance(lvl, int) and 1 <= lvl <= MAX_LEVEL, f"{path}.fusion_levels",
+                   f"levels must be integers in 1..{MAX_LEVEL}, got {lvl!r}")
+        _check(len(set(self.fusion_levels)) == len(self.fusion_levels), f"{path}.fusion_levels", "has duplicates")
+        if self.only_students is not None:
+            for n in self.only_students:
+                _check(n in names, f"{path}.only_students", f"unknown dataset {n!r}; allowed: {names}")
+        self.teacher.validate(f"{path}.teacher")
+        self.joint.validate(f"{path}.joint")
+        self.student.validate(f"{path}.student")
+        self.baselines.validate(f"{path}.baselines")
+        # A beta above every fusion level is a mistake the user should hear about.
+        top = max(self.fusion_levels)
+        for lvl, b in self.student.betas.items():
+            _check(lvl <= top, f"{path}.student.betas.{lvl}",
+                   f"beta for level {lvl} above the highest fusion level {top}; allowed levels: 1..{top}")
+
+    def dataset(self, name: str) -> DatasetSpec:
+        for d in self.datasets:
+            if d.name == name:
+                return d
+        raise SpecError(f"dataset: unknown {name!r}; allowed: {[d.name for d in self.datasets]}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# dict <-> dataclass, strict
+# --------------------------------------------------------------------------------------------------------------------
+
+_HINTS: dict = {}
+
+
+def _hints(cls) -> dict:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, path)
+            except SpecError as e:
+                errors.append(e)
+        raise SpecError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        _check(value in allowed, path, f"got {value!r}; allowed: {', '.join(map(str, allowed))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, path)
+    if tp is bool:
+        _check(isinstance(value, bool), path, f"expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), path, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), path, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), path, f"expected a string, got {value!r}")
+        return value
+    if tp is dict or origin is dict:
+        _check(isinstance(value, dict), path, f"expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is list or origin is list:
+        _check(isinstance(value, list), path, f"expected a list, got {value!r}")
+        return list(value)
+    return value
+
+
+_LIST_ITEM = {("PipelineSpec", "datasets"): DatasetSpec}
+
+
+def _from_dict(cls, data: Any, path: str):
+    _check(isinstance(data, dict), path, f"expected a mapping, got {data!r}")
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    _check(not unknown, f"{path}.{unknown[0]}" if unknown else path, f"unknown field; allowed: {sorted(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        sub = f"{path}.{name}"
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise SpecError(f"{sub}: required field is missing")
+            continue
+        item_cls = _LIST_ITEM.get((cls.__name__, name))
+        if item_cls is not None:
+            _check(isinstance(data[name], list), sub, f"expected a list, got {data[name]!r}")
+            kwargs[name] = [_from_dict(item_cls, v, f"{sub}[{i}]") for i, v in enumerate(data[name])]
+        else:
+            kwargs[name] = _convert(data[name], hints[name], sub)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain, YAML-safe dict of a spec (round-trips through :func:`from_dict`)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def from_dict(cls, data: dict, path: str = "pipeline", validate: bool = True):
+    """Build and validate a spec of type ``cls`` from a plain dict."""
+    spec = _from_dict(cls, copy.deepcopy(data), path)
+    if validate and hasattr(spec, "validate"):
+        spec.validate(path)
+    return spec
+
+
+def spec_hash(obj: Any, n: int = 16) -> str:
+    """Stable content hash of a spec or plain value."""
+    blob = json.dumps(to_dict(obj), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:n]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# YAML and overrides
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Safely load a YAML mapping, with a one-line error on a missing or malformed file."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"{path}: file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError(f"{path}: malformed YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: expected a YAML mapping at top level, got {type(data).__name__}")
+    return data
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Parse ``key.path=value`` (value parsed as YAML) from ``--set``."""
+    if "=" not in item:
+        raise SpecError(f"--set {item}: expected key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise SpecError(f"--set {item}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def set_path(data: dict, key: str, value: Any) -> None:
+    """Set ``a.b.c`` (``datasets.0.model.arch`` or ``datasets.mnist.model.arch`` for list items) in a nested dict."""
+    parts = key.split(".")
+    cur: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
+        if isinstance(cur, list):
+            idx = None
+            if part.lstrip("-").isdigit():
+                idx = int(part)
+            else:
+                for j, item in enumerate(cur):
+                    if isinstance(item, dict) and item.get("name") == part:
+                        idx = j
+            if idx is None or not -len(cur) <= idx < len(cur):
+                raise SpecError(f"--set {key}: no list item {part!r} at {where}")
+            if last:
+                cur[idx] = value
+            else:
+                cur = cur[idx]
+            continue
+        if not isinstance(cur, dict):
+            raise SpecError(f"--set {key}: {where} is not a mapping")
+        if last:
+            cur[part] = value
+        else:
+            if cur.get(part) is None:
+                cur[part] = {}
+            cur = cur[part]
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    data = copy.deepcopy(data)
+    for item in overrides or []:
+        k, v = parse_override(item)
+        set_path(data, k, v)
+    return data
+
+
+def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> PipelineSpec:
+    """Load, override and validate a pipeline YAML."""
+    return from_dict(PipelineSpec, apply_overrides(read_yaml(path), overrides), path="pipeline")
+
+
+def dump_yaml(obj: Any) -> str:
+    return yaml.safe_dump(to_dict(obj), sort_keys=False, default_flow_style=False)
+
+
+def save_pipeline(spec: PipelineSpec, path: str | Path) -> None:
+    from mlfd.store import atomic_write_text
+
+    atomic_write_text(Path(path), dump_yaml(spec))
+
+
+SMOKE_LIMITS = {"max_train": 400, "max_val": 200, "max_test": 400}
+SMOKE_EPOCHS = 2
+
+
+def smoke_pipeline(spec: PipelineSpec) -> PipelineSpec:
+    """The ``--smoke`` variant of a pipeline: small subsets and 2 epochs per stage, same structure."""
+    s = copy.deepcopy(spec)
+    for d in s.datasets:
+        for k, cap in SMOKE_LIMITS.items():
+            setattr(d, k, min(getattr(d, k) or cap, cap))
+    recipes = [s.teacher, s.joint.recipe, s.student.recipe] + ([s.baselines.recipe] if s.baselines.recipe else [])
+    for r in recipes:
+        r.epochs = min(r.epochs, SMOKE_EPOCHS)
+    return s

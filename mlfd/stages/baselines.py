@@ -1,0 +1,135 @@
+"""The two multi-dataset baselines: a shared backbone with one head per dataset, or one head over all classes."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from mlfd.config import ModelSpec, RecipeSpec, to_dict
+from mlfd.engine import fit, use_channels_last
+from mlfd.losses import ce_loss
+from mlfd.models import create_model
+from mlfd.stages.common import (Context, dataset_key_spec, eval_model, loader, save_module, seed_everything,
+                                write_metrics)
+from mlfd.store import Artifact, ArtifactStore
+
+KIND = "baseline"
+MODES = ("multi_head", "joint_head")
+
+
+class _Shared(nn.Module):
+    """A timm backbone without classifier (pooled features) and linear heads."""
+
+    def __init__(self, model: ModelSpec, out: list[int]):
+        super().__init__()
+        self.backbone = create_model(model, 0)
+        width = self.backbone.num_features
+        self.heads = nn.ModuleList(nn.Linear(width, k) for k in out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+
+class SharedTask:
+    """multi_head: one batch per dataset per step, CE with weight 1/m each, each dataset through its own head.
+    joint_head: the same m batches through one head over the union of classes (labels offset per dataset).
+
+    An epoch is as many steps as the largest dataset needs; smaller datasets cycle.
+    """
+
+    def __init__(self, ctx: Context, mode: str, model: ModelSpec, recipe: RecipeSpec):
+        self.ctx, self.mode, self.recipe = ctx, mode, recipe
+        self.names = [d.name for d in ctx.spec.datasets]
+        self.data = [ctx.data(n) for n in self.names]
+        counts = [d.num_classes for d in self.data]
+        self.offsets = [sum(counts[:i]) for i in range(len(counts))]
+        self.counts = counts
+        self.module = _Shared(model, counts if mode == "multi_head" else [sum(counts)]).to(ctx.device)
+        if use_channels_last(ctx.device, recipe.channels_last):
+            self.module = self.module.to(memory_format=torch.channels_last)
+        self.tfs = [ctx.transform(d, model, recipe) for d in self.data]
+        self.loaders = [loader(d.train.images, d.train.labels, recipe.batch_size, True, recipe.seed + i, ctx.device)
+                        for i, d in enumerate(self.data)]
+        self.gen = seed_everything(recipe.seed)
+
+    def steps_per_epoch(self) -> int:
+        return max(len(ld) for ld in self.loaders)
+
+    def train_batches(self, epoch: int) -> Iterator:
+        self.gen.manual_seed(self.recipe.seed * 1000 + epoch)
+        iters = [itertools.cycle(ld) if len(ld) < self.steps_per_epoch() else iter(ld) for ld in self.loaders]
+        for _ in range(self.steps_per_epoch()):
+            batch = []
+            for i, it in enumerate(iters):
+                _, x, y = next(it)
+                batch.append((self.tfs[i](x, train=True, generator=self.gen), y))
+            yield batch
+
+    def _head(self, i: int, feats: torch.Tensor) -> torch.Tensor:
+        if self.mode == "multi_head":
+            return self.module.heads[i](feats)
+        return self.module.heads[0](feats)
+
+    def train_step(self, batch) -> dict[str, torch.Tensor]:
+        feats = self.module(torch.cat([x for x, _ in batch]))
+        parts, start = [], 0
+        for i, (x, y) in enumerate(batch):
+            f = feats[start: start + x.shape[0]]
+            start += x.shape[0]
+            target = y if self.mode == "multi_head" else y + self.offsets[i]
+            parts.append(ce_loss(self._head(i, f), target, self.recipe.label_smoothing))
+        loss = sum(parts) / len(parts)
+        return {"loss": loss, **{f"ce_{n}": p for n, p in zip(self.names, parts)}}
+
+    def _dataset_logits(self, i: int):
+        """Logits of dataset i's own classes (the joint head is read on the target's class slice)."""
+        if self.mode == "multi_head":
+            return lambda f: self.module.heads[i](f)
+        lo, hi = self.offsets[i], self.offsets[i] + self.counts[i]
+        return lambda f: self.module.heads[0](f)[:, lo:hi]
+
+    def evaluate_dataset(self, i: int, split: str) -> dict[str, float]:
+        return eval_model(self.module, self.data[i], split, self.tfs[i], self.ctx.device, self.ctx.dtype(self.recipe),
+                          head=self._dataset_logits(i))
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        per = [self.evaluate_dataset(i, split) for i in range(len(self.names))]
+        out = {k: sum(p[k] for p in per) / len(per) for k in ("acc1", "acc5", "loss")}
+        for n, p in zip(self.names, per):
+            out.update({f"{n}/acc1": p["acc1"], f"{n}/acc5": p["acc5"]})
+        return out
+
+
+def baseline_model(ctx: Context) -> tuple[ModelSpec, RecipeSpec]:
+    b = ctx.spec.baselines
+    return (b.model or ctx.spec.datasets[0].model), (b.recipe or ctx.spec.teacher)
+
+
+def baseline_key(ctx: Context, mode: str) -> str:
+    model, recipe = baseline_model(ctx)
+    return ArtifactStore.key(KIND, {"mode": mode, "model": to_dict(model), "recipe": to_dict(recipe),
+                                    "data": [dataset_key_spec(d) for d in ctx.spec.datasets]})
+
+
+def train_baseline(ctx: Context, mode: str) -> Artifact:
+    """Build (once) the ``multi_head`` or ``joint_head`` baseline over all datasets."""
+    model, recipe = baseline_model(ctx)
+
+    def build(tmp: Path) -> dict:
+        task = SharedTask(ctx, mode, model, recipe)
+        res = fit(task, recipe, ctx.device, on_epoch=ctx.on_epoch, resume=ctx.resume, desc=mode,
+                  progress=ctx.progress)
+        task.module.eval()
+        with torch.inference_mode():
+            val = {n: task.evaluate_dataset(i, "val") for i, n in enumerate(task.names)}
+            test = {n: task.evaluate_dataset(i, "test") for i, n in enumerate(task.names)}
+        save_module(task.module, tmp / "model.pt")
+        write_metrics(tmp, role=mode, val=val, test=test, best_epoch=res.best_epoch, epochs=res.epochs_run,
+                      seed=recipe.seed, history=res.history)
+        return {"mode": mode}
+
+    return ctx.store.get_or_build(KIND, baseline_key(ctx, mode), build)

@@ -1,0 +1,268 @@
+"""Content-addressed artifact store and the pyarrow feature cache.
+
+An artifact is a directory ``ROOT/<kind>/<key>/`` whose key hashes the stage spec and the keys of its inputs. It is
+built in a temporary sibling directory and renamed into place (atomic on POSIX filesystems), so a reader never sees a
+half-written artifact; a ``MANIFEST.json`` with per-file SHA-256 sums marks it complete and lets readers detect
+corruption. A per-key lock file (``fcntl.flock``) makes concurrent builders build it once: the first builds, the rest
+wait and reuse it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from mlfd.config import SpecError, spec_hash, to_dict
+
+MANIFEST = "MANIFEST.json"
+
+
+class CorruptArtifact(SpecError):
+    """A stored file does not match its recorded checksum or cannot be parsed."""
+
+
+class StorageError(OSError):
+    """Writing outputs failed (disk full, permissions). Nothing stored earlier was touched."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _storage_error(e: OSError, what: Path) -> StorageError:
+    reason = {errno.ENOSPC: "no space left on device", errno.EACCES: "permission denied",
+              errno.EROFS: "read-only filesystem", errno.EDQUOT: "disk quota exceeded"}.get(e.errno, e.strerror)
+    return StorageError(e.errno, f"cannot write {what}: {reason}")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file + rename; the old file survives any failure."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise _storage_error(e, path) from e
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    """torch.save through an atomic write."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_torch(path: Path, map_location: Any = "cpu") -> Any:
+    """torch.load with weights_only=True and a clear error for a corrupt or truncated file."""
+    import torch
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # pickle/zip errors for truncated files
+        raise CorruptArtifact(f"{path}: cannot load checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+
+
+@dataclass
+class Artifact:
+    """A complete artifact directory."""
+
+    kind: str
+    key: str
+    path: Path
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def meta(self) -> dict:
+        return json.loads((self.path / MANIFEST).read_text()).get("meta", {})
+
+    def verify(self) -> None:
+        """Re-hash every file against the manifest; raise CorruptArtifact naming the first bad file."""
+        manifest = json.loads((self.path / MANIFEST).read_text())
+        for name, digest in manifest["files"].items():
+            p = self.path / name
+            if not p.is_file():
+                raise CorruptArtifact(f"{p}: missing from artifact {self.kind}/{self.key}")
+            if sha256_file(p) != digest:
+                raise CorruptArtifact(f"{p}: checksum mismatch (corrupt or truncated); delete {self.path} to rebuild")
+
+
+class ArtifactStore:
+    """A directory of content-addressed stage outputs.
+
+    Args:
+        root: local directory (created on first use).
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+
+    @staticmethod
+    def key(kind: str, spec: Any, inputs: dict[str, str] | None = None) -> str:
+        """Key of an artifact: a hash of its kind, its spec and the keys of its inputs."""
+        return spec_hash({"kind": kind, "spec": to_dict(spec), "inputs": dict(sorted((inputs or {}).items()))})
+
+    def path(self, kind: str, key: str) -> Path:
+        return self.root / kind / key
+
+    def get(self, kind: str, key: str) -> Artifact | None:
+        p = self.path(kind, key)
+        return Artifact(kind, key, p) if (p / MANIFEST).is_file() else None
+
+    @contextlib.contextmanager
+    def lock(self, kind: str, key: str) -> Iterator[None]:
+        """An exclusive inter-process lock for one key (released if the holder dies)."""
+        lock_dir = self.root / ".locks"
+        try:
+            lock_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_dir / f"{kind}-{key}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as e:
+            raise _storage_error(e, lock_dir) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def get_or_build(self, kind: str, key: str, build: Callable[[Path], dict | None], verify: bool = False) -> Artifact:
+        """Return the artifact ``kind/key``, building it with ``build(tmp_dir)`` if it is missing.
+
+        ``build`` writes files into ``tmp_dir`` and may return a metadata dict stored in the manifest. Concurrent
+        callers in other processes block on the lock and then reuse the result. A build that raises or is killed
+        leaves only a temp directory that is never read (and is swept by the next builder of that key).
+        """
+        art = self.get(kind, key)
+        if art is not None:
+            if verify:
+                art.verify()
+            return art
+        with self.lock(kind, key):
+            art = self.get(kind, key)
+            if art is not None:
+                return art
+            final = self.path(kind, key)
+            parent = final.parent
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+                for stale in parent.glob(f".{key}.*.tmp"):
+                    shutil.rmtree(stale, ignore_errors=True)
+                tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{key}.", suffix=".tmp"))
+            except OSError as e:
+                raise _storage_error(e, parent) from e
+            try:
+                meta = build(tmp) or {}
+                files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+                manifest = {"kind": kind, "key": key, "created": time.time(), "files": files, "meta": meta}
+                (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+                if final.exists():  # an incomplete leftover without a manifest
+                    shutil.rmtree(final)
+                os.rename(tmp, final)
+                _fsync_dir(parent)
+            except OSError as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise _storage_error(e, final) from e
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            return Artifact(kind, key, final)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Feature cache: float16 arrays in Arrow IPC files, memory-mapped on read, checksummed
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def write_features(path: Path, array: np.ndarray, extra: dict | None = None) -> dict:
+    """Write an [N, ...] array as float16 into an Arrow IPC file with its shape and SHA-256 in the schema metadata.
+
+    Returns the metadata written.
+    """
+    arr = np.ascontiguousarray(array, dtype=np.float16)
+    n = arr.shape[0]
+    flat = arr.reshape(n, -1)
+    digest = hashlib.sha256(flat.tobytes()).hexdigest()
+    meta = {"shape": list(arr.shape), "dtype": "float16", "sha256": digest, **(extra or {})}
+    values = pa.array(flat.reshape(-1), type=pa.float16())
+    col = pa.FixedSizeListArray.from_arrays(values, flat.shape[1]) if flat.shape[1] > 0 else values
+    table = pa.table({"features": col}).replace_schema_metadata({"mlfd": json.dumps(meta)})
+    path = Path(path)
+    try:
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+    except OSError as e:
+        raise _storage_error(e, path) from e
+    return meta
+
+
+def read_features(path: Path, verify: bool = True) -> tuple[np.ndarray, dict]:
+    """Memory-map a feature file; return a read-only float16 array view and its metadata.
+
+    With ``verify`` the data is re-hashed and a mismatch raises :class:`CorruptArtifact`.
+    """
+    path = Path(path)
+    try:
+        source = pa.memory_map(str(path), "r")
+        table = pa.ipc.open_file(source).read_all()
+        meta = json.loads(table.schema.metadata[b"mlfd"])
+        col = table.column("features").combine_chunks()
+        values = col.flatten() if pa.types.is_fixed_size_list(col.type) else col
+        flat = values.to_numpy(zero_copy_only=True)
+        arr = flat.reshape(meta["shape"])
+    except CorruptArtifact:
+        raise
+    except (pa.ArrowInvalid, pa.ArrowIOError, KeyError, ValueError, json.JSONDecodeError) as e:
+        raise CorruptArtifact(f"{path}: unreadable feature cache ({type(e).__name__}); delete it to rebuild")
+    if verify and hashlib.sha256(np.ascontiguousarray(arr).reshape(arr.shape[0], -1).tobytes()).hexdigest() != meta["sha256"]:
+        raise CorruptArtifact(f"{path}: feature cache checksum mismatch (corrupt); delete it to rebuild")
+    return arr, meta
