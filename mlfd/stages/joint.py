@@ -150,7 +150,8 @@ def train_joint(ctx: Context, plan: JointPlan) -> Artifact:
 
     def build(tmp: Path) -> dict:
         task = JointTask(ctx, plan)
-        res = fit(task, task.recipe, ctx.device, desc=f"joint {plan.label}", progress=ctx.progress)
+        res = fit(task, task.recipe, ctx.device, on_epoch=ctx.on_epoch, resume=ctx.resume, desc=f"joint {plan.label}",
+                  progress=ctx.progress)
         task.module.eval()
         with torch.inference_mode():
             val = {d: task.evaluate_dataset(d, "val") for d in plan.datasets}

@@ -1,0 +1,285 @@
+"""``mlfd tune``: one Ray Tune experiment per study, Optuna TPE through OptunaSearch, ASHA, resume, export.
+
+Layout of an output directory::
+
+    OUT/search.json         the resolved job and pipeline (what --resume checks and export reads)
+    OUT/ray/<name>-<study>  Ray Tune experiment state (storage_path), restorable with Tuner.restore
+    OUT/store/              artifact store shared by every trial and study
+    OUT/trials.parquet      one row per trial
+    OUT/best/<study>.yaml   the best trial of each study as a standalone pipeline
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mlfd.config import PipelineSpec, SpecError, apply_overrides, dump_yaml, from_dict, read_yaml, spec_hash, to_dict
+from mlfd.store import atomic_write_bytes, atomic_write_text
+from mlfd.tune.job import JobSpec, load_job, resolve
+from mlfd.tune.trainable import CONTEXT, run_stage
+
+SEARCH_FILE = "search.json"
+DONE_SUFFIX = ".done"
+
+
+def study_names(job: JobSpec, spec: PipelineSpec) -> list[str | None]:
+    names = [d.name for d in spec.datasets]
+    if job.stage in ("students", "teachers") or (job.stage == "joint" and spec.joint.variant == "per_target"):
+        studies = job.studies or (spec.only_students if job.stage == "students" and spec.only_students else names)
+        for s in studies:
+            if s not in names:
+                raise SpecError(f"studies: unknown dataset {s!r}; allowed: {names}")
+        return list(studies)
+    return [None]
+
+
+def _experiment_name(job: JobSpec, study: str | None) -> str:
+    return f"{job.name}-{study or job.stage}"
+
+
+def prepare(job_path: str, out: Path, smoke: bool, overrides: list[str] | None) -> dict:
+    """Everything a search needs, validated before any compute: job, pipeline, space, studies, paths."""
+    from mlfd.data import load_dataset
+    from mlfd.tune.spaces import apply_config, load_space
+
+    job, base = load_job(job_path, smoke=smoke, overrides=overrides)
+    pipe_path = resolve(base, job.pipeline)
+    pipeline = apply_overrides(read_yaml(pipe_path), job.set)
+    spec = from_dict(PipelineSpec, pipeline, path=str(pipe_path))
+    space_path = resolve(base, job.space)
+    space = load_space(space_path)
+    # A sampled trial must make a valid pipeline: catches fields the space names that this pipeline lacks.
+    from_dict(PipelineSpec, apply_config(pipeline, space.sample()), path=f"{space_path} applied to {pipe_path}")
+    studies = study_names(job, spec)
+    for d in spec.datasets:
+        load_dataset(d)
+    check_resources(job)
+    out = out.resolve()
+    return {"job": to_dict(job), "job_file": str(Path(job_path).resolve()), "pipeline": pipeline,
+            "pipeline_file": str(pipe_path), "space_file": str(space_path), "studies": studies,
+            "storage_path": job.storage_path or str(out / "ray"), "store": job.store or str(out / "store"),
+            "tracking_uri": job.tracking_uri or f"sqlite:///{out / 'mlflow.db'}", "smoke": smoke}
+
+
+def check_resources(job: JobSpec) -> None:
+    """Refuse GPU trials on a machine without GPUs before anything starts."""
+    import torch
+
+    if job.resources.gpu not in (0, 0.0) and not torch.cuda.is_available():
+        raise SpecError(f"resources.gpu: {job.resources.gpu!r} asks for GPUs but this machine has none; "
+                        "run with --set resources.gpu=0 to use CPUs")
+
+
+def _fingerprint(plan: dict) -> str:
+    return spec_hash({k: plan[k] for k in ("job", "pipeline", "studies")})
+
+
+def open_output(out: Path, plan: dict, resume: bool) -> None:
+    """Create or check the output directory: a new search needs a fresh one, --resume needs the same search."""
+    f = out / SEARCH_FILE
+    if resume:
+        if not f.is_file():
+            raise SpecError(f"--resume: {out} holds no search ({SEARCH_FILE} missing); run without --resume")
+        old = json.loads(f.read_text())
+        if old.get("fingerprint") != _fingerprint(plan):
+            raise SpecError(f"--resume: {out} holds a different search (job {old.get('job_file')}); "
+                            "use the same job, --smoke and --set as the first run, or another --out")
+        return
+    if f.is_file():
+        raise SpecError(f"--out: {out} already holds a search; pass --resume to continue it or choose another --out")
+    atomic_write_text(f, json.dumps({**plan, "fingerprint": _fingerprint(plan)}, indent=1, default=str))
+
+
+def _scheduler(job: JobSpec, max_t: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler
+
+    s = job.scheduler
+    if s.type == "asha":
+        return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=min(s.grace_period, max_t),
+                             reduction_factor=s.reduction_factor)
+    if s.type == "hyperband":
+        return HyperBandScheduler(time_attr="training_iteration", max_t=max_t, reduction_factor=s.reduction_factor)
+    return FIFOScheduler()
+
+
+def _stage_epochs(spec: PipelineSpec, stage: str) -> int:
+    if stage == "students":
+        return spec.student.recipe.epochs
+    if stage == "joint":
+        return spec.joint.recipe.epochs
+    if stage in ("multi_head", "joint_head") and spec.baselines.recipe is not None:
+        return spec.baselines.recipe.epochs
+    return spec.teacher.epochs
+
+
+def _tuner(plan: dict, study: str | None, index: int, callbacks: list, resume: bool):
+    from ray import tune
+
+    from mlfd.tune.spaces import load_space, make_searcher
+
+    job = from_dict(JobSpec, plan["job"], path="job")
+    spec = from_dict(PipelineSpec, plan["pipeline"], validate=False)
+    name = _experiment_name(job, study)
+    exp_path = os.path.join(plan["storage_path"], name)
+    trainable = tune.with_resources(run_stage, {"cpu": job.resources.cpu, "gpu": float(job.resources.gpu)})
+    if resume and tune.Tuner.can_restore(exp_path):
+        return tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                  restart_errored=False)
+    space = load_space(plan["space_file"])
+    searcher = make_searcher(space, job.metric, job.mode, seed=job.seed + index)
+    context = {"pipeline": plan["pipeline"], "stage": job.stage, "study": study, "store": plan["store"],
+               "threads": max(1, int(job.resources.cpu))}
+    return tune.Tuner(
+        trainable,
+        param_space={CONTEXT: context},
+        tune_config=tune.TuneConfig(metric=job.metric, mode=job.mode, search_alg=searcher,
+                                    scheduler=_scheduler(job, _stage_epochs(spec, job.stage)),
+                                    num_samples=job.num_samples, max_concurrent_trials=job.max_concurrent_trials),
+        run_config=tune.RunConfig(name=name, storage_path=plan["storage_path"], callbacks=callbacks,
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                  failure_config=tune.FailureConfig(max_failures=job.max_failures),
+                                  verbose=1),
+    )
+
+
+def trial_rows(results, study: str | None, job: JobSpec, max_epochs: int) -> list[dict]:
+    """One row per trial of a finished study."""
+    rows = []
+    for r in results:
+        cfg = {k: v for k, v in (r.config or {}).items() if k != CONTEXT}
+        hist = r.metrics_dataframe
+        metric = job.metric
+        epochs = int(r.metrics.get("training_iteration", 0)) if r.metrics else 0
+        best = float(hist[metric].max()) if hist is not None and metric in hist else float("nan")
+        final = float(r.metrics[metric]) if r.metrics and metric in r.metrics else float("nan")
+        if r.error is not None:
+            status, error = "ERROR", f"{type(r.error).__name__}: {str(r.error).strip().splitlines()[-1][:300]}"
+        else:
+            status, error = ("TERMINATED" if epochs >= max_epochs else "STOPPED"), ""
+        rows.append({"study": study or job.stage, "trial_id": str((r.metrics or {}).get("trial_id") or
+                                                                  Path(r.path).name), "status": status,
+                     "epochs": epochs, f"final/{metric}": final, f"best/{metric}": best, "error": error,
+                     "path": r.path, **{f"config/{k}": v for k, v in sorted(cfg.items())}})
+    return rows
+
+
+def run_search(job_path: str, out: Path, smoke: bool = False, resume: bool = False, address: str | None = None,
+               overrides: list[str] | None = None, tracking=None) -> pd.DataFrame:
+    """Run (or resume) every study of a job; write trials.parquet and best/<study>.yaml. Returns the trial table."""
+    import ray
+
+    out = Path(out).resolve()
+    plan = prepare(job_path, out, smoke, overrides)
+    job = from_dict(JobSpec, plan["job"], path="job")
+    if address:
+        _check_cluster_paths(plan, job)
+    open_output(out, plan, resume)
+    spec = from_dict(PipelineSpec, plan["pipeline"], validate=False)
+    # Snapshot experiment state often, so a killed driver loses at most the trials still running.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    rows: list[dict] = []
+    try:
+        for i, study in enumerate(plan["studies"]):
+            name = _experiment_name(job, study)
+            cbs = tracking.callbacks(plan, study) if tracking else []
+            tuner = _tuner(plan, study, i, cbs, resume)
+            print(f"mlfd tune: study {study or job.stage} ({i + 1}/{len(plan['studies'])}) -> "
+                  f"{os.path.join(plan['storage_path'], name)}", file=sys.stderr, flush=True)
+            results = tuner.fit()
+            study_rows = trial_rows(results, study, job, _stage_epochs(spec, job.stage))
+            rows.extend(study_rows)
+            write_trials(out, rows)
+            best = best_row(pd.DataFrame(study_rows), job.metric, job.mode)
+            if best is not None:
+                export_best(out, study or job.stage, out / "best" / f"{study or job.stage}.yaml")
+            if tracking:
+                tracking.finish_study(plan, study, pd.DataFrame(study_rows), out)
+    finally:
+        ray.shutdown()
+    return pd.DataFrame(rows)
+
+
+def _check_cluster_paths(plan: dict, job: JobSpec) -> None:
+    """Joining an existing cluster needs storage every node sees and a tracking server every node reaches."""
+    if job.storage_path is None:
+        raise SpecError("storage_path: --address needs a shared storage_path in the job (NFS path or s3:// URI) so "
+                        "every node writes trial state to the same place")
+    uri = plan["tracking_uri"]
+    if not uri.startswith(("http://", "https://", "databricks")):
+        raise SpecError(f"tracking_uri: --address needs a remote MLflow tracking server (http://host:port), "
+                        f"got {uri!r}")
+
+
+def write_trials(out: Path, rows: list[dict]) -> None:
+    import io
+
+    df = pd.DataFrame(rows)
+    for c in df.columns:  # parquet wants one type per column; sampled categoricals may mix int/str
+        if df[c].dtype == object and c.startswith("config/"):
+            df[c] = df[c].map(lambda v: v if v is None or isinstance(v, str) else json.dumps(v))
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    atomic_write_bytes(out / "trials.parquet", buf.getvalue())
+
+
+def best_row(df: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
+    """The best trial of a study: among trials that ran every epoch (reproducible by a rerun) if any, else all."""
+    col = f"best/{metric}"
+    ok = df[df["status"] != "ERROR"].dropna(subset=[col]) if len(df) else df
+    if not len(ok):
+        return None
+    full = ok[ok["status"] == "TERMINATED"]
+    pool = full if len(full) else ok
+    return pool.loc[pool[col].idxmax() if mode == "max" else pool[col].idxmin()]
+
+
+def _config_value(v: Any) -> Any:
+    if isinstance(v, str):
+        try:
+            return json.loads(v)
+        except ValueError:
+            return v
+    if hasattr(v, "item"):
+        return v.item()
+    return v
+
+
+def export_best(out: Path, study: str | None, dest: Path) -> Path:
+    """Write the best trial of ``study`` in search ``out`` as a standalone pipeline YAML and return its path."""
+    from mlfd.tune.spaces import apply_config
+
+    out = Path(out)
+    if not (out / SEARCH_FILE).is_file() or not (out / "trials.parquet").is_file():
+        raise SpecError(f"{out}: no finished search here ({SEARCH_FILE} and trials.parquet are needed)")
+    plan = json.loads((out / SEARCH_FILE).read_text())
+    job = from_dict(JobSpec, plan["job"], path="job")
+    df = pd.read_parquet(out / "trials.parquet")
+    studies = list(dict.fromkeys(df["study"]))
+    study = study or studies[0]
+    if study not in studies:
+        raise SpecError(f"--study: unknown study {study!r}; allowed: {studies}")
+    best = best_row(df[df["study"] == study], job.metric, job.mode)
+    if best is None:
+        raise SpecError(f"{out}: study {study!r} has no successful trial to export")
+    config = {k[len("config/"):]: _config_value(v) for k, v in best.items()
+              if k.startswith("config/") and not (isinstance(v, float) and pd.isna(v))}
+    pipeline = copy.deepcopy(apply_config(plan["pipeline"], config))
+    if job.stage == "students":
+        pipeline["only_students"] = [study]
+    pipeline["controls"] = {"own_teacher": False, "no_kd": False}
+    pipeline["baselines"] = dict(pipeline.get("baselines") or {}, multi_head=job.stage == "multi_head",
+                                 joint_head=job.stage == "joint_head")
+    spec = from_dict(PipelineSpec, pipeline, path="export")
+    header = (f"# Best trial {best['trial_id']} of study {study!r} ({job.stage}) from {out}\n"
+              f"# {job.metric} = {best[f'best/{job.metric}']:.4f} (best epoch, val); sampled: {json.dumps(config)}\n")
+    atomic_write_text(Path(dest), header + dump_yaml(spec))
+    return Path(dest)

@@ -1,0 +1,123 @@
+"""Ray Tune function trainables: each stage of the pipeline, reporting every epoch, checkpointing, resumable.
+
+A trial's config is the flat sampled parameters plus one constant entry, ``CONTEXT``, holding the pipeline dict and
+where things live. The trainable applies the sampled values to the pipeline, builds the upstream artifacts it needs
+through the shared store (built once, under a lock, whichever trial asks first), then trains its own stage with
+``ray.tune.report`` after each epoch.
+"""
+
+from __future__ import annotations
+
+import gc
+import tempfile
+from pathlib import Path
+
+from mlfd.config import PipelineSpec, from_dict
+
+CONTEXT = "__mlfd__"
+STATE_FILE = "state.pt"
+
+
+def trial_spec(config: dict) -> PipelineSpec:
+    """The pipeline of one trial: the job's pipeline with the trial's sampled values applied, validated."""
+    from mlfd.tune.spaces import apply_config
+
+    ctx = config[CONTEXT]
+    params = {k: v for k, v in config.items() if k != CONTEXT}
+    return from_dict(PipelineSpec, apply_config(ctx["pipeline"], params), path="trial")
+
+
+def _report_history(history: list[dict]) -> None:
+    """Replay a finished artifact's epochs (the same config was already trained by another trial or run)."""
+    from ray import tune
+
+    for m in history:
+        tune.report(dict(m, reused=1))
+
+
+def run_stage(config: dict) -> None:
+    """The function trainable for every stage (``config[CONTEXT]['stage']`` says which)."""
+    import torch
+    from ray import tune
+
+    from mlfd.stages.common import Context, read_metrics
+    from mlfd.store import ArtifactStore, load_torch, save_torch
+
+    meta = config[CONTEXT]
+    spec = trial_spec(config)
+    stage, study = meta["stage"], meta.get("study")
+    torch.set_num_threads(max(1, int(meta.get("threads", 1))))
+    ctx = Context(spec=spec, store=ArtifactStore(meta["store"]), progress=False)
+
+    def on_epoch(epoch: int, metrics: dict, get_state) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            save_torch(get_state(), Path(d) / STATE_FILE)
+            tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(d))
+
+    ckpt = tune.get_checkpoint()
+    resume = None
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            resume = load_torch(Path(d) / STATE_FILE)
+    try:
+        existing = ctx.store.get(*_target(ctx, stage, study))
+        if existing is not None and resume is None:
+            _report_history(read_metrics(existing)["history"])
+            return
+        _build_upstream(ctx, stage, study)  # teachers, caches, T*: built once in the store, not reported
+        ctx.on_epoch, ctx.resume = on_epoch, resume
+        _build(ctx, stage, study)
+    finally:
+        # Free CUDA memory promptly when ASHA stops a trial or it ends (the worker process may be reused).
+        del ctx
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _target(ctx, stage: str, study: str | None) -> tuple[str, str]:
+    """(kind, key) of the artifact a trial of ``stage`` produces."""
+    from mlfd.stages.baselines import KIND as BASELINE, baseline_key
+    from mlfd.stages.joint import KIND as JOINT, joint_key, plan_for
+    from mlfd.stages.students import KIND as STUDENT, student_key, student_variant
+    from mlfd.stages.teachers import KIND as TEACHER, teacher_key
+
+    if stage == "students":
+        plan = plan_for(ctx, ctx.spec.fusion_levels[0], study)
+        return STUDENT, student_key(ctx, study, plan, student_variant(ctx, None))
+    if stage == "joint":
+        return JOINT, joint_key(ctx, plan_for(ctx, ctx.spec.fusion_levels[0], study))
+    if stage == "teachers":
+        return TEACHER, teacher_key(ctx, study)
+    return BASELINE, baseline_key(ctx, stage)
+
+
+def _build_upstream(ctx, stage: str, study: str | None) -> None:
+    from mlfd.stages.cache import build_cache
+    from mlfd.stages.joint import joint_targets, plan_for
+
+    if stage == "students":
+        joint_targets(ctx, plan_for(ctx, ctx.spec.fusion_levels[0], study), study)
+    elif stage == "joint":
+        plan = plan_for(ctx, ctx.spec.fusion_levels[0], study)
+        for t in plan.teachers:
+            for d in plan.datasets:
+                build_cache(ctx, t, d, plan.level)
+
+
+def _build(ctx, stage: str, study: str | None):
+    from mlfd.stages.baselines import train_baseline
+    from mlfd.stages.joint import plan_for, train_joint
+    from mlfd.stages.students import train_student
+    from mlfd.stages.teachers import train_teacher
+
+    if stage == "students":
+        return train_student(ctx, study, ctx.spec.fusion_levels[0])
+    if stage == "joint":
+        return train_joint(ctx, plan_for(ctx, ctx.spec.fusion_levels[0], study))
+    if stage == "teachers":
+        return train_teacher(ctx, study)
+    return train_baseline(ctx, stage)
+
+
+__all__ = ["CONTEXT", "run_stage", "trial_spec"]

@@ -1,0 +1,348 @@
+"""Tests of mlfd.data: sources on real data, splits, transforms and the tensor loader."""
+
+from __future__ import annotations
+
+import io
+import struct
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from mlfd.config import AugmentSpec, DatasetSpec, ModelSpec, SpecError
+from mlfd.data import SOURCES, BatchTransform, DatasetSplits, TensorLoader, load_dataset
+from mlfd.data.sources import FASHION_MNIST_CLASSES
+from mlfd.data.splits import build_splits, stratified_split
+
+FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
+
+
+def spec(source: str = "sklearn_digits", **kw) -> DatasetSpec:
+    return DatasetSpec(name=kw.pop("name", "d"), source=source, **kw)
+
+
+def check_splits(ds: DatasetSplits, channels: int, size: tuple[int, int]) -> None:
+    for s in (ds.train, ds.val, ds.test):
+        assert s.images.dtype == torch.uint8 and s.images.is_contiguous()
+        assert s.images.shape[1:] == (channels, *size)
+        assert s.labels.dtype == torch.int64 and s.labels.shape == (len(s),)
+        assert 0 <= int(s.labels.min()) and int(s.labels.max()) < ds.num_classes
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+                     + array.astype(np.uint8).tobytes())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Real sources
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_sklearn_digits_counts_and_stratification():
+    ds = load_dataset(spec())
+    check_splits(ds, 1, (8, 8))
+    assert len(ds.train) + len(ds.val) + len(ds.test) == 1797
+    assert len(ds.test) == round(0.2 * 1797) and len(ds.val) == round(0.1 * (1797 - len(ds.test)))
+    assert ds.classes == [str(i) for i in range(10)]
+    for s in (ds.val, ds.test):
+        assert set(s.labels.tolist()) == set(range(10))
+    assert int(ds.train.images.max()) == 255
+    everything = torch.cat([ds.train.images, ds.val.images, ds.test.images]).flatten(1)
+    assert torch.unique(everything, dim=0).shape[0] > 1700  # splits are disjoint (digits has a few duplicates)
+
+
+def test_mnist5k():
+    ds = load_dataset(spec("mnist5k", options={"test_fraction": 0.3}))
+    check_splits(ds, 1, (28, 28))
+    assert len(ds.train) + len(ds.val) + len(ds.test) == 5000 and len(ds.test) == 1500
+    assert np.bincount(ds.test.labels.numpy()).tolist() == [150] * 10
+
+
+@pytest.mark.skipif(not FASHION_ROOT.is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_fashion_mnist():
+    ds = load_dataset(spec("fashion_mnist"))
+    check_splits(ds, 1, (28, 28))
+    assert len(ds.train) + len(ds.val) == 60000 and len(ds.val) == 6000 and len(ds.test) == 10000
+    assert ds.classes == FASHION_MNIST_CLASSES
+    assert np.bincount(ds.val.labels.numpy()).tolist() == [600] * 10
+    assert ds.mean == pytest.approx((0.286,) * 3, abs=2e-3) and ds.std == pytest.approx((0.353,) * 3, abs=2e-3)
+
+
+def test_fashion_mnist_missing_root(tmp_path):
+    with pytest.raises(SpecError, match=r"^datasets\.d\.options\.root: .*apt-get install dataset-fashion-mnist"):
+        build_splits(spec("fashion_mnist", options={"root": str(tmp_path / "nope")}))
+    with pytest.raises(SpecError, match=r"options\.root: train-images-idx3-ubyte\[\.gz\] not found"):
+        build_splits(spec("fashion_mnist", options={"root": str(tmp_path)}))
+
+
+def test_unknown_option_lists_allowed():
+    with pytest.raises(SpecError, match=r"^datasets\.d\.options\.rot: unknown option .*allowed: \['test_fraction'\]"):
+        build_splits(spec(options={"rot": 1}))
+    with pytest.raises(SpecError, match=r"options\.test_fraction: must be a number in \(0, 1\)"):
+        build_splits(spec(options={"test_fraction": 1.5}))
+    assert sorted(SOURCES) == ["fashion_mnist", "folder", "mnist5k", "parquet", "sklearn_digits", "torchvision"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Splits
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_split_determinism_and_memoisation():
+    a, b = build_splits(spec(split_seed=3)), build_splits(spec(split_seed=3))
+    for name in ("train", "val", "test"):
+        assert torch.equal(getattr(a, name).images, getattr(b, name).images)
+        assert torch.equal(getattr(a, name).labels, getattr(b, name).labels)
+    c = build_splits(spec(split_seed=4))
+    assert not torch.equal(a.val.images, c.val.images) and not torch.equal(a.test.images, c.test.images)
+    first = load_dataset(spec(split_seed=3))
+    assert load_dataset(spec(split_seed=3, model=ModelSpec(input_size=64))) is first
+    assert load_dataset(spec(split_seed=4)) is not first
+
+
+def test_stratified_split_allocation():
+    labels = np.repeat(np.arange(3), [50, 30, 2])
+    taken, rest = stratified_split(labels, 10, np.random.default_rng(0), keep_rest=True)
+    assert len(taken) == 10 and len(rest) == 72 and not set(taken) & set(rest)
+    assert np.bincount(labels[taken], minlength=3).tolist() == [6, 3, 1]
+    assert set(labels[rest]) == {0, 1, 2}
+
+
+def test_classes_subset_relabels_in_given_order():
+    full = load_dataset(spec())
+    ds = load_dataset(spec(classes=[7, "3"]))
+    assert ds.classes == ["7", "3"] and ds.num_classes == 2
+    for s in (ds.train, ds.val, ds.test):
+        assert set(s.labels.tolist()) == {0, 1}
+    total = sum(len(s) for s in (ds.train, ds.val, ds.test))
+    source_counts = sum(int((s.labels == 7).sum() + (s.labels == 3).sum()) for s in (full.train, full.val, full.test))
+    assert total == source_counts
+    with pytest.raises(SpecError, match=r"^datasets\.d\.classes: unknown class 'cat'; allowed: indices 0\.\.9"):
+        build_splits(spec(classes=[1, "cat"]))
+
+
+def test_max_subsets_are_stratified_and_deterministic():
+    s = spec(max_train=100, max_val=20, max_test=30)
+    ds = build_splits(s)
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (100, 20, 30)
+    assert np.bincount(ds.train.labels.numpy()).tolist() == [10] * 10
+    assert torch.equal(build_splits(s).train.images, ds.train.images)
+
+
+def test_mean_std_match_train_images():
+    ds = load_dataset(spec())
+    x = ds.train.images.double() / 255
+    assert ds.mean == pytest.approx((x.mean().item(),) * 3)
+    assert ds.std == pytest.approx((x.std(unbiased=False).item(),) * 3)
+    assert len(ds.mean) == len(ds.std) == 3
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# folder
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def make_tree(root: Path) -> None:
+    """Classes b_shirt, a_coat, C_up (sorted: C_up, a_coat, b_shirt) in modes L, RGB, RGBA and I;16, mixed sizes."""
+    (root / "b_shirt").mkdir(parents=True)
+    (root / "a_coat" / "nested").mkdir(parents=True)
+    (root / "C_up").mkdir()
+    Image.fromarray(np.full((10, 12), 200, np.uint8), "L").save(root / "C_up" / "0.png")  # first image: 10x12
+    Image.fromarray(np.full((10, 12), 7, np.uint8)).save(root / "C_up" / "1.jpg", quality=100)
+    Image.fromarray(np.full((20, 24, 3), (255, 0, 0), np.uint8), "RGB").save(root / "a_coat" / "x.png")
+    Image.fromarray(np.full((10, 12, 4), (0, 255, 0, 3), np.uint8), "RGBA").save(root / "a_coat" / "nested" / "y.png")
+    Image.fromarray(np.full((10, 12), 257 * 100, np.uint16)).save(root / "b_shirt" / "z.png")
+    Image.fromarray(np.full((10, 12), 65535, np.uint16)).save(root / "b_shirt" / "w.png")
+    (root / "README.txt").write_text("not a class")
+
+
+def test_folder_source_modes_sizes_and_order(tmp_path):
+    make_tree(tmp_path)
+    assert Image.open(tmp_path / "b_shirt" / "z.png").mode == "I;16"
+    raw = SOURCES["folder"]({"root": str(tmp_path)}, "opts")
+    assert raw.classes == ["C_up", "a_coat", "b_shirt"] and raw.test is None and raw.val is None
+    x, y = raw.train.images, raw.train.labels
+    assert x.shape == (6, 3, 10, 12) and y.tolist() == [0, 0, 1, 1, 2, 2]
+    assert (x[0] == 200).all() and (x[1] == 7).all()
+    assert x[2, :, 4, 4].tolist() == [255, 0, 0] and x[3, :, 4, 4].tolist() == [0, 255, 0]
+    assert (x[4] == 255).all() and (x[5] == 100).all()  # sorted: w.png (65535) before z.png (25700)
+    gray = SOURCES["folder"]({"root": str(tmp_path), "mode": "L", "image_size": [5, 6]}, "opts")
+    assert gray.train.images.shape == (6, 1, 5, 6)
+
+
+def test_folder_errors(tmp_path):
+    make_tree(tmp_path)
+    bad = tmp_path / "a_coat" / "notes.txt"
+    bad.write_text("hello")
+    with pytest.raises(SpecError, match=rf"^{bad}: not a readable image"):
+        SOURCES["folder"]({"root": str(tmp_path)}, "opts")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SpecError, match=r"^opts\.root: no class folders"):
+        SOURCES["folder"]({"root": str(empty)}, "opts")
+    with pytest.raises(SpecError, match=r"^opts\.mode: got 'CMYK'; allowed: L, RGB"):
+        SOURCES["folder"]({"root": str(tmp_path), "mode": "CMYK"}, "opts")
+
+
+def test_folder_split_layout(tmp_path):
+    for split, n in (("train", 12), ("test", 3)):
+        for c in ("dog", "cat"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((6, 6, 3), i, np.uint8)).save(tmp_path / split / c / f"{i}.png")
+    ds = build_splits(spec("folder", options={"root": str(tmp_path)}, val_fraction=0.25))
+    check_splits(ds, 3, (6, 6))
+    assert ds.classes == ["cat", "dog"] and (len(ds.train), len(ds.val), len(ds.test)) == (18, 6, 6)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# parquet
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def image_table(n: int = 12) -> pa.Table:
+    cells = [png_bytes(Image.fromarray(np.full((7, 7), 10 * i, np.uint8), "L")) for i in range(n)]
+    return pa.table({"img": cells, "y": ["zebra" if i % 2 else "ant" for i in range(n)],
+                     "part": ["test" if i >= n - 4 else "train" for i in range(n)]})
+
+
+def test_parquet_source(tmp_path):
+    pq.write_table(image_table(), tmp_path / "t.parquet")
+    opts = {"path": str(tmp_path / "t.parquet"), "image_column": "img", "label_column": "y", "mode": "L"}
+    raw = SOURCES["parquet"](opts, "opts")
+    assert raw.classes == ["ant", "zebra"] and raw.test is None
+    assert raw.train.images.shape == (12, 1, 7, 7) and raw.train.labels.tolist() == [0, 1] * 6
+    assert raw.train.images[:, 0, 0, 0].tolist() == [10 * i for i in range(12)]
+    ds = build_splits(spec("parquet", options={**opts, "split_column": "part"}))
+    assert len(ds.test) == 4 and len(ds.train) + len(ds.val) == 8
+
+
+def test_parquet_struct_cells_and_arrow(tmp_path):
+    structs = [{"bytes": png_bytes(Image.new("RGB", (5, 4), (i, 0, 0))), "path": None} for i in range(4)]
+    table = pa.table({"image": structs, "label": [0, 1, 0, 1]})
+    with pa.ipc.new_file(tmp_path / "train.arrow", table.schema) as writer:
+        writer.write_table(table)
+    Image.new("RGB", (5, 4), (9, 9, 9)).save(tmp_path / "a.png")
+    pq.write_table(pa.table({"image": [{"bytes": None, "path": "a.png"}], "label": [1]}), tmp_path / "test.parquet")
+    raw = SOURCES["parquet"]({"path": {"train": str(tmp_path / "train.arrow"),
+                                       "test": str(tmp_path / "test.parquet")}}, "opts")
+    assert raw.classes == ["0", "1"] and raw.train.images.shape == (4, 3, 4, 5) and len(raw.test) == 1
+    assert raw.test.images[0, :, 0, 0].tolist() == [9, 9, 9]
+
+
+def test_parquet_missing_column(tmp_path):
+    pq.write_table(image_table(), tmp_path / "t.parquet")
+    with pytest.raises(SpecError, match=r"^opts\.image_column: column 'image' not in .*columns: \['img', 'y', 'part'\]"):
+        SOURCES["parquet"]({"path": str(tmp_path / "t.parquet")}, "opts")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# torchvision
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_torchvision_errors(tmp_path):
+    with pytest.raises(SpecError, match=r"^opts\.name: unknown torchvision dataset 'CIFAR11'; .*CIFAR10"):
+        SOURCES["torchvision"]({"name": "CIFAR11"}, "opts")
+    with pytest.raises(SpecError, match=r"^opts\.root: cannot load torchvision MNIST"):
+        SOURCES["torchvision"]({"name": "MNIST", "root": str(tmp_path), "download": False}, "opts")
+
+
+def test_torchvision_and_fashion_on_local_raw_layout(tmp_path):
+    rng = np.random.default_rng(0)
+    raw_dir = tmp_path / "FashionMNIST" / "raw"
+    for prefix, n in (("train", 40), ("t10k", 20)):
+        write_idx(raw_dir / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(raw_dir / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
+    tv = SOURCES["torchvision"]({"name": "FashionMNIST", "root": str(tmp_path), "download": False}, "opts")
+    fm = SOURCES["fashion_mnist"]({"root": str(tmp_path)}, "opts")
+    assert tv.classes == fm.classes == FASHION_MNIST_CLASSES
+    assert torch.equal(tv.train.images, fm.train.images) and torch.equal(tv.test.labels, fm.test.labels)
+    assert tv.train.images.shape == (40, 1, 28, 28) and len(tv.test) == 20
+
+
+def test_torchvision_generic_path():
+    raw = SOURCES["torchvision"]({"name": "FakeData", "kwargs": {"size": 6, "image_size": [3, 9, 7],
+                                                                 "num_classes": 3}}, "opts")
+    assert raw.train.images.shape == (6, 3, 9, 7) and raw.test is None
+    assert int(raw.train.labels.max()) < len(raw.classes) <= 3
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Transforms and loader
+# ------------------------------------------------------------------------------------------------------------------
+
+
+MEAN, STD = (0.5, 0.25, 0.0), (0.25, 0.5, 1.0)
+
+
+def test_transform_eval_exact_values_and_shapes():
+    tf = BatchTransform(16, MEAN, STD)
+    white = torch.full((2, 3, 16, 16), 255, dtype=torch.uint8)
+    out = tf(white, train=False)
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 16, 16)
+    assert torch.equal(out[:, 0], torch.full((2, 16, 16), 2.0)) and torch.equal(out[:, 1], torch.full((2, 16, 16), 1.5))
+    assert torch.equal(out[:, 2], torch.ones(2, 16, 16))
+    gray = torch.full((3, 1, 8, 8), 51, dtype=torch.uint8)
+    up = tf(gray, train=False)
+    assert up.shape == (3, 3, 16, 16)
+    torch.testing.assert_close(up[:, 0], torch.full((3, 16, 16), (0.2 - 0.5) / 0.25))
+    down = BatchTransform(4, MEAN, STD, channels_last=True)(torch.zeros(2, 3, 9, 9, dtype=torch.uint8), train=False)
+    assert down.shape == (2, 3, 4, 4) and down.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_augmentation_changes_train_not_eval():
+    img = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, 3, 12, 12), dtype=np.uint8))
+    batch = img.expand(64, -1, -1, -1).contiguous()
+    tf = BatchTransform(12, MEAN, STD, AugmentSpec(crop_padding=2, flip=True))
+    ref = tf(batch, train=False)
+    assert torch.equal(ref, tf(batch, train=False)) and torch.equal(ref[0], ref[63])
+    out = tf(batch, train=True, generator=torch.Generator().manual_seed(0))
+    assert out.shape == ref.shape and not torch.equal(out, ref)
+    assert len({o.numpy().tobytes() for o in out}) > 8  # per-sample offsets and flips
+    assert torch.equal(out, tf(batch, train=True, generator=torch.Generator().manual_seed(0)))
+    flip_only = BatchTransform(12, MEAN, STD, AugmentSpec(crop_padding=0, flip=True))(batch, True)
+    flipped = [bool(torch.equal(o, ref[0].flip(-1))) for o in flip_only]
+    assert all(f or torch.equal(o, ref[0]) for f, o in zip(flipped, flip_only)) and 0 < sum(flipped) < 64
+    crop = BatchTransform(12, MEAN, STD, AugmentSpec(crop_padding=1))(batch, True)[:, :, 1:-1, 1:-1]
+    assert all(any(torch.equal(c, ref[0, :, 1 + dy:11 + dy, 1 + dx:11 + dx]) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+               for c in crop)
+
+
+def test_autoaugment_is_reproducible():
+    batch = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (8, 1, 10, 10), dtype=np.uint8))
+    tf = BatchTransform(10, MEAN, STD, AugmentSpec(crop_padding=0, autoaugment=True))
+    a = tf(batch, train=True, generator=torch.Generator().manual_seed(5))
+    assert a.shape == (8, 3, 10, 10) and not torch.equal(a, tf(batch, train=False))
+    assert torch.equal(a, tf(batch, train=True, generator=torch.Generator().manual_seed(5)))
+
+
+def test_tensor_loader_covers_every_index_once():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
+    labels = torch.arange(10)
+    loader = TensorLoader(images, labels, batch_size=4, shuffle=True, seed=1)
+    assert len(loader) == 3 and len(TensorLoader(images, labels, 4, True, drop_last=True)) == 2
+    orders = []
+    for _ in range(2):
+        seen = []
+        for idx, x, y in loader:
+            assert idx.dtype == torch.int64 and torch.equal(y, idx) and torch.equal(x[:, 0, 0, 0].long(), idx)
+            seen += idx.tolist()
+        assert sorted(seen) == list(range(10))
+        orders.append(seen)
+    assert orders[0] != orders[1]
+    assert [i.tolist() for i, _, _ in TensorLoader(images, labels, 4, True, seed=1)] == [orders[0][:4], orders[0][4:8],
+                                                                                         orders[0][8:]]
+    assert [i.tolist() for i, _, _ in TensorLoader(images, labels, 4, False)][0] == [0, 1, 2, 3]
