@@ -59,9 +59,6 @@ class _Options:
             raise SpecError(f"{path}.{unknown[0]}: unknown option for source {source!r}; allowed: {sorted(allowed)}")
         self.source, self.options, self.path = source, options, path
 
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.options.get(key, default)
-
     def required(self, key: str) -> Any:
         if self.options.get(key) is None:
             raise SpecError(f"{self.path}.{key}: required option of source {self.source!r} is missing")
@@ -315,10 +312,12 @@ def load_torchvision(options: dict, path: str) -> RawData:
             **({"download": download} if "download" in params else {}), **kwargs}
 
     def make(**split: Any) -> Any:
+        args = ", ".join(f"{k}={v!r}" for k, v in {**kwargs, **split}.items())
         try:
             return cls(**base, **split)
-        except (RuntimeError, OSError, ValueError, TypeError) as e:
-            args = ", ".join(f"{k}={v}" for k, v in split.items())
+        except (TypeError, ValueError) as e:
+            raise SpecError(f"{path}.kwargs: torchvision {name}({args}) rejected its arguments: {_one_line(e)}") from None
+        except (RuntimeError, OSError) as e:
             raise SpecError(f"{path}.root: cannot load torchvision {name}({args}) from {root}: {_one_line(e)}; set "
                             f"download: true (needs network access) or put the files there") from None
 
@@ -492,7 +491,7 @@ def load_parquet(options: dict, path: str) -> RawData:
             cells = table.column(columns["image_column"]).to_pylist()
             labels = table.column(columns["label_column"]).to_pylist()
             splits = table.column(split_column).to_pylist() if split_column else [key] * len(cells)
-            for i, (cell, label, split) in enumerate(zip(cells, labels, splits)):
+            for i, (cell, label, split) in enumerate(zip(cells, labels, splits, strict=True)):
                 row = f"{file} row {i}"
                 if split_column:
                     if str(split).lower() not in SPLIT_NAMES:

@@ -10,7 +10,7 @@ from mlfd.data.base import DatasetSplits, ImageSet, RawData
 from mlfd.data.sources import SOURCES
 
 # Independent random streams of one split_seed, one per use, so that e.g. max_train does not move the val carve.
-_STREAM = {"test": 1, "val": 2, "train": 3, "max_val": 4, "max_test": 5}
+_STREAM = {"test": 1, "val": 2, "max_train": 3, "max_val": 4, "max_test": 5}
 _CACHE: dict[str, DatasetSplits] = {}
 
 

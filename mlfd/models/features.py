@@ -381,13 +381,15 @@ class LevelModel(nn.Module):
             return t.permute(0, 3, 1, 2).contiguous()
         return t
 
-    def _final_map(self, final: torch.Tensor, last_stage: torch.Tensor) -> torch.Tensor:
+    def _final_map(self, final: Any, last_stage: torch.Tensor) -> torch.Tensor:
         """The final features as an NCHW map with the last stage's spatial size, else the last stage's map.
 
         The final features are what the head pools (e.g. EfficientNet's head conv output, Swin's normed map, ViT's
         normed patch tokens); the last stage's NCHW map tells their layout.
         """
         h, w = last_stage.shape[-2:]
+        if not isinstance(final, torch.Tensor):  # multi-branch models (CrossViT, CoaT) hand the head a list
+            return last_stage
         if final.ndim == 4:
             nchw = tuple(final.shape[-2:]) == (h, w)
             nhwc = tuple(final.shape[1:3]) == (h, w)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Union
 
-from mlfd.config import MAX_LEVEL, DatasetSpec, PipelineSpec, SpecError, read_yaml, set_path
+from mlfd.config import MAX_LEVEL, DatasetSpec, PipelineSpec, SpecError, StudentSpec, read_yaml, set_path
 
 FUSION_LEVEL = "fusion_level"
 """The special param name: one fusion level k, applied to a pipeline as ``fusion_levels: [k]``."""
@@ -138,8 +138,7 @@ class Param:
         if self.kind == "int":
             step = self.step or 1
             if self.log:
-                x = math.exp(rng.uniform(math.log(self.low - 0.5 if self.low > 0.5 else self.low),
-                                         math.log(self.high + 0.5)))
+                x = math.exp(rng.uniform(math.log(self.low - 0.5), math.log(self.high + 0.5)))
                 return int(min(self.high, max(self.low, round(x))))
             return self.low + step * rng.randint(0, (self.high - self.low) // step)
         if self.log:
@@ -299,7 +298,7 @@ def resolve_name(name: str) -> Any:
                 raise SpecError(f"{name}: a dataset's name cannot be searched (params address datasets by name)")
             cls, tp, i = item_cls, item_cls, i + 2
             continue
-        if cls is _field_owner("betas") and part == "betas":
+        if cls is StudentSpec and part == "betas":
             if last:
                 raise SpecError(f"{name}: name one level, as student.betas.<level> with level in 1..{MAX_LEVEL}")
             lvl = parts[i + 1]
@@ -322,11 +321,6 @@ def resolve_name(name: str) -> Any:
             raise SpecError(f"{name}: is a list field; a search param must name a scalar field{hint}")
         return tp
     return tp  # pragma: no cover - the loop always returns or raises
-
-
-def _field_owner(field_name: str) -> type:
-    """The spec class holding ``betas`` (StudentSpec), found through the type hints rather than imported by name."""
-    return _unwrap_optional(typing.get_type_hints(PipelineSpec)["student"])
 
 
 def _is_number(v: Any) -> bool:
@@ -577,14 +571,18 @@ def apply_config(pipeline: dict, config: dict) -> dict:
             continue
         lvl = _beta_level(name)
         if lvl is not None:
-            student = out.setdefault("student", {}) if isinstance(out.get("student"), dict) or "student" not in out \
-                else out["student"]
+            if not isinstance(out.get("student"), dict):
+                out["student"] = {}
+            student = out["student"]
             betas = student.get("betas") or {}
             betas = {k: v for k, v in betas.items() if str(k) != str(lvl)}
             betas[lvl] = value
             student["betas"] = betas
             continue
-        set_path(out, name, copy.deepcopy(value))
+        try:
+            set_path(out, name, copy.deepcopy(value))
+        except SpecError as e:
+            raise SpecError(f"trial config: {str(e).removeprefix('--set ')}") from None
     if FUSION_LEVEL in config:
         k = int(config[FUSION_LEVEL])
         student = out.get("student")
