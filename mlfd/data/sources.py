@@ -121,10 +121,16 @@ class _Options:
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
-    """Grayscale 16/32-bit integer or float images as 8-bit "L" (16-bit ranges are scaled by 1/257)."""
+    """Grayscale 16/32-bit integer or float images as 8-bit "L".
+
+    16-bit images (and any with values above 255) are scaled by 1/257, float images in [0, 1] by 255.
+    """
     a = np.asarray(img).astype(np.float64)
-    if img.mode.startswith("I;16") or (a.size and a.max() > 255):
+    top = a.max(initial=0.0)
+    if img.mode.startswith("I;16") or top > 255:
         a = a / 257.0
+    elif img.mode == "F" and top <= 1:
+        a = a * 255.0
     return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -14,7 +15,7 @@ from mlfd.stages.common import Context, read_metrics
 from mlfd.stages.joint import plan_for, train_joint
 from mlfd.stages.students import train_student
 from mlfd.stages.teachers import train_teacher
-from mlfd.store import ArtifactStore, atomic_write_bytes, atomic_write_text
+from mlfd.store import Artifact, ArtifactStore, atomic_write_bytes, atomic_write_text
 
 RESULT_COLUMNS = ["dataset", "role", "levels", "split", "acc1", "acc5", "epochs", "seed"]
 ROLE_ORDER = ["dataset_specific", "multi_head", "joint_head", "joint_teacher", "student", "student_own_teacher",
@@ -30,6 +31,27 @@ ROLE_TITLES = {
 }
 
 
+CURVE_COLUMNS = ["dataset", "role", "levels", "epoch", "metric", "value"]
+
+
+def _curves(metrics: dict, role: str, levels: str) -> list[dict]:
+    """Per-epoch curve rows (long format) from an artifact's history; multi-dataset stages give one curve each."""
+    rows = []
+    single = metrics.get("dataset")
+    for h in metrics.get("history", []):
+        for k, v in h.items():
+            if k == "epoch" or not isinstance(v, (int, float)):
+                continue
+            parts = k.split("/")
+            if single is None and len(parts) == 3 and parts[0] == "val":  # val/<dataset>/acc1
+                rows.append({"dataset": parts[1], "role": role, "levels": levels, "epoch": int(h["epoch"]),
+                             "metric": f"val/{parts[2]}", "value": float(v)})
+            elif single is not None or parts[0] == "train":
+                rows.append({"dataset": single or "all", "role": role, "levels": levels, "epoch": int(h["epoch"]),
+                             "metric": k, "value": float(v)})
+    return rows
+
+
 def _rows(metrics: dict, role: str, levels: str, datasets: list[str] | None = None) -> list[dict]:
     """Result rows from an artifact's metrics.json (single- or multi-dataset)."""
     rows = []
@@ -43,33 +65,42 @@ def _rows(metrics: dict, role: str, levels: str, datasets: list[str] | None = No
     return rows
 
 
-def plan_stages(spec: PipelineSpec) -> list[tuple[str, Callable[[Context], list[dict]]]]:
-    """The ordered list of (label, work) that makes up a pipeline run; each work returns its result rows."""
+@dataclass
+class Stage:
+    """One unit of a pipeline run: ``build(ctx)`` returns its artifact; the rest says how to report it."""
+
+    label: str
+    role: str
+    levels: str
+    build: Callable[[Context], Artifact]
+    datasets: list[str] | None = None
+    """Report only these datasets of a multi-dataset artifact (per-target joint teachers)."""
+
+
+def plan_stages(spec: PipelineSpec) -> list[Stage]:
+    """The ordered stages of a pipeline run."""
     names = [d.name for d in spec.datasets]
     students = spec.only_students or names
-    stages: list[tuple[str, Callable[[Context], list[dict]]]] = []
-    for n in names:
-        stages.append((f"teacher {n}", lambda ctx, n=n: _rows(read_metrics(train_teacher(ctx, n)),
-                                                              "dataset_specific", "-")))
+    stages = [Stage(f"teacher {n}", "dataset_specific", "-", lambda ctx, n=n: train_teacher(ctx, n)) for n in names]
     for mode, on in (("multi_head", spec.baselines.multi_head), ("joint_head", spec.baselines.joint_head)):
         if on:
-            stages.append((mode, lambda ctx, mode=mode: _rows(read_metrics(train_baseline(ctx, mode)), mode, "-")))
+            stages.append(Stage(mode, mode, "-", lambda ctx, mode=mode: train_baseline(ctx, mode)))
+    controls = [None] + [c for c, on in (("own_teacher", spec.controls.own_teacher), ("no_kd", spec.controls.no_kd))
+                         if on]
     for level in spec.fusion_levels:
         lv = f"L{level}"
         if spec.joint.variant == "union":
-            stages.append((f"joint teacher {lv}", lambda ctx, level=level, lv=lv: _rows(
-                read_metrics(train_joint(ctx, plan_for(ctx, level))), "joint_teacher", lv)))
+            stages.append(Stage(f"joint teacher {lv}", "joint_teacher", lv,
+                                lambda ctx, level=level: train_joint(ctx, plan_for(ctx, level))))
         else:
-            for n in students:
-                stages.append((f"joint teacher {lv} for {n}", lambda ctx, level=level, lv=lv, n=n: _rows(
-                    read_metrics(train_joint(ctx, plan_for(ctx, level, n))), "joint_teacher", lv, [n])))
-        controls = [None] + [c for c, on in (("own_teacher", spec.controls.own_teacher),
-                                              ("no_kd", spec.controls.no_kd)) if on]
+            stages += [Stage(f"joint teacher {lv} for {n}", "joint_teacher", lv,
+                             lambda ctx, level=level, n=n: train_joint(ctx, plan_for(ctx, level, n)), [n])
+                       for n in students]
         for control in controls:
             role = "student" if control is None else f"student_{control}"
-            for n in students:
-                stages.append((f"{role} {n} {lv}", lambda ctx, n=n, level=level, control=control, role=role, lv=lv:
-                               _rows(read_metrics(train_student(ctx, n, level, control)), role, lv)))
+            stages += [Stage(f"{role} {n} {lv}", role, lv,
+                             lambda ctx, n=n, level=level, control=control: train_student(ctx, n, level, control))
+                       for n in students]
     return stages
 
 
@@ -79,31 +110,43 @@ def run_pipeline(spec: PipelineSpec, out: Path, store: Path | None = None, progr
 
     Args:
         store: artifact store directory (default ``out/store``); share it between runs to reuse stage outputs.
-        log: called as ``log(label, rows)`` after each stage (MLflow tracking hooks in here).
+        log: called as ``log(stage, artifact, rows, curves)`` after each stage (MLflow tracking hooks in here).
     """
     out = Path(out).resolve()
     ctx = Context(spec=spec, store=ArtifactStore(store or out / "store"), progress=progress)
     save_pipeline(spec, out / "pipeline.yaml")
     stages = plan_stages(spec)
     rows: list[dict] = []
-    for i, (label, work) in enumerate(stages):
+    curves: list[dict] = []
+    for i, st in enumerate(stages):
         if progress:
-            print(f"[{i + 1}/{len(stages)}] {label}", file=sys.stderr, flush=True)
-        new = work(ctx)
-        rows.extend(new)
+            print(f"[{i + 1}/{len(stages)}] {st.label}", file=sys.stderr, flush=True)
+        art = st.build(ctx)
+        metrics = read_metrics(art)
+        stage_rows = _rows(metrics, st.role, st.levels, st.datasets)
+        stage_curves = [c for c in _curves(metrics, st.role, st.levels)
+                        if st.datasets is None or c["dataset"] in st.datasets]
+        rows.extend(stage_rows)
+        curves.extend(stage_curves)
         if log is not None:
-            log(label, new)
+            log(st, art, stage_rows, stage_curves)
     df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
-    write_results(df, out)
+    write_results(df, pd.DataFrame(curves, columns=CURVE_COLUMNS), out)
     return df
 
 
-def write_results(df: pd.DataFrame, out: Path) -> None:
+def _parquet(df: pd.DataFrame, path: Path) -> None:
     import io
 
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
-    atomic_write_bytes(out / "results.parquet", buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_results(df: pd.DataFrame, curves: pd.DataFrame, out: Path) -> None:
+    """results.parquet (one row per dataset x role x levels x split), curves.parquet (per epoch), results.md."""
+    _parquet(df, out / "results.parquet")
+    _parquet(curves, out / "curves.parquet")
     atomic_write_text(out / "results.md", results_table(df) + "\n")
 
 
