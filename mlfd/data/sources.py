@@ -322,7 +322,8 @@ def load_torchvision(options: dict, path: str) -> RawData:
         try:
             return cls(**base, **split)
         except (TypeError, ValueError) as e:
-            raise SpecError(f"{path}.kwargs: torchvision {name}({args}) rejected its arguments: {_one_line(e)}") from None
+            raise SpecError(f"{path}.kwargs: torchvision {name}({args}) rejected its arguments: "
+                            f"{_one_line(e)}") from None
         except (RuntimeError, OSError) as e:
             raise SpecError(f"{path}.root: cannot load torchvision {name}({args}) from {root}: {_one_line(e)}; set "
                             f"download: true (needs network access) or put the files there") from None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import Iterator
 
@@ -19,6 +18,12 @@ from mlfd.store import Artifact, ArtifactStore
 
 KIND = "baseline"
 MODES = ("multi_head", "joint_head")
+
+
+def _cycle(ld) -> Iterator:
+    """Endless batches, a fresh permutation each pass (itertools.cycle would replay the first pass)."""
+    while True:
+        yield from ld
 
 
 class _Shared(nn.Module):
@@ -61,7 +66,9 @@ class SharedTask:
 
     def train_batches(self, epoch: int) -> Iterator:
         self.gen.manual_seed(self.recipe.seed * 1000 + epoch)
-        iters = [itertools.cycle(ld) if len(ld) < self.steps_per_epoch() else iter(ld) for ld in self.loaders]
+        for ld in self.loaders:
+            ld.epoch = epoch * self.steps_per_epoch()  # distinct, resumable permutations for cycled datasets
+        iters = [_cycle(ld) for ld in self.loaders]
         for _ in range(self.steps_per_epoch()):
             batch = []
             for i, it in enumerate(iters):

@@ -62,6 +62,7 @@ class StudentTask:
 
     def train_batches(self, epoch: int) -> Iterator:
         self.gen.manual_seed(self.recipe.seed * 1000 + epoch)
+        self.train_loader.epoch = epoch  # same permutations after a resume
         for idx, x, y in self.train_loader:
             yield idx, self.tf(x, train=True, generator=self.gen), y
 

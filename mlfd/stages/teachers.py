@@ -36,6 +36,7 @@ class ClassifierTask:
 
     def train_batches(self, epoch: int) -> Iterator:
         self.gen.manual_seed(self.recipe.seed * 1000 + epoch)
+        self.train_loader.epoch = epoch  # same permutations after a resume
         for _, x, y in self.train_loader:
             yield self.tf(x, train=True, generator=self.gen), y
 
