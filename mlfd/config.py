@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,13 @@ MAX_LEVEL = 4
 
 class SpecError(ValueError):
     """A spec or input file is invalid. The message is one line naming the field and what is allowed."""
+
+    def __init__(self, *args: Any) -> None:
+        # The message is printed as one line (``mlfd: error: ...``): a user-supplied key or path with a newline in it
+        # must not break that.
+        if args and isinstance(args[0], str):
+            args = (" ".join(args[0].splitlines()), *args[1:])
+        super().__init__(*args)
 
 
 def _check(cond: bool, path: str, msg: str) -> None:
@@ -280,7 +288,7 @@ class PipelineSpec:
             d.validate(f"{path}.datasets[{i}]")
         _check(len(self.fusion_levels) >= 1, f"{path}.fusion_levels", "needs at least one level")
         for lvl in self.fusion_levels:
-            _check(isinstance(lvl, int) and 1 <= lvl <= MAX_LEVEL, f"{path}.fusion_levels",
+            _check(isinstance(lvl, int) and not isinstance(lvl, bool) and 1 <= lvl <= MAX_LEVEL, f"{path}.fusion_levels",
                    f"levels must be integers in 1..{MAX_LEVEL}, got {lvl!r}")
         _check(len(set(self.fusion_levels)) == len(self.fusion_levels), f"{path}.fusion_levels", "has duplicates")
         if self.only_students is not None:
@@ -426,13 +434,58 @@ def spec_hash(obj: Any, n: int = 16) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that reads ``1e-3`` as a float (YAML 1.2, not a string) and rejects duplicate keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` keys may be overridden on purpose
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                dup = key in seen
+                seen.add(key)
+            except TypeError:  # unhashable key: let the base class report it
+                continue
+            if dup:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 (PyYAML) reads 1e-3 as the string "1e-3"; YAML 1.2 and every user mean the float. The same resolver is on
+# the dumper so that strings that look like such floats are quoted and round-trip as strings.
+_FLOAT_RE = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X)
+
+
+class _Dumper(yaml.SafeDumper):
+    """``yaml.SafeDumper`` that quotes strings :class:`_Loader` would read as floats."""
+
+
+for _cls in (_Loader, _Dumper):
+    _cls.yaml_implicit_resolvers = {k: list(v) for k, v in _cls.yaml_implicit_resolvers.items()}
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
+
+
+def yaml_load(text: str) -> Any:
+    """Safely parse YAML text (no object construction); ``1e-3`` is a float; duplicate keys are an error."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def read_yaml(path: str | Path) -> dict:
     """Safely load a YAML mapping, with a one-line error on a missing or malformed file."""
     p = Path(path)
     if not p.is_file():
         raise SpecError(f"{path}: file not found")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml_load(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"{path}: cannot read as UTF-8 YAML text ({type(e).__name__})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -452,7 +505,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not key:
         raise SpecError(f"--set {item}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key, value
@@ -504,7 +557,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
 
 
 def dump_yaml(obj: Any) -> str:
-    return yaml.safe_dump(to_dict(obj), sort_keys=False, default_flow_style=False)
+    return yaml.dump(to_dict(obj), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
 
 
 def save_pipeline(spec: PipelineSpec, path: str | Path) -> None:

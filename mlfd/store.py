@@ -59,8 +59,15 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _storage_error(e: OSError, what: Path) -> StorageError:
+    if isinstance(e, StorageError):
+        return e
     reason = {errno.ENOSPC: "no space left on device", errno.EACCES: "permission denied",
-              errno.EROFS: "read-only filesystem", errno.EDQUOT: "disk quota exceeded"}.get(e.errno, e.strerror)
+              errno.EROFS: "read-only filesystem", errno.EDQUOT: "disk quota exceeded",
+              errno.EFBIG: "file too large"}.get(e.errno, e.strerror or type(e).__name__)
+    if e.errno in (errno.EEXIST, errno.ENOTDIR):  # mkdir of a parent that is a file
+        blocker = next((a for a in Path(what).parents if a.exists() and not a.is_dir()), None)
+        if blocker is not None:
+            reason = f"{blocker} exists and is not a directory"
     return StorageError(e.errno, f"cannot write {what}: {reason}")
 
 
@@ -108,8 +115,10 @@ def load_torch(path: Path, map_location: Any = "cpu") -> Any:
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise
-    except Exception as e:  # pickle/zip errors for truncated files
-        raise CorruptArtifact(f"{path}: cannot load checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    except Exception as e:  # pickle/zip errors for truncated files (an empty file raises with an empty message)
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+        detail = f"{type(e).__name__}: {first[:120]}" if first else type(e).__name__
+        raise CorruptArtifact(f"{path}: cannot load checkpoint ({detail})") from None
 
 
 @dataclass
@@ -128,8 +137,13 @@ class Artifact:
 
     def verify(self) -> None:
         """Re-hash every file against the manifest; raise CorruptArtifact naming the first bad file."""
-        manifest = json.loads((self.path / MANIFEST).read_text())
-        for name, digest in manifest["files"].items():
+        try:
+            manifest = json.loads((self.path / MANIFEST).read_text())
+            files = dict(manifest["files"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CorruptArtifact(f"{self.path / MANIFEST}: unreadable manifest ({type(e).__name__}); "
+                                  f"delete {self.path} to rebuild") from None
+        for name, digest in files.items():
             p = self.path / name
             if not p.is_file():
                 raise CorruptArtifact(f"{p}: missing from artifact {self.kind}/{self.key}")
@@ -209,6 +223,9 @@ class ArtifactStore:
                     shutil.rmtree(final)
                 os.rename(tmp, final)
                 _fsync_dir(parent)
+            except StorageError:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             except OSError as e:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise _storage_error(e, final) from e
@@ -229,19 +246,30 @@ def write_features(path: Path, array: np.ndarray, extra: dict | None = None) -> 
     Returns the metadata written.
     """
     arr = np.ascontiguousarray(array, dtype=np.float16)
+    if arr.ndim == 0:
+        raise ValueError("write_features needs an array of shape [N, ...], got a scalar")
     n = arr.shape[0]
-    flat = arr.reshape(n, -1)
+    flat = arr.reshape(n, int(np.prod(arr.shape[1:], dtype=np.int64)))
     digest = hashlib.sha256(flat.tobytes()).hexdigest()
     meta = {"shape": list(arr.shape), "dtype": "float16", "sha256": digest, **(extra or {})}
     values = pa.array(flat.reshape(-1), type=pa.float16())
     col = pa.FixedSizeListArray.from_arrays(values, flat.shape[1]) if flat.shape[1] > 0 else values
     table = pa.table({"features": col}).replace_schema_metadata({"mlfd": json.dumps(meta)})
     path = Path(path)
-    try:
-        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+    tmp = None
+    try:  # temp file + rename: a crash never leaves a half-written cache file under the final name
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
+        os.replace(tmp, path)
+        tmp = None
     except OSError as e:
         raise _storage_error(e, path) from e
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
     return meta
 
 
@@ -259,10 +287,12 @@ def read_features(path: Path, verify: bool = True) -> tuple[np.ndarray, dict]:
         values = col.flatten() if pa.types.is_fixed_size_list(col.type) else col
         flat = values.to_numpy(zero_copy_only=True)
         arr = flat.reshape(meta["shape"])
-    except CorruptArtifact:
+        digest = meta["sha256"]
+    except FileNotFoundError:
         raise
-    except (pa.ArrowInvalid, pa.ArrowIOError, KeyError, ValueError, json.JSONDecodeError) as e:
-        raise CorruptArtifact(f"{path}: unreadable feature cache ({type(e).__name__}); delete it to rebuild")
-    if verify and hashlib.sha256(np.ascontiguousarray(arr).reshape(arr.shape[0], -1).tobytes()).hexdigest() != meta["sha256"]:
+    except (pa.ArrowException, OSError, KeyError, ValueError, TypeError, NotImplementedError) as e:
+        # ArrowInvalid for a truncated file; TypeError/KeyError for missing metadata; ValueError for a shape mismatch
+        raise CorruptArtifact(f"{path}: unreadable feature cache ({type(e).__name__}); delete it to rebuild") from None
+    if verify and hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest() != digest:
         raise CorruptArtifact(f"{path}: feature cache checksum mismatch (corrupt); delete it to rebuild")
     return arr, meta
