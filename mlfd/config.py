@@ -343,6 +343,10 @@ def _convert(value: Any, tp, path: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1 and dataclasses.is_dataclass(rest[0]) and isinstance(value, dict):
+            # Optional[Spec] holding a mapping: the spec's own error, which names the nested field (model.arch...).
+            return _convert(value, rest[0], path)
         errors = []
         for a in args:
             if a is type(None):
@@ -534,7 +538,7 @@ def set_path(data: dict, key: str, value: Any) -> None:
                 cur = cur[idx]
             continue
         if not isinstance(cur, dict):
-            raise SpecError(f"--set {key}: {where} is not a mapping")
+            raise SpecError(f"--set {key}: {'.'.join(parts[:i])} is not a mapping, got {cur!r}")
         if last:
             cur[part] = value
         else:
@@ -566,17 +570,22 @@ def save_pipeline(spec: PipelineSpec, path: str | Path) -> None:
     atomic_write_text(Path(path), dump_yaml(spec))
 
 
-SMOKE_LIMITS = {"max_train": 400, "max_val": 200, "max_test": 400}
-SMOKE_EPOCHS = 2
+SMOKE_LIMITS = {"max_train": 500, "max_val": 200, "max_test": 400}
+SMOKE_EPOCHS = 3
+SMOKE_BATCH = 32
+SMOKE_JOINT_EPOCHS = 8  # cheap: the joint teacher trains on cached features
 
 
 def smoke_pipeline(spec: PipelineSpec) -> PipelineSpec:
-    """The ``--smoke`` variant of a pipeline: small subsets and 2 epochs per stage, same structure."""
+    """The ``--smoke`` variant of a pipeline: small subsets, small batches, few epochs; the same stages."""
     s = copy.deepcopy(spec)
     for d in s.datasets:
         for k, cap in SMOKE_LIMITS.items():
             setattr(d, k, min(getattr(d, k) or cap, cap))
-    recipes = [s.teacher, s.joint.recipe, s.student.recipe] + ([s.baselines.recipe] if s.baselines.recipe else [])
+    recipes = [s.teacher, s.student.recipe] + ([s.baselines.recipe] if s.baselines.recipe else [])
     for r in recipes:
         r.epochs = min(r.epochs, SMOKE_EPOCHS)
+        r.batch_size = min(r.batch_size, SMOKE_BATCH)
+    s.joint.recipe.epochs = min(s.joint.recipe.epochs, SMOKE_JOINT_EPOCHS)
+    s.joint.recipe.batch_size = min(s.joint.recipe.batch_size, SMOKE_BATCH * 2)
     return s

@@ -325,7 +325,7 @@ def plot_ablation(df: pd.DataFrame, path: Path) -> Path | None:
     levels = sorted({lv for r, lv in keys if r != "dataset_specific"})
     colors = _level_colors(levels)
     width = 0.8 / len(keys)
-    fig = _figure(max(6.0, 1.0 + len(datasets) * len(keys) * 0.45) * len(splits) / max(1, len(splits) - 0.4), 4.2)
+    fig = _figure(max(4.0, 1.0 + len(datasets) * len(keys) * 0.35) * len(splits) + 1.6, 4.2)
     axes = fig.subplots(1, len(splits), squeeze=False)[0]
     for ax, split in zip(axes, splits):
         for j, (role, lv) in enumerate(keys):
@@ -355,7 +355,14 @@ def _curve_series(curves: pd.DataFrame, dataset: str, role: str, levels: str) ->
     return m.groupby("epoch")["value"].agg(["mean", "std", "count"]).reset_index().sort_values("epoch")
 
 
+def _integer_x(ax: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _draw_series(ax: Any, s: pd.DataFrame, **style: Any) -> None:
+    _integer_x(ax)
     ax.plot(s["epoch"], s["mean"], marker="o", markersize=3, **style)
     if (s["count"] > 1).any():
         lo, hi = s["mean"] - s["std"].fillna(0), s["mean"] + s["std"].fillna(0)
@@ -550,7 +557,7 @@ def _infer_distribution(values: list[Any]) -> Any | None:
     if not values:
         return None
     if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        if all(float(v).is_integer() for v in values) and all(isinstance(v, int) for v in values):
+        if all(isinstance(v, int) for v in values):
             return IntDistribution(int(min(values)), int(max(values)))
         return FloatDistribution(float(min(values)), float(max(values)))
     if all(v is None or isinstance(v, (bool, int, float, str)) for v in values):
@@ -579,7 +586,9 @@ def param_importances(study: pd.DataFrame, info: SearchInfo) -> tuple[dict[str, 
 
     Usable trials are those that did not fail and have a finite value (ASHA-stopped trials included: their value is
     what the search saw). Distributions come from the job's space file when it is readable, else from the observed
-    values. Only params that vary across the usable trials and are present in all of them are assessed.
+    values. Only params that vary across the usable trials and are present in all of them are assessed. The evaluator
+    is fANOVA with a fixed seed (deterministic; Optuna's default PED-ANOVA needs many more trials than a small search
+    has to say anything).
 
     Args:
         study: trials.parquet rows of one study.
@@ -618,7 +627,8 @@ def param_importances(study: pd.DataFrame, info: SearchInfo) -> tuple[dict[str, 
         ost.add_trial(optuna.trial.create_trial(params=params, distributions=dists,
                                                 value=float(usable.iloc[i][info.value_column])))
     try:
-        imp = optuna.importance.get_param_importances(ost, params=sorted(dists))
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+        imp = optuna.importance.get_param_importances(ost, evaluator=evaluator, params=sorted(dists))
     except Exception as e:  # an evaluator that cannot cope with these trials: report why instead of failing
         return None, f"skipped: Optuna could not assess importances ({type(e).__name__}: {e})"
     imp = dict(sorted(((k, float(v)) for k, v in imp.items()), key=lambda t: -t[1]))
@@ -697,6 +707,7 @@ def plot_history(study: pd.DataFrame, info: SearchInfo, name: str, path: Path) -
         for i in errors:
             ax.axvline(i, color="tab:red", alpha=0.25, linestyle=":")
         ax.plot([], [], color="tab:red", alpha=0.4, linestyle=":", label=f"failed ({len(errors)})")
+    _integer_x(ax)
     ax.set_xlabel("trial (creation order)")
     ax.set_ylabel(info.value_column)
     ax.set_title(f"Study {name}: optimization history")
@@ -776,7 +787,8 @@ def _search_section(trials: pd.DataFrame, info: SearchInfo, out: Path, files: di
         ok = study[study[info.value_column].map(_finite)]
         if len(ok):
             best = ok.loc[ok[info.value_column].idxmax() if info.mode == "max" else ok[info.value_column].idxmin()]
-            md.append(f"Best: trial {best['trial_id']} with {info.value_column} = {float(best[info.value_column]):.4g}.")
+            value = float(best[info.value_column])
+            md.append(f"Best: trial {best['trial_id']} with {info.value_column} = {value:.4g}.")
         if "error" in study.columns:
             errs = study[(study["status"].astype(str) == "ERROR")]
             for _, r in errs.head(5).iterrows():
@@ -789,7 +801,7 @@ def _search_section(trials: pd.DataFrame, info: SearchInfo, out: Path, files: di
         md += ["### Parameter importances", ""]
         imp, note = param_importances(study, info)
         if imp:
-            md += [f"Optuna `get_param_importances` ({note}).", "",
+            md += [f"Optuna `get_param_importances`, fANOVA ({note}).", "",
                    _md_table(["Param", "Importance"], [[k, f"{v:.3f}"] for k, v in imp.items()]), ""]
             png = plot_importances(imp, name, out / f"search_{_slug(name)}_importances.png")
             files[f"search/{name}/importances"] = png

@@ -246,6 +246,7 @@ def test_search_sections(report: tuple[Path, dict[str, Path], str]) -> None:
     # betas.2 is conditional (absent when fusion_level = 1): not in every trial, so not assessed.
     assert names == {"fusion_level", "student.alpha", "joint.dropout", "student.temperature"}
     assert sum(float(r["Importance"]) for r in imp) == pytest.approx(1.0, abs=0.01)
+    assert imp[0]["Param"] == "fusion_level"  # the fixture's value is 50 + 10 * level + noise
     top = parse_table(_after(md, "## Search: study digits", "### Top"))
     ok = digits[digits["status"] != "ERROR"].sort_values("best/val/acc1", ascending=False)
     assert len(top) == len(digits)

@@ -1,0 +1,455 @@
+"""Typed specs: exact YAML round trips, every shipped YAML file loads, --set overrides, smoke caps, error paths."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the package is not installed; make `pytest` work from any directory
+    sys.path.insert(0, str(ROOT))
+
+from mlfd import config  # noqa: E402
+from mlfd.config import (  # noqa: E402
+    SMOKE_EPOCHS, SMOKE_LIMITS, BaselineSpec, DatasetSpec, JointSpec, ModelSpec, PipelineSpec, RecipeSpec, SpecError,
+    StudentSpec, apply_overrides, dump_yaml, from_dict, load_pipeline, parse_override, read_yaml, save_pipeline,
+    set_path, smoke_pipeline, spec_hash, to_dict)
+
+PIPELINE = ROOT / "pipelines" / "offline_default.yaml"
+
+
+def repo_yaml_files() -> list[Path]:
+    """Every YAML file of the repository (git's view: tracked plus untracked-not-ignored), else the known dirs."""
+    try:
+        out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.yaml", "*.yml"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=30, check=True).stdout
+        files = [ROOT / line for line in out.splitlines() if line and (ROOT / line).is_file()]
+    except (OSError, subprocess.SubprocessError):
+        files = []
+    if not files:
+        files = [p for d in ("pipelines", "tune_jobs", "search_spaces") for p in (ROOT / d).glob("*.y*ml")]
+    return sorted(files)
+
+
+YAML_FILES = repo_yaml_files()
+
+
+def in_dir(name: str) -> list[Path]:
+    return [p for p in YAML_FILES if p.parent == ROOT / name]
+
+
+@pytest.fixture(scope="module")
+def default() -> PipelineSpec:
+    return load_pipeline(PIPELINE)
+
+
+@pytest.fixture(scope="module")
+def raw() -> dict:
+    return read_yaml(PIPELINE)
+
+
+def load_text(tmp_path: Path, text: str, overrides: list[str] | None = None, name: str = "p.yaml") -> PipelineSpec:
+    f = tmp_path / name
+    f.write_text(text)
+    return load_pipeline(f, overrides)
+
+
+def load_dict(tmp_path: Path, data: dict, overrides: list[str] | None = None) -> PipelineSpec:
+    return load_text(tmp_path, yaml.safe_dump(data, sort_keys=False), overrides)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# YAML round trip
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_default_pipeline_round_trips_exactly(tmp_path: Path, default: PipelineSpec) -> None:
+    text = dump_yaml(default)
+    again = load_text(tmp_path, text)
+    assert to_dict(again) == to_dict(default)
+    assert again == default  # dataclass equality, field by field
+    assert dump_yaml(again) == text  # dump(load(dump(x))) == dump(x)
+    assert spec_hash(again) == spec_hash(default)
+    assert from_dict(PipelineSpec, to_dict(default)) == default
+
+
+def test_default_pipeline_keeps_every_value_of_the_file(default: PipelineSpec, raw: dict) -> None:
+    """Loading drops nothing: every value written in the file is in the canonical dump."""
+    full = to_dict(default)
+
+    def check(written: object, loaded: object, where: str) -> None:
+        if isinstance(written, dict):
+            for k, v in written.items():
+                check(v, loaded[k], f"{where}.{k}")
+        elif isinstance(written, list) and written and isinstance(written[0], dict):
+            for i, (w, ld) in enumerate(zip(written, loaded, strict=True)):
+                check(w, ld, f"{where}[{i}]")
+        else:
+            assert loaded == written and type(loaded) is type(written) or (
+                isinstance(written, int) and isinstance(loaded, float) and loaded == written), where
+
+    check(raw, full, "pipeline")
+    assert [d.name for d in default.datasets] == ["mnist", "fashion", "digits"]
+
+
+def test_round_trip_of_a_spec_with_every_optional_part(tmp_path: Path, default: PipelineSpec) -> None:
+    spec = copy.deepcopy(default)
+    spec.fusion_levels = [1, 2, 3]
+    spec.student.betas = {1: 0.5, 3: 0.25}
+    spec.baselines = BaselineSpec(multi_head=False, model=ModelSpec(arch="test_vit", kwargs={"drop_rate": 0.1}),
+                                  recipe=RecipeSpec(lr=1e-5, epochs=3))
+    spec.datasets[0].student_model = ModelSpec(arch="test_convnext", input_size=28)
+    spec.datasets[0].classes = [1, 7]
+    spec.datasets[1].classes = ["Trouser", "Bag"]
+    spec.datasets[2].options = {"test_fraction": 0.25}
+    spec.datasets[2].name = "1e3"  # a string that looks like a number must stay a string
+    spec.only_students = ["1e3"]
+    spec.teacher.warmup_epochs = 0.5
+    spec.name = "yes"  # a YAML 1.1 boolean word
+    text = dump_yaml(spec)
+    again = load_text(tmp_path, text)
+    assert again == spec
+    assert dump_yaml(again) == text
+    assert again.student.betas == {1: 0.5, 3: 0.25}
+    assert again.datasets[2].name == "1e3" and again.name == "yes"
+    assert again.baselines.recipe.lr == 1e-5
+
+
+def test_save_pipeline_writes_a_loadable_file(tmp_path: Path, default: PipelineSpec) -> None:
+    out = tmp_path / "nested" / "pipeline.yaml"
+    save_pipeline(default, out)
+    assert load_pipeline(out) == default
+    assert out.read_text() == dump_yaml(default)
+
+
+def test_dumped_yaml_is_plain_safe_yaml(default: PipelineSpec) -> None:
+    """No Python tags: the dump is readable by yaml.safe_load and by any other YAML tool."""
+    text = dump_yaml(default)
+    assert "!!" not in text
+    assert yaml.safe_load(text) == to_dict(default)
+
+
+def test_scientific_notation_is_a_number(tmp_path: Path, raw: dict) -> None:
+    """PyYAML alone reads `1e-3` as a string; users mean a float."""
+    text = PIPELINE.read_text().replace("lr: 0.002", "lr: 2e-3", 1)
+    assert "lr: 2e-3" in text
+    spec = load_text(tmp_path, text)
+    assert spec.teacher.lr == 2e-3 and isinstance(spec.teacher.lr, float)
+    assert load_pipeline(PIPELINE, ["student.recipe.lr=5E-4"]).student.recipe.lr == 5e-4
+
+
+def test_duplicate_keys_are_an_error(tmp_path: Path) -> None:
+    text = PIPELINE.read_text().replace("  epochs: 15\n", "  epochs: 15\n  epochs: 3\n", 1)
+    with pytest.raises(SpecError, match=r"p\.yaml: malformed YAML \(line 25, column 3\): duplicate key 'epochs'"):
+        load_text(tmp_path, text)
+
+
+def test_yaml_anchors_and_merge_keys_work(tmp_path: Path, raw: dict) -> None:
+    text = PIPELINE.read_text().replace("teacher:\n", "teacher: &recipe\n", 1)
+    text = text.replace("baselines: {multi_head: true, joint_head: true}",
+                        "baselines:\n  recipe:\n    <<: *recipe\n    epochs: 3\n")
+    spec = load_text(tmp_path, text)
+    assert spec.baselines.recipe.epochs == 3 and spec.baselines.recipe.lr == spec.teacher.lr
+
+
+def test_yaml_is_loaded_safely(tmp_path: Path) -> None:
+    f = tmp_path / "evil.yaml"
+    f.write_text("name: !!python/object/apply:os.system ['echo pwned']\ndatasets: []\n")
+    with pytest.raises(SpecError, match=r"evil\.yaml: malformed YAML"):
+        load_pipeline(f)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Every YAML file of the repository loads with its loader
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_the_repo_has_its_yaml_files() -> None:
+    names = {str(p.relative_to(ROOT)) for p in YAML_FILES}
+    assert {"pipelines/offline_default.yaml", "tune_jobs/quickstart.yaml", "search_spaces/students.yaml",
+            "search_spaces/joint.yaml", "search_spaces/teachers.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_yaml_file_loads(path: Path) -> None:
+    kind = path.parent.relative_to(ROOT).parts[0] if path.parent != ROOT else ""
+    if kind == "pipelines":
+        spec = load_pipeline(path)
+        assert len(spec.datasets) >= 2
+        text = dump_yaml(spec)
+        assert dump_yaml(from_dict(PipelineSpec, yaml.safe_load(text))) == text
+        smoke = smoke_pipeline(spec)
+        smoke.validate()
+    elif kind == "tune_jobs":
+        from mlfd.tune.job import load_job, resolve
+        from mlfd.tune.spaces import load_space
+
+        for smoke in (False, True):
+            job, base = load_job(path, smoke=smoke)
+            assert base == path.resolve().parent
+            # What the job points at loads too, with the job's pipeline overrides applied.
+            pipe = load_pipeline(resolve(base, job.pipeline), job.set)
+            assert load_space(resolve(base, job.space)).params
+            if job.studies:
+                assert set(job.studies) <= {d.name for d in pipe.datasets}
+        if read_yaml(path).get("smoke"):
+            normal, _ = load_job(path)
+            small, _ = load_job(path, smoke=True)
+            assert small != normal
+    elif kind == "search_spaces":
+        from mlfd.tune.spaces import load_space
+
+        space = load_space(path)
+        assert space.params
+    else:  # a YAML file in a place no loader owns: it must at least be safe, valid YAML
+        read_yaml(path)
+
+
+def test_quickstart_smoke_is_small() -> None:
+    from mlfd.tune.job import load_job, resolve
+
+    job, base = load_job(ROOT / "tune_jobs" / "quickstart.yaml", smoke=True)
+    normal, _ = load_job(ROOT / "tune_jobs" / "quickstart.yaml")
+    assert job.num_samples <= normal.num_samples
+    pipe = load_pipeline(resolve(base, job.pipeline), job.set)
+    assert pipe.teacher.epochs <= 2 and pipe.student.recipe.epochs <= 2
+    assert all(d.max_train is not None and d.max_train <= 400 for d in pipe.datasets)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# --set overrides
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_set_nested_keys(default: PipelineSpec) -> None:
+    spec = load_pipeline(PIPELINE, ["student.recipe.lr=0.01", "joint.dropout=0.5", "teacher.augment.flip=true",
+                                    "student.betas.2=0.7", "baselines.recipe.epochs=4"])
+    assert spec.student.recipe.lr == 0.01 and spec.joint.dropout == 0.5 and spec.teacher.augment.flip is True
+    assert spec.student.betas == {2: 0.7}
+    assert spec.baselines.recipe == RecipeSpec(epochs=4)  # created from defaults
+    assert spec.teacher.lr == default.teacher.lr  # nothing else moved
+    assert spec.joint.recipe == default.joint.recipe
+
+
+def test_set_list_items_by_name_and_index(default: PipelineSpec) -> None:
+    spec = load_pipeline(PIPELINE, ["datasets.mnist.model.arch=test_vit", "datasets.1.max_train=123",
+                                    "datasets.-1.val_fraction=0.25", "datasets.digits.model.input_size=48"])
+    assert spec.datasets[0].model.arch == "test_vit"
+    assert spec.datasets[1].max_train == 123
+    assert spec.datasets[2].val_fraction == 0.25 and spec.datasets[2].model.input_size == 48
+    assert [d.model.arch for d in spec.datasets[1:]] == [d.model.arch for d in default.datasets[1:]]
+
+
+def test_set_whole_items_and_lists() -> None:
+    spec = load_pipeline(PIPELINE, ["fusion_levels=[1, 2, 3]", "datasets.fashion.classes=[0, 1, 2]",
+                                    "datasets.digits.student_model={arch: test_resnet, input_size: 16}",
+                                    "datasets.2={name: d2, source: sklearn_digits}"])
+    assert spec.fusion_levels == [1, 2, 3]
+    assert spec.datasets[1].classes == [0, 1, 2]
+    assert spec.datasets[2] == DatasetSpec(name="d2", source="sklearn_digits")
+
+
+@pytest.mark.parametrize("item, key, value", [
+    ("teacher.epochs=3", "teacher.epochs", 3),
+    ("teacher.lr=0.5", "teacher.lr", 0.5),
+    ("teacher.lr=1e-4", "teacher.lr", 1e-4),
+    ("teacher.compile=yes", "teacher.compile", True),
+    ("teacher.compile=false", "teacher.compile", False),
+    ("datasets.0.max_train=null", "datasets.0.max_train", None),
+    ("datasets.0.max_train=~", "datasets.0.max_train", None),
+    ("name=my run", "name", "my run"),
+    ("name='42'", "name", "42"),
+    ("name=a=b", "name", "a=b"),
+    ("name=", "name", ""),
+    ("name=[unclosed", "name", "[unclosed"),  # not YAML: kept as the raw string
+    (" teacher.epochs = 5", "teacher.epochs", 5),
+    ("datasets.0.options={root: /x, mode: L}", "datasets.0.options", {"root": "/x", "mode": "L"}),
+], ids=lambda v: str(v) if isinstance(v, str) else None)
+def test_set_values_are_yaml_typed(item: str, key: str, value: object) -> None:
+    k, v = parse_override(item)
+    assert k == key
+    assert v == value and type(v) is type(value)
+
+
+def test_set_does_not_mutate_its_input(raw: dict) -> None:
+    before = copy.deepcopy(raw)
+    out = apply_overrides(raw, ["teacher.lr=0.5", "datasets.mnist.max_train=5"])
+    assert raw == before
+    assert out["teacher"]["lr"] == 0.5 and out["datasets"][0]["max_train"] == 5
+
+
+def test_later_set_wins() -> None:
+    assert load_pipeline(PIPELINE, ["teacher.epochs=3", "teacher.epochs=4"]).teacher.epochs == 4
+
+
+@pytest.mark.parametrize("item, match", [
+    ("teacher.lr", r"--set teacher\.lr: expected key=value"),
+    ("=3", r"--set =3: empty key"),
+    ("datasets.nosuch.max_train=1", r"--set datasets\.nosuch\.max_train: no list item 'nosuch' at datasets\.nosuch"),
+    ("datasets.7.max_train=1", r"no list item '7' at datasets\.7"),
+    ("datasets.-4.max_train=1", r"no list item '-4'"),
+    ("teacher.lr.x=1", r"--set teacher\.lr\.x: teacher\.lr is not a mapping"),
+    ("teacher.nosuch=1", r"pipeline\.teacher\.nosuch: unknown field; allowed: \[.*'lr'"),
+    ("datasets.mnist.model.nosuch=1", r"pipeline\.datasets\[0\]\.model\.nosuch: unknown field"),
+    ("nosuch.deep.key=1", r"pipeline\.nosuch: unknown field"),
+    ("teacher.lr=fast", r"pipeline\.teacher\.lr: expected a number, got 'fast'"),
+    ("teacher.epochs=2.5", r"pipeline\.teacher\.epochs: expected an integer, got 2\.5"),
+], ids=lambda v: v if "\\" not in v else None)
+def test_bad_set(item: str, match: str) -> None:
+    with pytest.raises(SpecError, match=match):
+        load_pipeline(PIPELINE, [item])
+
+
+def test_set_path_on_plain_dicts() -> None:
+    data: dict = {"a": [{"name": "x", "v": 1}, {"name": "y", "v": 2}]}
+    set_path(data, "a.y.v", 3)
+    set_path(data, "a.0.w.z", 4)
+    set_path(data, "b.c", 5)
+    assert data == {"a": [{"name": "x", "v": 1, "w": {"z": 4}}, {"name": "y", "v": 3}], "b": {"c": 5}}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# smoke_pipeline
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_smoke_caps_subsets_and_epochs(default: PipelineSpec) -> None:
+    joint_cap = getattr(config, "SMOKE_JOINT_EPOCHS", SMOKE_EPOCHS)  # the joint teacher may get its own cap
+    spec = copy.deepcopy(default)
+    spec.datasets[2].max_train = 100  # below the cap: kept
+    spec.teacher.epochs = 1  # below the cap: kept
+    spec.baselines.recipe = RecipeSpec(epochs=50)
+    spec.joint.recipe.epochs = 50
+    before = copy.deepcopy(spec)
+    smoke = smoke_pipeline(spec)
+    assert spec == before  # the input is not modified
+    for d, orig in zip(smoke.datasets, spec.datasets, strict=True):
+        for k, cap in SMOKE_LIMITS.items():
+            v = getattr(d, k)
+            assert v is not None and v <= cap
+            assert v == min(getattr(orig, k) or cap, cap)
+    assert smoke.datasets[2].max_train == 100
+    assert smoke.datasets[0].max_train == SMOKE_LIMITS["max_train"]  # 2000 capped
+    assert smoke.datasets[0].max_test == SMOKE_LIMITS["max_test"]  # None capped
+    assert smoke.teacher.epochs == 1
+    assert smoke.student.recipe.epochs == SMOKE_EPOCHS and smoke.baselines.recipe.epochs == SMOKE_EPOCHS
+    assert smoke.joint.recipe.epochs == joint_cap
+    for r, orig in ((smoke.teacher, spec.teacher), (smoke.joint.recipe, spec.joint.recipe),
+                    (smoke.student.recipe, spec.student.recipe), (smoke.baselines.recipe, spec.baselines.recipe)):
+        assert r.epochs <= orig.epochs and r.batch_size <= orig.batch_size
+        assert (r.lr, r.optimizer, r.seed, r.augment) == (orig.lr, orig.optimizer, orig.seed, orig.augment)
+    # Same structure: only sizes, batches and epochs change.
+    assert [d.name for d in smoke.datasets] == [d.name for d in spec.datasets]
+    assert smoke.fusion_levels == spec.fusion_levels and smoke.student.alpha == spec.student.alpha
+    assert [d.model for d in smoke.datasets] == [d.model for d in spec.datasets]
+    assert smoke.joint.dropout == spec.joint.dropout and smoke.controls == spec.controls
+    smoke.validate()
+    assert smoke_pipeline(smoke) == smoke  # idempotent
+
+
+def test_smoke_without_baseline_recipe(default: PipelineSpec) -> None:
+    smoke = smoke_pipeline(default)
+    assert smoke.baselines.recipe is None
+    assert smoke.teacher.epochs == min(default.teacher.epochs, SMOKE_EPOCHS)
+    assert all(d.max_train <= SMOKE_LIMITS["max_train"] for d in smoke.datasets)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Validation messages name the field path
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _mutate(data: dict, key: str, value: object) -> dict:
+    out = copy.deepcopy(data)
+    set_path(out, key, value)
+    return out
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("teacher.lr", 0, r"^pipeline\.teacher\.lr: must be > 0, got 0"),
+    ("teacher.weight_decay", -1, r"^pipeline\.teacher\.weight_decay: must be >= 0"),
+    ("teacher.label_smoothing", 1.0, r"^pipeline\.teacher\.label_smoothing: must be in \[0, 1\)"),
+    ("teacher.grad_accum", 0, r"^pipeline\.teacher\.grad_accum: must be >= 1"),
+    ("teacher.augment.crop_padding", -2, r"^pipeline\.teacher\.augment\.crop_padding: must be >= 0"),
+    ("teacher.optimizer", "lion", r"^pipeline\.teacher\.optimizer: got 'lion'; allowed: adamw, adam, sgd"),
+    ("teacher.amp", True, r"^pipeline\.teacher\.amp: got True; allowed: auto, bf16, fp16, off"),
+    ("joint.recipe.batch_size", 0, r"^pipeline\.joint\.recipe\.batch_size: must be >= 1"),
+    ("joint.variant", "both", r"^pipeline\.joint\.variant: got 'both'; allowed: union, per_target"),
+    ("joint.width", 0, r"^pipeline\.joint\.width: must be >= 1"),
+    ("student.alpha", -0.1, r"^pipeline\.student\.alpha: must be >= 0"),
+    ("student.targets", "live", r"^pipeline\.student\.targets: got 'live'"),
+    ("student.betas", {"x": 1}, r"^pipeline\.student\.betas: key 'x' is not a level; allowed: 1\.\.4"),
+    ("student.betas", {1: -1}, r"^pipeline\.student\.betas\.1: must be a number >= 0"),
+    ("student.betas", {1: "big"}, r"^pipeline\.student\.betas\.1: must be a number >= 0, got 'big'"),
+    ("student.recipe.augment.flip", "no way", r"^pipeline\.student\.recipe\.augment\.flip: expected true/false"),
+    ("baselines.model", {"arch": "test_resnet", "input_size": 4}, r"^pipeline\.baselines\.model\.input_size: must"),
+    ("baselines.recipe", {"epochs": 0}, r"^pipeline\.baselines\.recipe\.epochs: must be >= 1"),
+    ("controls.no_kd", 1, r"^pipeline\.controls\.no_kd: expected true/false, got 1"),
+    ("datasets.1.name", "bad name!", r"^pipeline\.datasets\[1\]\.name: must be a non-empty name"),
+    ("datasets.1.max_val", 0, r"^pipeline\.datasets\[1\]\.max_val: must be >= 1 or null"),
+    ("datasets.1.classes", [3], r"^pipeline\.datasets\[1\]\.classes: needs at least 2 classes"),
+    ("datasets.1.classes", [3, "3"], r"^pipeline\.datasets\[1\]\.classes: has duplicates"),
+    ("datasets.2.student_model", {"arch": "nope_net"}, r"^pipeline\.datasets\[2\]\.student_model\.arch: unknown timm"),
+    ("datasets.2.model.checkpoint", "/nonexistent/t.pt", r"^pipeline\.datasets\[2\]\.model\.checkpoint: file not"),
+    ("datasets.2.model.kwargs", [1], r"^pipeline\.datasets\[2\]\.model\.kwargs: expected a mapping"),
+    ("datasets.0.options", None, r"^pipeline\.datasets\[0\]\.options: expected a mapping, got None"),
+    ("datasets.0.max_train", "10", r"^pipeline\.datasets\[0\]\.max_train: expected int or null, got '10'"),
+    ("fusion_levels", [], r"^pipeline\.fusion_levels: needs at least one level"),
+    ("fusion_levels", [1, 1], r"^pipeline\.fusion_levels: has duplicates"),
+    ("fusion_levels", [True], r"^pipeline\.fusion_levels: levels must be integers in 1\.\.4, got True"),
+    ("fusion_levels", [2.0], r"^pipeline\.fusion_levels: levels must be integers"),
+    ("only_students", ["nope"], r"^pipeline\.only_students: unknown dataset 'nope'; allowed: \['mnist'"),
+    ("device", "tpu", r"^pipeline\.device: got 'tpu'; allowed: auto, cpu, cuda"),
+    ("teacher", None, r"^pipeline\.teacher: expected a mapping, got None"),
+], ids=lambda v: v if isinstance(v, str) and not v.startswith("^") else None)
+def test_validation_names_the_field_path(raw: dict, key: str, value: object, match: str) -> None:
+    with pytest.raises(SpecError, match=match) as info:
+        from_dict(PipelineSpec, _mutate(raw, key, value))
+    assert "\n" not in str(info.value)
+
+
+def test_missing_required_fields(raw: dict) -> None:
+    data = copy.deepcopy(raw)
+    del data["datasets"]
+    with pytest.raises(SpecError, match=r"^pipeline\.datasets: required field is missing"):
+        from_dict(PipelineSpec, data)
+    data = copy.deepcopy(raw)
+    del data["datasets"][1]["source"]
+    with pytest.raises(SpecError, match=r"^pipeline\.datasets\[1\]\.source: required field is missing"):
+        from_dict(PipelineSpec, data)
+
+
+def test_spec_error_is_one_line() -> None:
+    """A key with a newline (from a hand-written YAML or --set) must not break the one-line message."""
+    data = {"datasets": [], "bad\nkey": 1}
+    with pytest.raises(SpecError) as info:
+        from_dict(PipelineSpec, data)
+    assert "\n" not in str(info.value) and "bad key" in str(info.value)
+
+
+def test_sub_specs_validate_on_their_own() -> None:
+    with pytest.raises(SpecError, match=r"^joint\.dropout: must be in \[0, 1\)"):
+        from_dict(JointSpec, {"dropout": 0.95 + 0.05}, path="joint")
+    with pytest.raises(SpecError, match=r"^s\.temperature: must be > 0"):
+        from_dict(StudentSpec, {"temperature": 0}, path="s")
+    assert from_dict(StudentSpec, {"betas": {"2": 1}}, path="s").betas == {2: 1.0}
+
+
+def test_read_yaml_errors(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match=r"nope\.yaml: file not found"):
+        read_yaml(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\nb: 3\n")
+    with pytest.raises(SpecError, match=r"bad\.yaml: malformed YAML \(line \d+, column \d+\)"):
+        read_yaml(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(SpecError, match=r"bad\.yaml: expected a YAML mapping at top level, got list"):
+        read_yaml(bad)
+    bad.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(SpecError, match=r"bad\.yaml: cannot read"):
+        read_yaml(bad)
