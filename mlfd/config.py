@@ -288,8 +288,8 @@ class PipelineSpec:
             d.validate(f"{path}.datasets[{i}]")
         _check(len(self.fusion_levels) >= 1, f"{path}.fusion_levels", "needs at least one level")
         for lvl in self.fusion_levels:
-            _check(isinstance(lvl, int) and not isinstance(lvl, bool) and 1 <= lvl <= MAX_LEVEL, f"{path}.fusion_levels",
-                   f"levels must be integers in 1..{MAX_LEVEL}, got {lvl!r}")
+            is_level = isinstance(lvl, int) and not isinstance(lvl, bool) and 1 <= lvl <= MAX_LEVEL
+            _check(is_level, f"{path}.fusion_levels", f"levels must be integers in 1..{MAX_LEVEL}, got {lvl!r}")
         _check(len(set(self.fusion_levels)) == len(self.fusion_levels), f"{path}.fusion_levels", "has duplicates")
         if self.only_students is not None:
             for n in self.only_students:

@@ -283,7 +283,9 @@ def read_features(path: Path, verify: bool = True) -> tuple[np.ndarray, dict]:
         source = pa.memory_map(str(path), "r")
         table = pa.ipc.open_file(source).read_all()
         meta = json.loads(table.schema.metadata[b"mlfd"])
-        col = table.column("features").combine_chunks()
+        chunked = table.column("features")
+        # One chunk (what write_features writes): use it as is. combine_chunks() would copy it out of the memory map.
+        col = chunked.chunk(0) if chunked.num_chunks == 1 else chunked.combine_chunks()
         values = col.flatten() if pa.types.is_fixed_size_list(col.type) else col
         flat = values.to_numpy(zero_copy_only=True)
         arr = flat.reshape(meta["shape"])

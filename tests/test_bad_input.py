@@ -38,8 +38,8 @@ class Case:
     """One bad input.
 
     ``pipeline`` is a function ``(data, dirs) -> data`` mutating a copy of the default pipeline dict, or a string
-    (or bytes) written verbatim as the pipeline file, or None for a pipeline path that does not exist. ``expect`` must appear
-    in the error line.
+    (or bytes) written verbatim as the pipeline file, or None for a pipeline path that does not exist. ``expect``
+    (each item, if a list) must appear in the error line.
     """
 
     id: str
@@ -185,10 +185,10 @@ CASES = [
          ["datasets.imgs.options.root", "no class folders"]),
     Case("folder-empty-class", first_dataset(lambda d: {"name": "imgs", "source": "folder",
                                                         "options": {"root": str(d["empty_class"])}}),
-         ["b", "class folder has no images"]),
+         "empty_class/b: class folder has no images"),
     Case("folder-non-image-file", first_dataset(lambda d: {"name": "imgs", "source": "folder",
                                                            "options": {"root": str(d["non_image"])}}),
-         ["notes.txt", "not a readable image"]),
+         ["non_image/a/notes.txt: not a readable image"]),
     Case("folder-truncated-png", first_dataset(lambda d: {"name": "imgs", "source": "folder",
                                                           "options": {"root": str(d["truncated"])}}),
          ["broken.png", "not a readable image"]),
