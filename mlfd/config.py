@@ -570,7 +570,7 @@ def save_pipeline(spec: PipelineSpec, path: str | Path) -> None:
     atomic_write_text(Path(path), dump_yaml(spec))
 
 
-SMOKE_LIMITS = {"max_train": 500, "max_val": 200, "max_test": 400}
+SMOKE_LIMITS = {"max_train": 300, "max_val": 100, "max_test": 200}
 SMOKE_EPOCHS = 3
 SMOKE_BATCH = 32
 SMOKE_JOINT_EPOCHS = 8  # cheap: the joint teacher trains on cached features
