@@ -20,12 +20,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from mlfd.config import smoke_pipeline
 
         spec = smoke_pipeline(spec)
-    from mlfd.data import load_dataset
+    from mlfd.stages.pipeline import preflight, run_pipeline
 
-    for d in spec.datasets:  # read every dataset up front: a bad path fails before any training
-        load_dataset(d)
+    preflight(spec)  # datasets, models and levels checked before any training
     out = Path(args.out).resolve()
-    from mlfd.stages.pipeline import run_pipeline
 
     df = run_pipeline(spec, out, store=Path(args.store).resolve() if args.store else None,
                       progress=not args.quiet)
@@ -86,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--study", default=None, help="study (dataset) to export; default: the first")
     e.add_argument("--out", default="best.yaml", help="destination YAML (default: best.yaml)")
     e.set_defaults(func=_cmd_export)
+
+    from mlfd.report import add_report_parser
+    from mlfd.ui import add_ui_parser
+
+    add_report_parser(sub)
+    add_ui_parser(sub)
     return p
 
 
@@ -97,8 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as e:
         print(f"mlfd: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("mlfd: interrupted", file=sys.stderr)
+    except OSError as e:  # StorageError and friends: disk full, permissions; earlier outputs are untouched
+        print(f"mlfd: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:
+        print(f"mlfd: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
 
 

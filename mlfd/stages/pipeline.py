@@ -104,6 +104,28 @@ def plan_stages(spec: PipelineSpec) -> list[Stage]:
     return stages
 
 
+def preflight(spec: PipelineSpec) -> None:
+    """Every check that can fail before compute: datasets readable, models buildable, fusion levels available.
+
+    Raises SpecError naming the field.
+    """
+    from mlfd.data import load_dataset
+    from mlfd.models import LevelModel, create_model
+
+    top = max(spec.fusion_levels)
+    distilled = [c for c in range(1, top + 1) if spec.student.beta(c) > 0]
+    for i, d in enumerate(spec.datasets):
+        data = load_dataset(d)
+        path = f"pipeline.datasets[{i}]"
+        LevelModel(create_model(d.model, data.num_classes, f"{path}.model"), d.model.input_size).check_levels(
+            spec.fusion_levels, f"{path}.model (fusion_levels)")
+        if d.student_model is not None:
+            LevelModel(create_model(d.student_model, data.num_classes, f"{path}.student_model"),
+                       d.student_model.input_size).check_levels(distilled, f"{path}.student_model (student.betas)")
+    if spec.baselines.model is not None:
+        create_model(spec.baselines.model, 2, "pipeline.baselines.model")
+
+
 def run_pipeline(spec: PipelineSpec, out: Path, store: Path | None = None, progress: bool = True,
                  log: Callable[..., None] | None = None) -> pd.DataFrame:
     """Run what is missing of ``spec`` and write ``out/results.parquet``, ``out/results.md`` and the resolved spec.

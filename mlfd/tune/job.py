@@ -77,7 +77,8 @@ class JobSpec:
     set: list = field(default_factory=list)
     """Pipeline overrides (key=value) applied before the search."""
     smoke: dict = field(default_factory=dict)
-    """Overrides of this job's own fields for --smoke (e.g. num_samples, set)."""
+    """Overrides of this job's own fields for --smoke (e.g. num_samples); its ``set`` list overrides the pipeline's
+    smoke variant (the same small-data variant as ``mlfd run --smoke``)."""
 
     def validate(self, path: str) -> None:
         _check(self.num_samples >= 1, f"{path}.num_samples", f"must be >= 1, got {self.num_samples}")
@@ -106,9 +107,7 @@ def load_job(path: str | Path, smoke: bool = False, overrides: list[str] | None 
         _check(isinstance(extra, dict), f"{path}: smoke", "expected a mapping of job fields")
         data = copy.deepcopy(data)
         for k, v in extra.items():
-            if k == "set":
-                data["set"] = list(data.get("set") or []) + list(v)
-            else:
+            if k != "set":  # smoke.set is applied to the pipeline after its smoke variant (launch.prepare)
                 data[k] = v
     job_over = [o for o in overrides or [] if not o.startswith("pipeline.")]
     pipe_over = [o[len("pipeline."):] for o in overrides or [] if o.startswith("pipeline.")]

@@ -20,10 +20,11 @@ from typing import Any
 
 import pandas as pd
 
-from mlfd.config import PipelineSpec, SpecError, apply_overrides, dump_yaml, from_dict, read_yaml, spec_hash, to_dict
+from mlfd.config import (PipelineSpec, SpecError, apply_overrides, dump_yaml, from_dict, read_yaml, smoke_pipeline,
+                         spec_hash, to_dict)
 from mlfd.store import atomic_write_bytes, atomic_write_text
 from mlfd.tune.job import JobSpec, load_job, resolve
-from mlfd.tune.trainable import CONTEXT, run_stage
+from mlfd.tune.trainable import run_stage
 
 SEARCH_FILE = "search.json"
 DONE_SUFFIX = ".done"
@@ -53,6 +54,9 @@ def prepare(job_path: str, out: Path, smoke: bool, overrides: list[str] | None) 
     pipe_path = resolve(base, job.pipeline)
     pipeline = apply_overrides(read_yaml(pipe_path), job.set)
     spec = from_dict(PipelineSpec, pipeline, path=str(pipe_path))
+    if smoke:  # the same small-data variant as `mlfd run --smoke`, then the job's own smoke overrides
+        pipeline = apply_overrides(to_dict(smoke_pipeline(spec)), job.smoke.get("set", []))
+        spec = from_dict(PipelineSpec, pipeline, path=f"{pipe_path} (smoke)")
     space_path = resolve(base, job.space)
     space = load_space(space_path)
     # A sampled trial must make a valid pipeline: catches fields the space names that this pipeline lacks.
@@ -128,17 +132,17 @@ def _tuner(plan: dict, study: str | None, index: int, callbacks: list, resume: b
     spec = from_dict(PipelineSpec, plan["pipeline"], validate=False)
     name = _experiment_name(job, study)
     exp_path = os.path.join(plan["storage_path"], name)
-    trainable = tune.with_resources(run_stage, {"cpu": job.resources.cpu, "gpu": float(job.resources.gpu)})
+    context = {"pipeline": plan["pipeline"], "stage": job.stage, "study": study, "store": plan["store"],
+               "threads": max(1, int(job.resources.cpu))}
+    trainable = tune.with_resources(tune.with_parameters(run_stage, context=context),
+                                    {"cpu": job.resources.cpu, "gpu": float(job.resources.gpu)})
     if resume and tune.Tuner.can_restore(exp_path):
         return tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                   restart_errored=False)
     space = load_space(plan["space_file"])
     searcher = make_searcher(space, job.metric, job.mode, seed=job.seed + index)
-    context = {"pipeline": plan["pipeline"], "stage": job.stage, "study": study, "store": plan["store"],
-               "threads": max(1, int(job.resources.cpu))}
     return tune.Tuner(
         trainable,
-        param_space={CONTEXT: context},
         tune_config=tune.TuneConfig(metric=job.metric, mode=job.mode, search_alg=searcher,
                                     scheduler=_scheduler(job, _stage_epochs(spec, job.stage)),
                                     num_samples=job.num_samples, max_concurrent_trials=job.max_concurrent_trials),
@@ -153,7 +157,7 @@ def trial_rows(results, study: str | None, job: JobSpec, max_epochs: int) -> lis
     """One row per trial of a finished study."""
     rows = []
     for r in results:
-        cfg = {k: v for k, v in (r.config or {}).items() if k != CONTEXT}
+        cfg = dict(r.config or {})
         hist = r.metrics_dataframe
         metric = job.metric
         epochs = int(r.metrics.get("training_iteration", 0)) if r.metrics else 0
@@ -188,6 +192,8 @@ def run_search(job_path: str, out: Path, smoke: bool = False, resume: bool = Fal
         ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=False)
     rows: list[dict] = []
     try:
+        if job.stage in ("students", "joint"):
+            prebuild_teachers(plan, job)
         for i, study in enumerate(plan["studies"]):
             name = _experiment_name(job, study)
             cbs = tracking.callbacks(plan, study) if tracking else []
@@ -195,6 +201,9 @@ def run_search(job_path: str, out: Path, smoke: bool = False, resume: bool = Fal
             print(f"mlfd tune: study {study or job.stage} ({i + 1}/{len(plan['studies'])}) -> "
                   f"{os.path.join(plan['storage_path'], name)}", file=sys.stderr, flush=True)
             results = tuner.fit()
+            if _interrupted(results, job):
+                raise KeyboardInterrupt(f"search interrupted during study {study or job.stage}; finished trials are "
+                                        f"kept in {plan['storage_path']}; continue with --resume --out {out}")
             study_rows = trial_rows(results, study, job, _stage_epochs(spec, job.stage))
             rows.extend(study_rows)
             write_trials(out, rows)
@@ -206,6 +215,41 @@ def run_search(job_path: str, out: Path, smoke: bool = False, resume: bool = Fal
     finally:
         ray.shutdown()
     return pd.DataFrame(rows)
+
+
+def _build_teacher(pipeline: dict, store: str, name: str, threads: int) -> str:
+    import torch
+
+    from mlfd.stages.common import Context
+    from mlfd.stages.teachers import train_teacher
+    from mlfd.store import ArtifactStore
+
+    torch.set_num_threads(threads)
+    ctx = Context(spec=from_dict(PipelineSpec, pipeline, validate=False), store=ArtifactStore(store), progress=False)
+    return str(train_teacher(ctx, name).path)
+
+
+def prebuild_teachers(plan: dict, job: JobSpec) -> None:
+    """Train the shared upstream (one teacher per dataset) as parallel Ray tasks before any trial needs it.
+
+    Without this, the first trials of a study would each wait on the teacher locks and train them one by one.
+    """
+    import ray
+
+    names = [d["name"] for d in plan["pipeline"]["datasets"]]
+    task = ray.remote(_build_teacher).options(num_cpus=job.resources.cpu, num_gpus=float(job.resources.gpu)
+                                             if job.resources.gpu != "auto" else 0)
+    threads = max(1, int(job.resources.cpu))
+    print(f"mlfd tune: teachers for {names} (built once, in parallel, reused by every trial)", file=sys.stderr,
+          flush=True)
+    ray.get([task.remote(plan["pipeline"], plan["store"], n, threads) for n in names])
+
+
+def _interrupted(results, job: JobSpec) -> bool:
+    """Ray Tune returns normally on Ctrl-C; unfinished trials (or too few) tell us the study did not complete."""
+    trials = results._experiment_analysis.trials  # Ray keeps per-trial status only there
+    unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
+    return bool(unfinished) or len(trials) < job.num_samples
 
 
 def _check_cluster_paths(plan: dict, job: JobSpec) -> None:

@@ -1,7 +1,7 @@
 """Ray Tune function trainables: each stage of the pipeline, reporting every epoch, checkpointing, resumable.
 
-A trial's config is the flat sampled parameters plus one constant entry, ``CONTEXT``, holding the pipeline dict and
-where things live. The trainable applies the sampled values to the pipeline, builds the upstream artifacts it needs
+A trial's config is the flat sampled parameters; the job's context (the pipeline dict, the stage, the study, where the
+store lives) reaches the trainable through ``tune.with_parameters``, so it stays out of the progress table. The trainable applies the sampled values to the pipeline, builds the upstream artifacts it needs
 through the shared store (built once, under a lock, whichever trial asks first), then trains its own stage with
 ``ray.tune.report`` after each epoch.
 """
@@ -14,17 +14,14 @@ from pathlib import Path
 
 from mlfd.config import PipelineSpec, from_dict
 
-CONTEXT = "__mlfd__"
 STATE_FILE = "state.pt"
 
 
-def trial_spec(config: dict) -> PipelineSpec:
+def trial_spec(config: dict, context: dict) -> PipelineSpec:
     """The pipeline of one trial: the job's pipeline with the trial's sampled values applied, validated."""
     from mlfd.tune.spaces import apply_config
 
-    ctx = config[CONTEXT]
-    params = {k: v for k, v in config.items() if k != CONTEXT}
-    return from_dict(PipelineSpec, apply_config(ctx["pipeline"], params), path="trial")
+    return from_dict(PipelineSpec, apply_config(context["pipeline"], config), path="trial")
 
 
 def _report_history(history: list[dict]) -> None:
@@ -35,16 +32,16 @@ def _report_history(history: list[dict]) -> None:
         tune.report(dict(m, reused=1))
 
 
-def run_stage(config: dict) -> None:
-    """The function trainable for every stage (``config[CONTEXT]['stage']`` says which)."""
+def run_stage(config: dict, context: dict) -> None:
+    """The function trainable for every stage (``context['stage']`` says which)."""
     import torch
     from ray import tune
 
     from mlfd.stages.common import Context, read_metrics
     from mlfd.store import ArtifactStore, load_torch, save_torch
 
-    meta = config[CONTEXT]
-    spec = trial_spec(config)
+    meta = context
+    spec = trial_spec(config, context)
     stage, study = meta["stage"], meta.get("study")
     torch.set_num_threads(max(1, int(meta.get("threads", 1))))
     ctx = Context(spec=spec, store=ArtifactStore(meta["store"]), progress=False)
@@ -120,4 +117,4 @@ def _build(ctx, stage: str, study: str | None):
     return train_baseline(ctx, stage)
 
 
-__all__ = ["CONTEXT", "run_stage", "trial_spec"]
+__all__ = ["run_stage", "trial_spec"]
