@@ -13,32 +13,46 @@ EXIT_BAD_INPUT = 2
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from mlfd.config import load_pipeline
+    from mlfd.config import load_pipeline, smoke_pipeline
+    from mlfd.stages.pipeline import preflight, results_table, run_pipeline
 
     spec = load_pipeline(args.pipeline, args.set)
     if args.smoke:
-        from mlfd.config import smoke_pipeline
-
         spec = smoke_pipeline(spec)
-    from mlfd.stages.pipeline import preflight, run_pipeline
-
     preflight(spec)  # datasets, models and levels checked before any training
     out = Path(args.out).resolve()
+    tracking = None
+    if not args.no_tracking:
+        from mlfd.tracking import PipelineTracking, Tracker, default_uri
 
-    df = run_pipeline(spec, out, store=Path(args.store).resolve() if args.store else None,
-                      progress=not args.quiet)
-    from mlfd.stages.pipeline import results_table
+        uri = args.tracking_uri or default_uri(out)
+        Tracker.check_reachable(uri)
+        out.mkdir(parents=True, exist_ok=True)
+        tracking = PipelineTracking(uri, spec, out)
+    try:
+        df = run_pipeline(spec, out, store=Path(args.store).resolve() if args.store else None,
+                          progress=not args.quiet, log=tracking.log_stage if tracking else None)
+    except BaseException:
+        if tracking is not None:
+            tracking.finish(status="FAILED")
+        raise
+    from mlfd.report import write_report
 
+    files = write_report(out)
+    if tracking is not None:
+        tracking.finish(files)
     print(results_table(df))
-    print(f"\nwrote {out / 'results.parquet'} and {out / 'results.md'}")
+    print(f"\nwrote {out / 'results.parquet'}, {out / 'results.md'} and {files['report']}")
     return 0
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
+    from mlfd.tracking import SearchTracking
     from mlfd.tune.launch import run_search
 
     out = Path(args.out).resolve()
-    df = run_search(args.job, out, smoke=args.smoke, resume=args.resume, address=args.address, overrides=args.set)
+    df = run_search(args.job, out, smoke=args.smoke, resume=args.resume, address=args.address, overrides=args.set,
+                    tracking=SearchTracking(out, register=args.register))
     cols = [c for c in ("study", "trial_id", "status", "epochs", "best/val/acc1") if c in df.columns]
     if len(df):
         print(df[cols].to_string(index=False))
@@ -66,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a field, e.g. --set student.alpha=0.5 --set datasets.mnist.model.arch=test_vit")
     r.add_argument("--smoke", action="store_true", help="tiny data and 1-2 epochs: finishes in under 2 minutes")
     r.add_argument("--quiet", action="store_true", help="no progress output")
+    r.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db); http://host:port for a server")
+    r.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     r.set_defaults(func=_cmd_run)
 
     t = sub.add_parser("tune", help="search a stage with Ray Tune + Optuna (one study per student dataset)")
@@ -77,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a job field (num_samples=4, resources.gpu=0) or a pipeline field "
                         "(pipeline.student.recipe.epochs=3)")
+    t.add_argument("--register", default=None, metavar="NAME",
+                   help="register each study's best model in the MLflow model registry under NAME")
     t.set_defaults(func=_cmd_tune)
 
     e = sub.add_parser("export", help="write a search's best trial as a standalone pipeline YAML")

@@ -123,6 +123,12 @@ def _stage_epochs(spec: PipelineSpec, stage: str) -> int:
     return spec.teacher.epochs
 
 
+def trial_context(plan: dict, job: JobSpec, study: str | None) -> dict:
+    """What every trial of a study needs besides its sampled values (passed with tune.with_parameters)."""
+    return {"pipeline": plan["pipeline"], "stage": job.stage, "study": study, "store": plan["store"],
+            "threads": max(1, int(job.resources.cpu))}
+
+
 def _tuner(plan: dict, study: str | None, index: int, callbacks: list, resume: bool):
     from ray import tune
 
@@ -132,8 +138,7 @@ def _tuner(plan: dict, study: str | None, index: int, callbacks: list, resume: b
     spec = from_dict(PipelineSpec, plan["pipeline"], validate=False)
     name = _experiment_name(job, study)
     exp_path = os.path.join(plan["storage_path"], name)
-    context = {"pipeline": plan["pipeline"], "stage": job.stage, "study": study, "store": plan["store"],
-               "threads": max(1, int(job.resources.cpu))}
+    context = trial_context(plan, job, study)
     trainable = tune.with_resources(tune.with_parameters(run_stage, context=context),
                                     {"cpu": job.resources.cpu, "gpu": float(job.resources.gpu)})
     if resume and tune.Tuner.can_restore(exp_path):
@@ -188,6 +193,8 @@ def run_search(job_path: str, out: Path, smoke: bool = False, resume: bool = Fal
     spec = from_dict(PipelineSpec, plan["pipeline"], validate=False)
     # Snapshot experiment state often, so a killed driver loses at most the trials still running.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    if tracking is not None:
+        tracking.open(plan)  # an unreachable tracking server fails here, before any compute
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=False)
     rows: list[dict] = []
@@ -196,7 +203,7 @@ def run_search(job_path: str, out: Path, smoke: bool = False, resume: bool = Fal
             prebuild_teachers(plan, job)
         for i, study in enumerate(plan["studies"]):
             name = _experiment_name(job, study)
-            cbs = tracking.callbacks(plan, study) if tracking else []
+            cbs = tracking.callbacks(plan, study, trial_context(plan, job, study)) if tracking else []
             tuner = _tuner(plan, study, i, cbs, resume)
             print(f"mlfd tune: study {study or job.stage} ({i + 1}/{len(plan['studies'])}) -> "
                   f"{os.path.join(plan['storage_path'], name)}", file=sys.stderr, flush=True)
@@ -207,11 +214,15 @@ def run_search(job_path: str, out: Path, smoke: bool = False, resume: bool = Fal
             study_rows = trial_rows(results, study, job, _stage_epochs(spec, job.stage))
             rows.extend(study_rows)
             write_trials(out, rows)
-            best = best_row(pd.DataFrame(study_rows), job.metric, job.mode)
-            if best is not None:
-                export_best(out, study or job.stage, out / "best" / f"{study or job.stage}.yaml")
+            best_yaml = None
+            if best_row(pd.DataFrame(study_rows), job.metric, job.mode) is not None:
+                best_yaml = export_best(out, study or job.stage, out / "best" / f"{study or job.stage}.yaml")
             if tracking:
-                tracking.finish_study(plan, study, pd.DataFrame(study_rows), out)
+                tracking.finish_study(plan, study, best_yaml)
+    except KeyboardInterrupt:
+        if tracking is not None:
+            tracking.interrupted()
+        raise
     finally:
         ray.shutdown()
     return pd.DataFrame(rows)

@@ -1,0 +1,451 @@
+"""MLflow tracking: one experiment per job, one parent run per search study (or pipeline run), one child per trial/stage.
+
+The only module that imports mlflow. All calls go through one :class:`MlflowClient` bound to the job's tracking URI
+(no process-wide state), and every call that fails because the server went away is kept in a local JSONL journal
+and retried later, with a warning, so a search never dies because tracking did.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+from mlfd.config import SpecError, to_dict
+
+TAG_TRIAL = "mlfd.trial_id"
+TAG_STUDY = "mlfd.study"
+TAG_STAGE = "mlfd.stage"
+TAG_ROLE = "mlfd.role"
+TAG_DATASET = "mlfd.dataset"
+TAG_LEVEL = "mlfd.fusion_level"
+TAG_PARENT = "mlflow.parentRunId"
+SECRET_WORDS = ("password", "token", "secret", "credential", "api_key", "apikey")
+STATE_FILE = "tracking.json"
+
+
+def default_uri(out: Path) -> str:
+    return f"sqlite:///{Path(out).resolve() / 'mlflow.db'}"
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}, "l": [{"name": "x", "c": 2}]}`` -> ``{"a.b": 1, "l.x.c": 2}`` (list items by name or index)."""
+    out: dict[str, Any] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(d, list) and d and all(isinstance(v, dict) for v in d):
+        for i, v in enumerate(d):
+            out.update(flatten(v, f"{prefix}{v.get('name', i)}."))
+    else:
+        out[prefix[:-1]] = d
+    return out
+
+
+def redact(params: dict[str, Any]) -> dict[str, Any]:
+    """Drop values whose key names a secret (tracking credentials never end up in params)."""
+    return {k: ("***" if any(w in k.lower() for w in SECRET_WORDS) else v) for k, v in params.items()}
+
+
+def git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def safe_uri(uri: str) -> str:
+    """A tracking URI without user:password@ (for logs and tags)."""
+    if "://" in uri and "@" in uri.split("://", 1)[1].split("/", 1)[0]:
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return uri
+
+
+class Tracker:
+    """A tracking URI and one experiment, with a local journal for calls that could not reach the server.
+
+    Args:
+        tracking_uri: ``sqlite:///...`` (default for local runs) or ``http(s)://host:port`` of a ``mlflow server``.
+        experiment: experiment name (the job's name).
+        journal: JSONL file where failed calls wait for a retry.
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, journal: Path):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.experiment_name = experiment
+        self.journal = Path(journal)
+        self._warned = False
+        self.experiment_id = self._experiment(experiment)
+
+    # -- connection ----------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def check_reachable(uri: str, timeout: float = 10.0) -> None:
+        """Fail fast, before any compute, when a remote tracking server does not answer."""
+        if uri.startswith("file:"):
+            raise SpecError(f"tracking_uri: {uri!r}: MLflow 3 refuses the file store; use sqlite:///PATH/mlflow.db "
+                            "or http://host:port")
+        if not uri.startswith(("http://", "https://")):
+            return
+        import urllib.request
+
+        try:
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            with opener.open(uri.rstrip("/") + "/health", timeout=timeout) as r:
+                if r.status != 200:
+                    raise OSError(f"HTTP {r.status}")
+        except OSError as e:
+            raise SpecError(f"tracking_uri: cannot reach the MLflow server at {safe_uri(uri)} ({e}); start it or "
+                            "pass another --set tracking_uri=...") from None
+
+    def _experiment(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        loc = None
+        if self.uri.startswith("sqlite:///"):  # keep artifacts beside the database, not in the cwd
+            loc = (Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+        return self.client.create_experiment(name, artifact_location=loc)
+
+    def call(self, fn: str, *args: Any, **kwargs: Any) -> Any:
+        """``client.fn(*args)``; if the server is unreachable, journal the call, warn once, and go on."""
+        self.flush()
+        try:
+            return getattr(self.client, fn)(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any transport error must not kill a search
+            if not _transient(e):
+                raise
+            self._journal(fn, args, kwargs, e)
+            return None
+
+    def _journal(self, fn: str, args: tuple, kwargs: dict, err: Exception) -> None:
+        if not self._warned:
+            warnings.warn(f"MLflow server at {safe_uri(self.uri)} unreachable ({type(err).__name__}); tracking calls "
+                          f"are kept in {self.journal} and retried", RuntimeWarning, stacklevel=3)
+            print(f"mlfd: warning: MLflow unreachable; tracking calls kept in {self.journal} and retried",
+                  file=sys.stderr, flush=True)
+            self._warned = True
+        self.journal.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.journal, "a") as f:
+            f.write(json.dumps({"fn": fn, "args": _jsonable(args), "kwargs": _jsonable(kwargs)}) + "\n")
+
+    def flush(self) -> int:
+        """Replay journalled calls; returns how many are still pending."""
+        if not self.journal.is_file():
+            return 0
+        lines = self.journal.read_text().splitlines()
+        done = 0
+        for line in lines:
+            c = json.loads(line)
+            try:
+                getattr(self.client, c["fn"])(*_from_jsonable(c["fn"], c["args"]), **c["kwargs"])
+            except Exception as e:  # noqa: BLE001
+                if _transient(e):
+                    break
+            done += 1
+        rest = lines[done:]
+        if rest:
+            self.journal.write_text("\n".join(rest) + "\n")
+        else:
+            self.journal.unlink()
+        return len(rest)
+
+    # -- runs ----------------------------------------------------------------------------------------------------
+
+    def find_run(self, tags: dict[str, str]) -> str | None:
+        flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        runs = self.call("search_runs", [self.experiment_id], filter_string=flt, max_results=5)
+        return runs[0].info.run_id if runs else None
+
+    def start_run(self, name: str, tags: dict[str, str], reuse: dict[str, str] | None = None) -> str:
+        """A new run, or the existing one carrying the ``reuse`` tags (set back to RUNNING)."""
+        if reuse:
+            rid = self.find_run(reuse)
+            if rid is not None:
+                self.call("update_run", rid, status="RUNNING")
+                return rid
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k[:250], str(v)[:6000]) for k, v in redact(params).items()]
+        for i in range(0, len(items), 100):
+            self.call("log_batch", run_id, params=items[i: i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+        for i in range(0, len(items), 1000):
+            self.call("log_batch", run_id, metrics=items[i: i + 1000])
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.call("set_terminated", run_id, status=status)
+
+    def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        self.call("log_artifact", run_id, str(path), artifact_path)
+
+
+def _transient(e: Exception) -> bool:
+    """Connection problems (retry later) vs real errors (raise)."""
+    import requests
+
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError)):
+        return True
+    return isinstance(e, MlflowException) and any(w in str(e) for w in ("Max retries", "Connection", "connect",
+                                                                         "Read timed out", "503", "502"))
+
+
+def _jsonable(v: Any) -> Any:
+    from mlflow.entities import Metric, Param
+
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, Metric):
+        return {"__metric__": [v.key, v.value, v.timestamp, v.step]}
+    if isinstance(v, Param):
+        return {"__param__": [v.key, v.value]}
+    return v
+
+
+def _from_jsonable(fn: str, v: Any) -> Any:
+    from mlflow.entities import Metric, Param
+
+    if isinstance(v, list):
+        return [_from_jsonable(fn, x) for x in v]
+    if isinstance(v, dict) and "__metric__" in v:
+        return Metric(*v["__metric__"])
+    if isinstance(v, dict) and "__param__" in v:
+        return Param(*v["__param__"])
+    return v
+
+
+def _load_state(out: Path) -> dict:
+    f = Path(out) / STATE_FILE
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def _save_state(out: Path, state: dict) -> None:
+    from mlfd.store import atomic_write_text
+
+    atomic_write_text(Path(out) / STATE_FILE, json.dumps(state, indent=1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Searches: parent run per study, child run per trial (a Ray Tune logger callback)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def trial_error(trial) -> str:
+    """The last line of a failed Ray trial's error file (the exception), or its error message."""
+    try:
+        path = getattr(trial, "error_file", None)
+        if path and os.path.isfile(path):
+            text = Path(path).read_text().strip().splitlines()
+            return text[-1] if text else "failed"
+    except OSError:
+        pass
+    return str(getattr(trial, "error_msg", None) or "failed")
+
+
+class SearchTracking:
+    """The hooks ``mlfd.tune.launch.run_search`` calls: a parent run per study, trial runs, the best student."""
+
+    def __init__(self, out: Path, register: str | None = None):
+        self.out = Path(out)
+        self.register = register
+        self.tracker: Tracker | None = None
+        self.parents: dict[str, str] = {}
+
+    def open(self, plan: dict) -> None:
+        Tracker.check_reachable(plan["tracking_uri"])
+        job = plan["job"]
+        self.tracker = Tracker(plan["tracking_uri"], job["name"], self.out / "mlflow_pending.jsonl")
+
+    def parent(self, plan: dict, study: str | None) -> str:
+        """The study's parent run: created once, found again on --resume (its id is kept in OUT/tracking.json)."""
+        key = study or plan["job"]["stage"]
+        state = _load_state(self.out)
+        rid = state.get("parents", {}).get(key)
+        t = self.tracker
+        if rid is not None:
+            t.call("update_run", rid, status="RUNNING")
+        else:
+            tags = {TAG_STUDY: key, TAG_STAGE: plan["job"]["stage"], "mlfd.job_file": plan["job_file"]}
+            commit = git_commit()
+            if commit:
+                tags["mlflow.source.git.commit"] = commit
+            rid = t.start_run(f"search-{key}", tags)
+            t.log_params(rid, {f"job.{k}": v for k, v in flatten(plan["job"]).items()})
+            for f in (plan["job_file"], plan["space_file"], plan["pipeline_file"]):
+                t.log_artifact(rid, Path(f), "inputs")
+            state.setdefault("parents", {})[key] = rid
+            _save_state(self.out, state)
+        self.parents[key] = rid
+        return rid
+
+    def callbacks(self, plan: dict, study: str | None, context: dict) -> list:
+        """Ray Tune callbacks for a new study (a restored study brings back its pickled callback)."""
+        from mlfd.tune.mlflow_callback import TrialRuns
+
+        parent = self.parent(plan, study)
+        return [TrialRuns(self.tracker.uri, self.tracker.experiment_name, str(self.tracker.journal), parent,
+                          context, study, plan["job"]["stage"])]
+
+    def interrupted(self) -> None:
+        for rid in self.parents.values():
+            self.tracker.end_run(rid, "KILLED")
+
+    def finish_study(self, plan: dict, study: str | None, best_yaml: Path | None) -> None:
+        """Log the study's best trial under the parent: test metrics, weights, a loadable model, the YAML."""
+        key = study or plan["job"]["stage"]
+        rid = self.parents[key]
+        t = self.tracker
+        state = _load_state(self.out)
+        if key in state.get("finished", []):  # a resumed search passes finished studies again: log them once
+            t.end_run(rid, "FINISHED")
+            return
+        if best_yaml is not None and best_yaml.is_file():
+            t.log_artifact(rid, best_yaml, "best")
+            art = best_artifact(plan, best_yaml, study)
+            if art is not None:
+                log_best_model(t, rid, best_yaml, art, study, self.register)
+        trials = self.out / "trials.parquet"
+        if trials.is_file():
+            t.log_artifact(rid, trials)
+        t.end_run(rid, "FINISHED")
+        state.setdefault("finished", []).append(key)
+        _save_state(self.out, state)
+
+
+def best_artifact(plan: dict, best_yaml: Path, study: str | None):
+    """The stored artifact of the exported best trial (students and teachers: its trained model)."""
+    from mlfd.config import load_pipeline
+    from mlfd.stages.common import Context
+    from mlfd.stages.joint import plan_for
+    from mlfd.stages.students import student_key, student_variant
+    from mlfd.stages.teachers import teacher_key
+    from mlfd.store import ArtifactStore
+
+    spec = load_pipeline(best_yaml)
+    ctx = Context(spec=spec, store=ArtifactStore(plan["store"]), progress=False)
+    stage = plan["job"]["stage"]
+    if stage == "students":
+        level = spec.fusion_levels[0]
+        return ctx.store.get("student", student_key(ctx, study, plan_for(ctx, level, study),
+                                                    student_variant(ctx, None)))
+    if stage == "teachers":
+        return ctx.store.get("teacher", teacher_key(ctx, study))
+    return None
+
+
+def log_best_model(t: Tracker, run_id: str, best_yaml: Path, art, study: str, register: str | None) -> None:
+    """State dict, an MLflow PyTorch model with an input example, and test metrics (evaluated once, at build)."""
+    import mlflow
+    import numpy as np
+
+    from mlfd.config import load_pipeline
+    from mlfd.data import load_dataset
+    from mlfd.models import create_model
+    from mlfd.stages.common import read_metrics
+    from mlfd.store import load_torch
+
+    spec = load_pipeline(best_yaml)
+    ds = spec.dataset(study)
+    data = load_dataset(ds)
+    model_spec = ds.student if art.kind == "student" else ds.model
+    metrics = read_metrics(art)
+    t.log_metrics(run_id, {f"test/{k}": v for k, v in metrics["test"].items()}, step=0)
+    t.log_metrics(run_id, {f"best/val/{k}": v for k, v in metrics["val"].items()}, step=0)
+    t.log_artifact(run_id, art.file("model.pt"), "best")
+    net = create_model(type(model_spec)(**{**to_dict(model_spec), "checkpoint": None, "pretrained": False}),
+                       data.num_classes)
+    net.load_state_dict(load_torch(art.file("model.pt")))
+    net.eval()
+    # The model takes normalized [B, 3, S, S] float input (see the dataset's mean/std in the logged YAML).
+    example = np.zeros((1, 3, model_spec.input_size, model_spec.input_size), dtype=np.float32)
+    prev = mlflow.get_tracking_uri()
+    try:
+        mlflow.set_tracking_uri(t.uri)
+        with mlflow.start_run(run_id=run_id, experiment_id=t.experiment_id):
+            info = mlflow.pytorch.log_model(net, name="student" if art.kind == "student" else "teacher",
+                                            input_example=example,
+                                            registered_model_name=register)
+            mlflow.set_tag("mlfd.best_model_uri", info.model_uri)
+            mlflow.log_dict({"mean": list(data.mean), "std": list(data.std), "input_size": model_spec.input_size,
+                             "classes": data.classes}, "best/preprocessing.json")
+    finally:
+        mlflow.set_tracking_uri(prev)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pipeline runs: parent per `mlfd run`, child per stage
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class PipelineTracking:
+    """``mlfd run`` logging: one parent run, one child per stage with its epoch curves and final val/test metrics."""
+
+    def __init__(self, tracking_uri: str, spec, out: Path):
+        Tracker.check_reachable(tracking_uri)
+        self.tracker = Tracker(tracking_uri, spec.name, Path(out) / "mlflow_pending.jsonl")
+        self.out = Path(out)
+        tags = {TAG_STAGE: "pipeline"}
+        commit = git_commit()
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+        self.parent = self.tracker.start_run(f"run-{spec.name}", tags)
+        self.tracker.log_params(self.parent, flatten(to_dict(spec)))
+
+    def log_stage(self, stage, art, rows: list[dict], curves: list[dict]) -> None:
+        t = self.tracker
+        tags = {TAG_PARENT: self.parent, TAG_ROLE: stage.role, TAG_STAGE: stage.label, "mlfd.artifact": art.key}
+        if stage.levels != "-":
+            tags[TAG_LEVEL] = stage.levels[1:]
+        datasets = sorted({r["dataset"] for r in rows})
+        if len(datasets) == 1:
+            tags[TAG_DATASET] = datasets[0]
+        rid = t.start_run(stage.label, tags, reuse={TAG_PARENT: self.parent, TAG_STAGE: stage.label})
+        by_epoch: dict[int, dict[str, float]] = {}
+        for c in curves:
+            name = c["metric"] if len(datasets) == 1 or c["dataset"] == "all" else f"{c['metric']}/{c['dataset']}"
+            by_epoch.setdefault(c["epoch"], {})[name] = c["value"]
+        for epoch, m in sorted(by_epoch.items()):
+            t.log_metrics(rid, m, step=epoch)
+        final = {}
+        for r in rows:
+            sfx = "" if len(datasets) == 1 else f"/{r['dataset']}"
+            final[f"{r['split']}/acc1{sfx}"] = r["acc1"]
+            final[f"{r['split']}/acc5{sfx}"] = r["acc5"]
+        t.log_metrics(rid, {f"best/{k}" if k.startswith("val/") else k: v for k, v in final.items()},
+                      step=max(by_epoch) if by_epoch else 0)
+        t.end_run(rid)
+
+    def finish(self, files: dict[str, Path] | None = None, status: str = "FINISHED") -> None:
+        t = self.tracker
+        for name in ("results.parquet", "results.md", "pipeline.yaml"):
+            if (self.out / name).is_file():
+                t.log_artifact(self.parent, self.out / name)
+        for p in (files or {}).values():
+            t.log_artifact(self.parent, p, "report")
+        t.end_run(self.parent, status)

@@ -1,0 +1,76 @@
+"""A Ray Tune logger callback that records each trial as a nested MLflow run under its study's parent run.
+
+It pickles without its client (Ray stores callbacks with the experiment), so a restored search gets a working copy;
+a resumed trial continues the run that carries its trial id instead of opening a new one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ray.tune.logger import LoggerCallback
+
+from mlfd.config import SpecError, to_dict
+from mlfd.tracking import (TAG_DATASET, TAG_LEVEL, TAG_PARENT, TAG_STAGE, TAG_STUDY, TAG_TRIAL, Tracker, flatten,
+                           trial_error)
+
+LOGGED_PREFIXES = ("val/", "train/")
+
+
+class TrialRuns(LoggerCallback):
+    """One MLflow child run per trial: params = the flattened resolved pipeline, metrics every epoch."""
+
+    def __init__(self, uri: str, experiment: str, journal: str, parent_id: str, context: dict, study: str | None,
+                 stage: str):
+        self.uri, self.experiment, self.journal = uri, experiment, journal
+        self.parent_id, self.context, self.study, self.stage = parent_id, context, study, stage
+        self._tracker: Tracker | None = None
+        self._runs: dict[str, str] = {}
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_tracker"], state["_runs"] = None, {}
+        return state
+
+    @property
+    def tracker(self) -> Tracker:
+        if self._tracker is None:
+            self._tracker = Tracker(self.uri, self.experiment, Path(self.journal))
+        return self._tracker
+
+    def log_trial_start(self, trial) -> None:
+        from mlfd.tune.trainable import trial_spec
+
+        if trial.trial_id in self._runs:
+            return
+        tags = {TAG_PARENT: self.parent_id, TAG_TRIAL: trial.trial_id, TAG_STAGE: self.stage,
+                TAG_STUDY: self.study or self.stage}
+        try:
+            spec = trial_spec(trial.config, self.context)
+            params = flatten(to_dict(spec))
+            if self.stage in ("students", "joint"):
+                tags[TAG_LEVEL] = str(spec.fusion_levels[0])
+        except SpecError as e:  # the trial itself fails with this error; it still gets a run that says why
+            params = {}
+            tags["mlfd.error"] = str(e)[:500]
+        if self.study:
+            tags[TAG_DATASET] = self.study
+        rid = self.tracker.start_run(f"{self.study or self.stage}-{trial.trial_id}", tags,
+                                     reuse={TAG_PARENT: self.parent_id, TAG_TRIAL: trial.trial_id})
+        self._runs[trial.trial_id] = rid
+        self.tracker.log_params(rid, {**params, **{f"sampled.{k}": v for k, v in trial.config.items()}})
+
+    def log_trial_result(self, iteration: int, trial, result: dict) -> None:
+        if trial.trial_id not in self._runs:
+            self.log_trial_start(trial)
+        metrics = {k: v for k, v in result.items() if k.startswith(LOGGED_PREFIXES) or k in ("lr", "epoch")}
+        self.tracker.log_metrics(self._runs[trial.trial_id], metrics,
+                                 step=int(result.get("training_iteration", iteration)))
+
+    def log_trial_end(self, trial, failed: bool = False) -> None:
+        if trial.trial_id not in self._runs:
+            self.log_trial_start(trial)
+        rid = self._runs[trial.trial_id]
+        if failed:
+            self.tracker.call("set_tag", rid, "mlfd.error", trial_error(trial)[:5000])
+        self.tracker.end_run(rid, "FAILED" if failed else "FINISHED")
