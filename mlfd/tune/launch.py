@@ -24,7 +24,7 @@ from mlfd.config import (PipelineSpec, SpecError, apply_overrides, dump_yaml, fr
                          spec_hash, to_dict)
 from mlfd.store import atomic_write_bytes, atomic_write_text
 from mlfd.tune.job import JobSpec, load_job, resolve
-from mlfd.tune.trainable import run_stage
+from mlfd.tune.trainable import run_stage, stage_epochs
 
 SEARCH_FILE = "search.json"
 DONE_SUFFIX = ".done"
@@ -113,16 +113,6 @@ def _scheduler(job: JobSpec, max_t: int):
     return FIFOScheduler()
 
 
-def _stage_epochs(spec: PipelineSpec, stage: str) -> int:
-    if stage == "students":
-        return spec.student.recipe.epochs
-    if stage == "joint":
-        return spec.joint.recipe.epochs
-    if stage in ("multi_head", "joint_head") and spec.baselines.recipe is not None:
-        return spec.baselines.recipe.epochs
-    return spec.teacher.epochs
-
-
 def trial_context(plan: dict, job: JobSpec, study: str | None) -> dict:
     """What every trial of a study needs besides its sampled values (passed with tune.with_parameters)."""
     return {"pipeline": plan["pipeline"], "stage": job.stage, "study": study, "store": plan["store"],
@@ -149,7 +139,7 @@ def _tuner(plan: dict, study: str | None, index: int, callbacks: list, resume: b
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(metric=job.metric, mode=job.mode, search_alg=searcher,
-                                    scheduler=_scheduler(job, _stage_epochs(spec, job.stage)),
+                                    scheduler=_scheduler(job, stage_epochs(spec, job.stage)),
                                     num_samples=job.num_samples, max_concurrent_trials=job.max_concurrent_trials),
         run_config=tune.RunConfig(name=name, storage_path=plan["storage_path"], callbacks=callbacks,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
@@ -211,7 +201,7 @@ def run_search(job_path: str, out: Path, smoke: bool = False, resume: bool = Fal
             if _interrupted(results, job):
                 raise KeyboardInterrupt(f"search interrupted during study {study or job.stage}; finished trials are "
                                         f"kept in {plan['storage_path']}; continue with --resume --out {out}")
-            study_rows = trial_rows(results, study, job, _stage_epochs(spec, job.stage))
+            study_rows = trial_rows(results, study, job, stage_epochs(spec, job.stage))
             rows.extend(study_rows)
             write_trials(out, rows)
             best_yaml = None

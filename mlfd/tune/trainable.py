@@ -24,12 +24,23 @@ def trial_spec(config: dict, context: dict) -> PipelineSpec:
     return from_dict(PipelineSpec, apply_config(context["pipeline"], config), path="trial")
 
 
-def _report_history(history: list[dict]) -> None:
+def _report_history(history: list[dict], reused: bool = True) -> None:
     """Replay a finished artifact's epochs (the same config was already trained by another trial or run)."""
     from ray import tune
 
     for m in history:
-        tune.report(dict(m, reused=1))
+        tune.report(dict(m, reused=int(reused)))
+
+
+def stage_epochs(spec: PipelineSpec, stage: str) -> int:
+    """Epochs a trial of ``stage`` trains (the scheduler's max_t)."""
+    if stage == "students":
+        return spec.student.recipe.epochs
+    if stage == "joint":
+        return spec.joint.recipe.epochs
+    if stage in ("multi_head", "joint_head") and spec.baselines.recipe is not None:
+        return spec.baselines.recipe.epochs
+    return spec.teacher.epochs
 
 
 def run_stage(config: dict, context: dict) -> None:
@@ -46,10 +57,21 @@ def run_stage(config: dict, context: dict) -> None:
     torch.set_num_threads(max(1, int(meta.get("threads", 1))))
     ctx = Context(spec=spec, store=ArtifactStore(meta["store"]), progress=False)
 
-    def on_epoch(epoch: int, metrics: dict, get_state) -> None:
+    def report(metrics: dict, state: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
-            save_torch(get_state(), Path(d) / STATE_FILE)
+            save_torch(state, Path(d) / STATE_FILE)
             tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(d))
+
+    # The last epoch is reported only once the artifact (best weights, test metrics) is in the store: schedulers stop
+    # a trial as soon as it reports its last epoch (ASHA at max_t), which would kill it before the artifact is saved.
+    last_epoch = stage_epochs(spec, stage) - 1
+    final: dict = {}
+
+    def on_epoch(epoch: int, metrics: dict, get_state) -> None:
+        if epoch >= last_epoch:
+            final.update(metrics=dict(metrics), state=get_state())
+        else:
+            report(metrics, get_state())
 
     ckpt = tune.get_checkpoint()
     resume = None
@@ -58,12 +80,17 @@ def run_stage(config: dict, context: dict) -> None:
             resume = load_torch(Path(d) / STATE_FILE)
     try:
         existing = ctx.store.get(*_target(ctx, stage, study))
-        if existing is not None and resume is None:
-            _report_history(read_metrics(existing)["history"])
+        if existing is not None:
+            # Built by another trial or run (replay its epochs), or by this trial before its final report was
+            # recorded (replay the epochs after its checkpoint).
+            history = read_metrics(existing)["history"]
+            _report_history(history if resume is None else history[resume["epoch"] + 1:], reused=resume is None)
             return
         _build_upstream(ctx, stage, study)  # teachers, caches, T*: built once in the store, not reported
         ctx.on_epoch, ctx.resume = on_epoch, resume
         _build(ctx, stage, study)
+        if final:
+            report(final["metrics"], final["state"])
     finally:
         # Free CUDA memory promptly when ASHA stops a trial or it ends (the worker process may be reused).
         del ctx
@@ -117,4 +144,4 @@ def _build(ctx, stage: str, study: str | None):
     return train_baseline(ctx, stage)
 
 
-__all__ = ["run_stage", "trial_spec"]
+__all__ = ["run_stage", "stage_epochs", "trial_spec"]
