@@ -74,6 +74,8 @@ class JobSpec:
     """MLflow tracking URI (default sqlite:///OUT/mlflow.db)."""
     store: Optional[str] = None
     """Artifact store directory shared by all trials (default OUT/store)."""
+    points_to_evaluate: list = field(default_factory=list)
+    """Flat configs (names of the space) each study tries first, e.g. the paper's Table 1 defaults as a reference."""
     set: list = field(default_factory=list)
     """Pipeline overrides (key=value) applied before the search."""
     smoke: dict = field(default_factory=dict)

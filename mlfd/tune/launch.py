@@ -135,7 +135,8 @@ def _tuner(plan: dict, study: str | None, index: int, callbacks: list, resume: b
         return tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                   restart_errored=False)
     space = load_space(plan["space_file"])
-    searcher = make_searcher(space, job.metric, job.mode, seed=job.seed + index)
+    searcher = make_searcher(space, job.metric, job.mode, seed=job.seed + index,
+                             points_to_evaluate=job.points_to_evaluate or None)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(metric=job.metric, mode=job.mode, search_alg=searcher,
