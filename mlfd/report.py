@@ -776,6 +776,22 @@ def _results_section(results: pd.DataFrame | None, curves: pd.DataFrame | None, 
     return md
 
 
+def _summary_section(run_dir: Path) -> list[str]:
+    """Best trial vs the job's reference points vs the dataset-specific model, per study (student searches)."""
+    from mlfd.tune.summary import study_summary, summary_table
+
+    try:
+        df = study_summary(run_dir)
+    except (OSError, KeyError, ValueError) as e:  # store moved or partial search: the rest of the report stands
+        return ["## Search summary", "", f"Not available ({type(e).__name__}: {e}).", ""]
+    if not len(df):
+        return []
+    return ["## Search summary: best trial vs reference vs dataset-specific", "",
+            "Val: the selected epoch; test: evaluated once for that epoch. A reference is a job's "
+            "`points_to_evaluate` entry (the quickstart's is the paper's Table 1 setting).", "",
+            summary_table(df), ""]
+
+
 def _search_section(trials: pd.DataFrame, info: SearchInfo, out: Path, files: dict[str, Path]) -> list[str]:
     md: list[str] = []
     for name in dict.fromkeys(trials["study"].astype(str)):
@@ -849,6 +865,8 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> dict[str, Path]:
     md += _results_section(results, curves, out, files)
     if trials is not None and info is not None:
         if len(trials):
+            if (run_dir / "search.json").is_file():
+                md += _summary_section(run_dir)
             md += _search_section(trials, info, out, files)
         else:
             md += ["## Search", "", f"{TRIALS_FILE} holds no trials yet.", ""]
