@@ -510,15 +510,10 @@ def order_trials(study: pd.DataFrame) -> pd.DataFrame:
 
 
 def _decode(v: Any) -> Any:
-    """A config cell as the sampled value (trials.parquet stores mixed-type categoricals as JSON text)."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return None
-    if isinstance(v, str):
-        try:
-            return json.loads(v)
-        except ValueError:
-            return v
-    return v.item() if hasattr(v, "item") else v
+    """A config cell as the sampled value (see :func:`mlfd.tune.launch.config_cell`)."""
+    from mlfd.tune.launch import config_cell
+
+    return config_cell(v)
 
 
 def _config_columns(df: pd.DataFrame) -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -288,15 +289,22 @@ def best_row(df: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
     return pool.loc[pool[col].idxmax() if mode == "max" else pool[col].idxmin()]
 
 
-def _config_value(v: Any) -> Any:
+def config_cell(v: Any) -> Any:
+    """A trials.parquet config cell as the sampled value (mixed-type categoricals are stored as JSON text)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
     if isinstance(v, str):
         try:
             return json.loads(v)
         except ValueError:
             return v
-    if hasattr(v, "item"):
-        return v.item()
-    return v
+    return v.item() if hasattr(v, "item") else v
+
+
+def trial_config(row: pd.Series) -> dict:
+    """The sampled values of one trials.parquet row (params a trial did not sample are left out)."""
+    return {k[len("config/"):]: config_cell(v) for k, v in row.items()
+            if k.startswith("config/") and config_cell(v) is not None}
 
 
 def export_best(out: Path, study: str | None, dest: Path) -> Path:
@@ -316,8 +324,7 @@ def export_best(out: Path, study: str | None, dest: Path) -> Path:
     best = best_row(df[df["study"] == study], job.metric, job.mode)
     if best is None:
         raise SpecError(f"{out}: study {study!r} has no successful trial to export")
-    config = {k[len("config/"):]: _config_value(v) for k, v in best.items()
-              if k.startswith("config/") and not (isinstance(v, float) and pd.isna(v))}
+    config = trial_config(best)
     pipeline = copy.deepcopy(apply_config(plan["pipeline"], config))
     if job.stage == "students":
         pipeline["only_students"] = [study]

@@ -17,20 +17,6 @@ from mlfd.config import PipelineSpec, from_dict
 SUMMARY_COLUMNS = ["study", "row", "trial_id", "fusion_level", "val/acc1", "val/acc5", "test/acc1", "test/acc5"]
 
 
-def _decode(v):
-    if isinstance(v, str):
-        try:
-            return json.loads(v)
-        except ValueError:
-            return v
-    return v.item() if hasattr(v, "item") else v
-
-
-def trial_config(row: pd.Series) -> dict:
-    return {k[len("config/"):]: _decode(v) for k, v in row.items()
-            if k.startswith("config/") and not (isinstance(v, float) and math.isnan(v))}
-
-
 def _same(a: dict, b: dict) -> bool:
     keys = set(a) | set(b)
     return all(k in a and k in b and (a[k] == b[k] or (isinstance(a[k], float) and isinstance(b[k], (int, float)) and
@@ -50,7 +36,7 @@ def study_summary(search_dir: Path) -> pd.DataFrame:
     from mlfd.stages.students import student_key, student_variant
     from mlfd.stages.teachers import teacher_key
     from mlfd.store import ArtifactStore
-    from mlfd.tune.launch import best_row
+    from mlfd.tune.launch import best_row, trial_config
     from mlfd.tune.spaces import apply_config
 
     search_dir = Path(search_dir)
