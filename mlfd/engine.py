@@ -52,6 +52,18 @@ def use_channels_last(device: torch.device, setting: str) -> bool:
     return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
+def compile_module(module: nn.Module) -> nn.Module:
+    """Compile ``module``'s forward in place with ``torch.compile`` (``RecipeSpec.compile``); idempotent.
+
+    ``nn.Module.compile`` keeps the module object, its attributes and its state-dict keys (no ``_orig_mod.``
+    prefix), so the task's own references to the module, checkpoints and resume states stay as they are. Submodules
+    called directly (a student's ``backbone`` in evaluation) run eagerly.
+    """
+    if getattr(module, "_compiled_call_impl", None) is None:
+        module.compile()
+    return module
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
@@ -165,6 +177,8 @@ def fit(
     At return the module holds the best epoch's weights.
     """
     module = task.module
+    if recipe.compile:
+        compile_module(module)
     opt = build_optimizer(module.parameters(), recipe)
     steps = task.steps_per_epoch()
     total = max(1, recipe.epochs * math.ceil(steps / recipe.grad_accum))

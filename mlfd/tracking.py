@@ -28,6 +28,14 @@ TAG_LEVEL = "mlfd.fusion_level"
 TAG_PARENT = "mlflow.parentRunId"
 SECRET_WORDS = ("password", "token", "secret", "credential", "api_key", "apikey")
 STATE_FILE = "tracking.json"
+PENDING_PREFIX = "pending-"
+"""Run ids handed out while the server is unreachable; the journal replay maps them to the real ids."""
+RETRY_AFTER_S = 15.0
+"""After a failed call, later calls go straight to the journal for this long (no network wait per call)."""
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+"""MLflow's own defaults (7 retries, backoff factor 2, 120 s timeout) block each call for minutes when a server is
+down; with these a call fails within seconds and is journalled. Variables already set in the environment win."""
 
 
 def default_uri(out: Path) -> str:
@@ -79,15 +87,19 @@ class Tracker:
         journal: JSONL file where failed calls wait for a retry.
     """
 
-    def __init__(self, tracking_uri: str, experiment: str, journal: Path):
+    def __init__(self, tracking_uri: str, experiment: str, journal: Path, experiment_id: str | None = None):
         from mlflow.tracking import MlflowClient
 
+        for k, v in HTTP_DEFAULTS.items():
+            os.environ.setdefault(k, v)
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.experiment_name = experiment
         self.journal = Path(journal)
         self._warned = False
-        self.experiment_id = self._experiment(experiment)
+        self._down_until = 0.0
+        self._ids: dict[str, str] = {}
+        self.experiment_id = experiment_id or self._experiment(experiment)
 
     # -- connection ----------------------------------------------------------------------------------------------
 
@@ -120,40 +132,69 @@ class Tracker:
         return self.client.create_experiment(name, artifact_location=loc)
 
     def call(self, fn: str, *args: Any, **kwargs: Any) -> Any:
-        """``client.fn(*args)``; if the server is unreachable, journal the call, warn once, and go on."""
-        self.flush()
+        """``client.fn(*args)``; if the server is unreachable, journal the call, warn once, and go on.
+
+        While calls wait in the journal, new ones are appended after them (replayed in order), so a run never gets
+        its end before its metrics.
+        """
+        args, kwargs = self._resolve(args), self._resolve(kwargs)
+        if self._pending() or _mentions_pending((args, kwargs)):
+            self._journal(fn, args, kwargs)
+            return None
         try:
             return getattr(self.client, fn)(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - any transport error must not kill a search
             if not _transient(e):
                 raise
+            self._down_until = time.monotonic() + RETRY_AFTER_S
             self._journal(fn, args, kwargs, e)
             return None
 
-    def _journal(self, fn: str, args: tuple, kwargs: dict, err: Exception) -> None:
+    def _pending(self) -> bool:
+        """Whether calls wait in the journal (replays it first, unless the server failed moments ago)."""
+        if not self.journal.is_file():
+            return False
+        if time.monotonic() < self._down_until:
+            return True
+        return self.flush() > 0
+
+    def _journal(self, fn: str, args: tuple, kwargs: dict, err: Exception | None = None,
+                 placeholder: str | None = None) -> None:
         if not self._warned:
-            warnings.warn(f"MLflow server at {safe_uri(self.uri)} unreachable ({type(err).__name__}); tracking calls "
+            why = f" ({type(err).__name__})" if err is not None else ""
+            warnings.warn(f"MLflow server at {safe_uri(self.uri)} unreachable{why}; tracking calls "
                           f"are kept in {self.journal} and retried", RuntimeWarning, stacklevel=3)
             print(f"mlfd: warning: MLflow unreachable; tracking calls kept in {self.journal} and retried",
                   file=sys.stderr, flush=True)
             self._warned = True
         self.journal.parent.mkdir(parents=True, exist_ok=True)
+        entry = {"fn": fn, "args": _jsonable(args), "kwargs": _jsonable(kwargs)}
+        if placeholder:
+            entry["placeholder"] = placeholder
         with open(self.journal, "a") as f:
-            f.write(json.dumps({"fn": fn, "args": _jsonable(args), "kwargs": _jsonable(kwargs)}) + "\n")
+            f.write(json.dumps(entry) + "\n")
 
     def flush(self) -> int:
         """Replay journalled calls; returns how many are still pending."""
         if not self.journal.is_file():
             return 0
-        lines = self.journal.read_text().splitlines()
+        lines = [ln for ln in self.journal.read_text().splitlines() if ln.strip()]
         done = 0
         for line in lines:
             c = json.loads(line)
+            args = self._resolve(_from_jsonable(c["fn"], c["args"]))
+            kwargs = self._resolve(_from_jsonable(c["fn"], c["kwargs"]))
             try:
-                getattr(self.client, c["fn"])(*_from_jsonable(c["fn"], c["args"]), **c["kwargs"])
+                res = getattr(self.client, c["fn"])(*args, **kwargs)
             except Exception as e:  # noqa: BLE001
                 if _transient(e):
+                    self._down_until = time.monotonic() + RETRY_AFTER_S
                     break
+                warnings.warn(f"dropping journalled MLflow call {c['fn']} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:300] if str(e) else ''})", RuntimeWarning, stacklevel=2)
+            else:
+                if c.get("placeholder"):
+                    self._remember(c["placeholder"], res.info.run_id)
             done += 1
         rest = lines[done:]
         if rest:
@@ -162,22 +203,93 @@ class Tracker:
             self.journal.unlink()
         return len(rest)
 
+    # -- run ids handed out while the server was away ------------------------------------------------------------
+
+    @property
+    def _ids_file(self) -> Path:
+        return self.journal.with_name(self.journal.stem + ".ids.json")
+
+    def _remember(self, placeholder: str, run_id: str) -> None:
+        from mlfd.store import atomic_write_text
+
+        self._ids[placeholder] = run_id
+        ids = json.loads(self._ids_file.read_text()) if self._ids_file.is_file() else {}
+        ids[placeholder] = run_id
+        atomic_write_text(self._ids_file, json.dumps(ids, indent=1))
+
+    def resolve_id(self, run_id: str) -> str:
+        """The real id of a run created while the server was unreachable (itself when not replayed yet)."""
+        if not isinstance(run_id, str) or not run_id.startswith(PENDING_PREFIX):
+            return run_id
+        if run_id not in self._ids and self._ids_file.is_file():
+            self._ids.update(json.loads(self._ids_file.read_text()))
+        return self._ids.get(run_id, run_id)
+
+    def _resolve(self, v: Any) -> Any:
+        if isinstance(v, str):
+            return self.resolve_id(v)
+        if isinstance(v, (list, tuple)):
+            return type(v)(self._resolve(x) for x in v)
+        if isinstance(v, dict):
+            return {k: self._resolve(x) for k, x in v.items()}
+        return v
+
     # -- runs ----------------------------------------------------------------------------------------------------
 
     def find_run(self, tags: dict[str, str]) -> str | None:
+        """The oldest run of the experiment carrying ``tags`` (a read: never journalled; None if unreachable)."""
+        if _mentions_pending(tags) or time.monotonic() < self._down_until:
+            return None
         flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-        runs = self.call("search_runs", [self.experiment_id], filter_string=flt, max_results=5)
+        try:
+            runs = self.client.search_runs([self.experiment_id], filter_string=flt, max_results=5,
+                                           order_by=["attributes.start_time ASC"])
+        except Exception as e:  # noqa: BLE001
+            if not _transient(e):
+                raise
+            self._down_until = time.monotonic() + RETRY_AFTER_S
+            return None
         return runs[0].info.run_id if runs else None
 
     def start_run(self, name: str, tags: dict[str, str], reuse: dict[str, str] | None = None) -> str:
-        """A new run, or the existing one carrying the ``reuse`` tags (set back to RUNNING)."""
+        """A new run, or the existing one carrying the ``reuse`` tags (set back to RUNNING).
+
+        With the server unreachable the run is created in the journal and gets a ``pending-...`` id until replayed.
+        """
+        import uuid
+
+        tags = self._resolve(tags)
         if reuse:
-            rid = self.find_run(reuse)
+            rid = self.find_run(self._resolve(reuse))
             if rid is not None:
                 self.call("update_run", rid, status="RUNNING")
                 return rid
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
-        return run.info.run_id
+        args, kwargs = (self.experiment_id,), {"run_name": name, "tags": tags}
+        err = None
+        if not (self._pending() or _mentions_pending(tags)):
+            try:
+                return self.client.create_run(*args, **kwargs).info.run_id
+            except Exception as e:  # noqa: BLE001
+                if not _transient(e):
+                    raise
+                self._down_until = time.monotonic() + RETRY_AFTER_S
+                err = e
+        placeholder = PENDING_PREFIX + uuid.uuid4().hex
+        self._journal("create_run", args, kwargs, err, placeholder=placeholder)
+        return placeholder
+
+    def last_step(self, run_id: str, key: str) -> int:
+        """The highest step logged for ``key`` (0 if none, or if the server cannot tell right now)."""
+        run_id = self.resolve_id(run_id)
+        if run_id.startswith(PENDING_PREFIX) or time.monotonic() < self._down_until:
+            return 0
+        try:
+            return max((m.step for m in self.client.get_metric_history(run_id, key)), default=0)
+        except Exception as e:  # noqa: BLE001
+            if not _transient(e):
+                raise
+            self._down_until = time.monotonic() + RETRY_AFTER_S
+            return 0
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -214,6 +326,16 @@ def _transient(e: Exception) -> bool:
                                                                          "Read timed out", "503", "502"))
 
 
+def _mentions_pending(v: Any) -> bool:
+    if isinstance(v, str):
+        return v.startswith(PENDING_PREFIX)
+    if isinstance(v, (list, tuple)):
+        return any(_mentions_pending(x) for x in v)
+    if isinstance(v, dict):
+        return any(_mentions_pending(x) for x in v.values())
+    return False
+
+
 def _jsonable(v: Any) -> Any:
     from mlflow.entities import Metric, Param
 
@@ -237,6 +359,8 @@ def _from_jsonable(fn: str, v: Any) -> Any:
         return Metric(*v["__metric__"])
     if isinstance(v, dict) and "__param__" in v:
         return Param(*v["__param__"])
+    if isinstance(v, dict):
+        return {k: _from_jsonable(fn, x) for k, x in v.items()}
     return v
 
 
@@ -278,7 +402,9 @@ class SearchTracking:
         self.parents: dict[str, str] = {}
 
     def open(self, plan: dict) -> None:
+        """Check the tracking server and open the experiment (before the output directory is claimed)."""
         Tracker.check_reachable(plan["tracking_uri"])
+        self.out.mkdir(parents=True, exist_ok=True)  # the default SQLite database lives there
         job = plan["job"]
         self.tracker = Tracker(plan["tracking_uri"], job["name"], self.out / "mlflow_pending.jsonl")
 
@@ -310,7 +436,7 @@ class SearchTracking:
 
         parent = self.parent(plan, study)
         return [TrialRuns(self.tracker.uri, self.tracker.experiment_name, str(self.tracker.journal), parent,
-                          context, study, plan["job"]["stage"])]
+                          context, study, plan["job"]["stage"], experiment_id=self.tracker.experiment_id)]
 
     def interrupted(self) -> None:
         for rid in self.parents.values():
@@ -329,7 +455,15 @@ class SearchTracking:
             t.log_artifact(rid, best_yaml, "best")
             art = best_artifact(plan, best_yaml, study)
             if art is not None:
-                log_best_model(t, rid, best_yaml, art, study, self.register)
+                try:
+                    log_best_model(t, rid, best_yaml, art, study, self.register)
+                except Exception as e:  # noqa: BLE001 - the search is done; a model upload must not undo it
+                    if not _transient(e):
+                        raise
+                    warnings.warn(f"MLflow unreachable: the best model of study {key!r} was not logged ({e})",
+                                  RuntimeWarning, stacklevel=2)
+                    print(f"mlfd: warning: MLflow unreachable; the best model of study {key!r} was not logged "
+                          f"(its weights are in {art.path})", file=sys.stderr, flush=True)
         trials = self.out / "trials.parquet"
         if trials.is_file():
             t.log_artifact(rid, trials)
@@ -382,14 +516,19 @@ def log_best_model(t: Tracker, run_id: str, best_yaml: Path, art, study: str, re
                        data.num_classes)
     net.load_state_dict(load_torch(art.file("model.pt")))
     net.eval()
-    # The model takes normalized [B, 3, S, S] float input (see the dataset's mean/std in the logged YAML).
-    example = np.zeros((1, 3, model_spec.input_size, model_spec.input_size), dtype=np.float32)
+    # The model takes normalized [B, 3, S, S] float input (see the dataset's mean/std in the logged YAML). MLflow 3
+    # saves it with torch.export, which traces the example: a batch of 1 would specialize the batch dimension to 1
+    # (the loaded model then refuses any other batch size), so the example holds 2 images.
+    example = np.zeros((2, 3, model_spec.input_size, model_spec.input_size), dtype=np.float32)
     prev = mlflow.get_tracking_uri()
     try:
         mlflow.set_tracking_uri(t.uri)
         with mlflow.start_run(run_id=run_id, experiment_id=t.experiment_id):
+            # Explicit requirements: inferring them reloads the model in a subprocess (20+ s per study on a CPU),
+            # and the exported graph needs only torch.
             info = mlflow.pytorch.log_model(net, name="student" if art.kind == "student" else "teacher",
                                             input_example=example,
+                                            pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
                                             registered_model_name=register)
             mlflow.set_tag("mlfd.best_model_uri", info.model_uri)
             mlflow.log_dict({"mean": list(data.mean), "std": list(data.std), "input_size": model_spec.input_size,

@@ -25,6 +25,7 @@ from mlfd.config import (PipelineSpec, SpecError, apply_overrides, dump_yaml, fr
                          spec_hash, to_dict)
 from mlfd.store import atomic_write_bytes, atomic_write_text
 from mlfd.tune.job import JobSpec, load_job, resolve
+from mlfd.tune.packing import plan_gpu, trial_gpu
 from mlfd.tune.trainable import run_stage, stage_epochs
 
 SEARCH_FILE = "search.json"
@@ -66,11 +67,13 @@ def prepare(job_path: str, out: Path, smoke: bool, overrides: list[str] | None) 
     for d in spec.datasets:
         load_dataset(d)
     check_resources(job)
+    # Memory-aware packing (packing.py): dry-run one trial, refuse a fraction that does not fit, resolve 'auto'.
+    gpu = plan_gpu(job, pipeline, space, studies)
     out = out.resolve()
     return {"job": to_dict(job), "job_file": str(Path(job_path).resolve()), "pipeline": pipeline,
             "pipeline_file": str(pipe_path), "space_file": str(space_path), "studies": studies,
             "storage_path": job.storage_path or str(out / "ray"), "store": job.store or str(out / "store"),
-            "tracking_uri": job.tracking_uri or f"sqlite:///{out / 'mlflow.db'}", "smoke": smoke}
+            "tracking_uri": job.tracking_uri or f"sqlite:///{out / 'mlflow.db'}", "smoke": smoke, "gpu": gpu}
 
 
 def check_resources(job: JobSpec) -> None:
@@ -131,7 +134,7 @@ def _tuner(plan: dict, study: str | None, index: int, callbacks: list, resume: b
     exp_path = os.path.join(plan["storage_path"], name)
     context = trial_context(plan, job, study)
     trainable = tune.with_resources(tune.with_parameters(run_stage, context=context),
-                                    {"cpu": job.resources.cpu, "gpu": float(job.resources.gpu)})
+                                    {"cpu": job.resources.cpu, "gpu": trial_gpu(plan, job)})
     if resume and tune.Tuner.can_restore(exp_path):
         return tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                   restart_errored=False)
@@ -181,12 +184,14 @@ def run_search(job_path: str, out: Path, smoke: bool = False, resume: bool = Fal
     job = from_dict(JobSpec, plan["job"], path="job")
     if address:
         _check_cluster_paths(plan, job)
+    if tracking is not None:
+        # An unreachable tracking server fails here, before any compute and before OUT is claimed by search.json
+        # (otherwise the same command, rerun once the server is up, is refused as "already holds a search").
+        tracking.open(plan)
     open_output(out, plan, resume)
     spec = from_dict(PipelineSpec, plan["pipeline"], validate=False)
     # Snapshot experiment state often, so a killed driver loses at most the trials still running.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-    if tracking is not None:
-        tracking.open(plan)  # an unreachable tracking server fails here, before any compute
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=False)
     rows: list[dict] = []
@@ -240,8 +245,7 @@ def prebuild_teachers(plan: dict, job: JobSpec) -> None:
     import ray
 
     names = [d["name"] for d in plan["pipeline"]["datasets"]]
-    task = ray.remote(_build_teacher).options(num_cpus=job.resources.cpu, num_gpus=float(job.resources.gpu)
-                                             if job.resources.gpu != "auto" else 0)
+    task = ray.remote(_build_teacher).options(num_cpus=job.resources.cpu, num_gpus=trial_gpu(plan, job))
     threads = max(1, int(job.resources.cpu))
     print(f"mlfd tune: teachers for {names} (built once, in parallel, reused by every trial)", file=sys.stderr,
           flush=True)
@@ -252,7 +256,28 @@ def _interrupted(results, job: JobSpec) -> bool:
     """Ray Tune returns normally on Ctrl-C; unfinished trials (or too few) tell us the study did not complete."""
     trials = results._experiment_analysis.trials  # Ray keeps per-trial status only there
     unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
-    return bool(unfinished) or len(trials) < job.num_samples
+    return bool(unfinished) or len(trials) < job.num_samples or bool(_unfinished_in_saved_state(results))
+
+
+def _unfinished_in_saved_state(results) -> list[str]:
+    """Trials the last saved experiment state holds as not finished.
+
+    On Ctrl-C, Tune saves the experiment state and then stops the trials in flight, marking them TERMINATED in
+    memory; only the saved state (what ``Tuner.restore`` resumes) still says they had not finished.
+    """
+    try:
+        files = sorted(Path(results.experiment_path).glob("experiment_state-*.json"), key=lambda f: f.stat().st_mtime)
+        if not files:
+            return []
+        data = json.loads(files[-1].read_text())
+        out = []
+        for item in data.get("trial_data", []):
+            t = json.loads(item[0]) if isinstance(item[0], str) else item[0]
+            if t.get("status") not in ("TERMINATED", "ERROR"):
+                out.append(str(t.get("trial_id")))
+        return out
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):  # remote storage, other format
+        return []
 
 
 def _check_cluster_paths(plan: dict, job: JobSpec) -> None:

@@ -21,21 +21,27 @@ class TrialRuns(LoggerCallback):
     """One MLflow child run per trial: params = the flattened resolved pipeline, metrics every epoch."""
 
     def __init__(self, uri: str, experiment: str, journal: str, parent_id: str, context: dict, study: str | None,
-                 stage: str):
+                 stage: str, experiment_id: str | None = None):
         self.uri, self.experiment, self.journal = uri, experiment, journal
         self.parent_id, self.context, self.study, self.stage = parent_id, context, study, stage
+        self.experiment_id = experiment_id
         self._tracker: Tracker | None = None
         self._runs: dict[str, str] = {}
+        self._ended: set[str] = set()
+        self._last_step: dict[str, int] = {}
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_tracker"], state["_runs"] = None, {}
+        state["_tracker"], state["_runs"], state["_ended"], state["_last_step"] = None, {}, set(), {}
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update({"experiment_id": None, "_ended": set(), "_last_step": {}, **state})
 
     @property
     def tracker(self) -> Tracker:
-        if self._tracker is None:
-            self._tracker = Tracker(self.uri, self.experiment, Path(self.journal))
+        if self._tracker is None:  # with the experiment id known, no lookup that could fail if the server is away
+            self._tracker = Tracker(self.uri, self.experiment, Path(self.journal), experiment_id=self.experiment_id)
         return self._tracker
 
     def log_trial_start(self, trial) -> None:
@@ -58,14 +64,21 @@ class TrialRuns(LoggerCallback):
         rid = self.tracker.start_run(f"{self.study or self.stage}-{trial.trial_id}", tags,
                                      reuse={TAG_PARENT: self.parent_id, TAG_TRIAL: trial.trial_id})
         self._runs[trial.trial_id] = rid
+        self._ended.discard(trial.trial_id)
+        # A resumed trial continues its run: epochs it logged before the interruption and reports again (restarted
+        # from an older checkpoint, or from scratch) are not logged twice.
+        self._last_step[trial.trial_id] = self.tracker.last_step(rid, "epoch")
         self.tracker.log_params(rid, {**params, **{f"sampled.{k}": v for k, v in trial.config.items()}})
 
     def log_trial_result(self, iteration: int, trial, result: dict) -> None:
         if trial.trial_id not in self._runs:
             self.log_trial_start(trial)
+        step = int(result.get("training_iteration", iteration))
+        if step <= self._last_step.get(trial.trial_id, 0):
+            return
+        self._last_step[trial.trial_id] = step
         metrics = {k: v for k, v in result.items() if k.startswith(LOGGED_PREFIXES) or k in ("lr", "epoch")}
-        self.tracker.log_metrics(self._runs[trial.trial_id], metrics,
-                                 step=int(result.get("training_iteration", iteration)))
+        self.tracker.log_metrics(self._runs[trial.trial_id], metrics, step=step)
 
     def log_trial_end(self, trial, failed: bool = False) -> None:
         if trial.trial_id not in self._runs:
@@ -74,3 +87,12 @@ class TrialRuns(LoggerCallback):
         if failed:
             self.tracker.call("set_tag", rid, "mlfd.error", trial_error(trial)[:5000])
         self.tracker.end_run(rid, "FAILED" if failed else "FINISHED")
+        self._ended.add(trial.trial_id)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        """Ctrl-C (or a driver error) ends Tune with trials still running: their runs end as KILLED, not RUNNING;
+        ``--resume`` sets them back to RUNNING."""
+        for trial_id, rid in self._runs.items():
+            if trial_id not in self._ended:
+                self.tracker.end_run(rid, "KILLED")
+                self._ended.add(trial_id)

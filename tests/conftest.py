@@ -1,0 +1,156 @@
+"""Shared test fixtures: running the real ``mlfd`` CLI in a subprocess, and the processes it leaves behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Ray turns on token auth for local clusters by default; local CI runs without it (as .ci/run does).
+CLI_ENV = {**os.environ, "RAY_AUTH_MODE": "disabled",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
+def _children() -> dict[int, list[int]]:
+    """ppid -> pids of every process on the host (Linux /proc; no psutil needed)."""
+    out: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                stat = Path(f"/proc/{name}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            out.setdefault(ppid, []).append(int(name))
+    return out
+
+
+def cmdline(pid: int) -> str | None:
+    """The command line of a live process, or None when it is gone (zombies count as gone)."""
+    try:
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return None
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return None
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Every live descendant of ``pid`` (pid -> command line)."""
+    tree, out, todo = _children(), {}, [pid]
+    while todo:
+        for c in tree.get(todo.pop(), []):
+            cmd = cmdline(c)
+            if cmd is not None:
+                out[c] = cmd
+                todo.append(c)
+    return out
+
+
+@dataclass
+class CliRun:
+    """A ``python -m mlfd.cli`` subprocess and every process it started (recorded while it ran)."""
+
+    args: list[str]
+    cwd: Path
+    env: dict = field(default_factory=lambda: dict(CLI_ENV))
+    proc: subprocess.Popen | None = None
+    spawned: dict[int, str] = field(default_factory=dict)
+
+    def start(self) -> CliRun:
+        self._out = open(self.cwd / f"cli-{time.monotonic_ns()}.log", "w+")
+        # Own session: signals meant for the driver reach only the driver, as `kill -INT <pid>` would.
+        self.proc = subprocess.Popen([sys.executable, "-m", "mlfd.cli", *self.args], cwd=self.cwd, env=self.env,
+                                     stdout=self._out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        return self
+
+    def record(self) -> None:
+        """Remember the driver's current descendants (Ray's head processes, workers), to find leftovers later."""
+        self.spawned.update(descendants(self.proc.pid))
+
+    def poll(self) -> int | None:
+        self.record()
+        return self.proc.poll()
+
+    @property
+    def output(self) -> str:
+        self._out.flush()
+        self._out.seek(0)
+        return self._out.read()
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the driver to exit; on timeout interrupt it, kill it, clean up, and fail."""
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                self.proc.send_signal(signal.SIGINT)
+                try:
+                    self.proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+                self.cleanup()
+                pytest.fail(f"mlfd {' '.join(self.args[:2])} did not finish in {timeout:.0f}s; output tail:\n"
+                            f"{self.output[-4000:]}")
+            time.sleep(0.5)
+        return self.proc.returncode
+
+    def leftovers(self, grace: float = 30.0) -> dict[int, str]:
+        """Processes the driver started that are still alive ``grace`` seconds after it exited."""
+        deadline = time.monotonic() + grace
+        while True:
+            alive = {p: c for p, c in self.spawned.items() if cmdline(p) == c}
+            if not alive or time.monotonic() > deadline:
+                return alive
+            time.sleep(1.0)
+
+    def cleanup(self, grace: float = 0.0) -> dict[int, str]:
+        """Kill (by pid, after checking the command line is still the one recorded) what the driver left behind."""
+        alive = self.leftovers(grace)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for p, c in alive.items():
+                if cmdline(p) == c:
+                    try:
+                        os.kill(p, sig)
+                    except OSError:
+                        pass
+            time.sleep(2.0)
+            alive = {p: c for p, c in alive.items() if cmdline(p) == c}
+            if not alive:
+                break
+        return alive
+
+
+@pytest.fixture(scope="module")
+def mlfd_cli(tmp_path_factory: pytest.TempPathFactory):
+    """``mlfd_cli(*args, timeout=...)`` runs ``python -m mlfd.cli ARGS`` to the end and returns the finished CliRun;
+    ``mlfd_cli.start(*args)`` returns a running one. Whatever a run leaves behind is killed at teardown."""
+    logs = tmp_path_factory.mktemp("cli")
+    runs: list[CliRun] = []
+
+    def start(*args: str) -> CliRun:
+        r = CliRun([str(a) for a in args], logs).start()
+        runs.append(r)
+        return r
+
+    def run(*args: str, timeout: float = 600) -> CliRun:
+        r = start(*args)
+        r.wait(timeout)
+        return r
+
+    run.start = start
+    yield run
+    for r in runs:
+        if r.proc.poll() is None:
+            r.proc.kill()
+            r.proc.wait()
+        r.cleanup()
+        r._out.close()

@@ -1,0 +1,147 @@
+"""End-to-end runs of the method on the offline datasets: the smoke pipeline, store reuse, variants."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from mlfd.config import from_dict, PipelineSpec, load_pipeline, smoke_pipeline, to_dict
+from mlfd.stages.common import Context, read_metrics
+from mlfd.stages.joint import plan_for, train_joint
+from mlfd.stages.pipeline import RESULT_COLUMNS, plan_stages, run_pipeline
+from mlfd.stages.students import train_student
+from mlfd.store import MANIFEST, ArtifactStore
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = ROOT / "pipelines" / "offline_default.yaml"
+CHANCE = {"mnist": 10.0, "fashion": 10.0, "digits": 10.0}
+
+
+def _artifacts(store: Path) -> dict[str, float]:
+    """Every complete artifact with the mtime of its manifest."""
+    return {str(p.parent.relative_to(store)): p.stat().st_mtime for p in store.glob(f"*/*/{MANIFEST}")}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    """`mlfd run pipelines/offline_default.yaml --smoke` through the real CLI (about a minute on 2 cores)."""
+    out = tmp_path_factory.mktemp("smoke")
+    proc = subprocess.run([sys.executable, "-m", "mlfd.cli", "run", str(DEFAULT), "--smoke", "--out", str(out),
+                           "--quiet"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_smoke_pipeline_end_to_end(smoke_run: Path) -> None:
+    df = pd.read_parquet(smoke_run / "results.parquet")
+    assert list(df.columns) == RESULT_COLUMNS
+    spec = smoke_pipeline(load_pipeline(DEFAULT))
+    roles = {"dataset_specific", "multi_head", "joint_head", "joint_teacher", "student", "student_own_teacher",
+             "student_no_kd"}
+    assert set(df["role"]) == roles
+    # one row per dataset x role x levels x split
+    per_level = 4  # joint teacher, student, own-teacher control, no-KD control
+    expected = len(spec.datasets) * 2 * (3 + per_level * len(spec.fusion_levels))
+    assert len(df) == expected
+    assert not df.duplicated(["dataset", "role", "levels", "split"]).any()
+    assert set(df[df["role"] == "student"]["levels"]) == {"L1", "L2"}
+    # every model learned something on every dataset (chance is 10%)
+    for role in ("dataset_specific", "joint_teacher", "student"):
+        for d, chance in CHANCE.items():
+            acc = df[(df["role"] == role) & (df["dataset"] == d)]["acc1"]
+            assert (acc > chance + 10).all(), (role, d, acc.tolist())
+    assert (df["acc5"] >= df["acc1"]).all()
+    assert (df["epochs"] >= 1).all()
+    md = (smoke_run / "results.md").read_text()
+    assert "| Students | L2 |" in md and "| Dataset-specific models | - |" in md
+    assert (smoke_run / "report.md").is_file() and list(smoke_run.glob("curves_*.png"))
+
+
+def test_test_split_evaluated_for_the_val_selected_epoch(smoke_run: Path) -> None:
+    """The reported val number is the best epoch's, the history holds every epoch, and test is a separate number."""
+    store = ArtifactStore(smoke_run / "store")
+    for p in (smoke_run / "store" / "student").iterdir():
+        m = json.loads((p / "metrics.json").read_text())
+        vals = [h["val/acc1"] for h in m["history"]]
+        assert m["val"]["acc1"] == max(vals)
+        assert m["best_epoch"] == vals.index(max(vals)) + 1
+        assert 0 <= m["test"]["acc1"] <= 100
+    assert store.root.is_dir()
+
+
+def test_second_run_reuses_every_artifact(smoke_run: Path, tmp_path: Path) -> None:
+    """A second run over the same store trains nothing: no new artifact, no artifact rewritten, same numbers."""
+    store = smoke_run / "store"
+    before = _artifacts(store)
+    spec = smoke_pipeline(load_pipeline(DEFAULT))
+    df = run_pipeline(spec, tmp_path / "again", store=store, progress=False)
+    assert _artifacts(store) == before
+    first = pd.read_parquet(smoke_run / "results.parquet")
+    pd.testing.assert_frame_equal(df.reset_index(drop=True), first.reset_index(drop=True))
+
+
+def _tiny(tmp_path: Path, **changes) -> PipelineSpec:
+    data = to_dict(smoke_pipeline(load_pipeline(DEFAULT)))
+    data["datasets"] = [d for d in data["datasets"] if d["name"] in ("mnist", "digits")]
+    for d in data["datasets"]:
+        d.update(max_train=120, max_val=60, max_test=60)
+    for r in (data["teacher"], data["student"]["recipe"], data["joint"]["recipe"]):
+        r["epochs"] = 1
+    data.update(changes)
+    return from_dict(PipelineSpec, data)
+
+
+def test_online_targets_and_per_target_variant(tmp_path: Path) -> None:
+    """Both teacher-target modes and both joint-teacher variants run and give valid students."""
+    base = _tiny(tmp_path)
+    store = ArtifactStore(tmp_path / "store")
+    for student in ({"targets": "online"}, {"targets": "cache"}):
+        for joint in ({"variant": "per_target"}, {"variant": "union"}):
+            data = to_dict(base)
+            data["student"].update(student)
+            data["joint"].update(joint)
+            spec = from_dict(PipelineSpec, data)
+            ctx = Context(spec=spec, store=store, progress=False)
+            art = train_student(ctx, "digits", 2)
+            m = read_metrics(art)
+            assert m["role"] == "student" and m["epochs"] == 1
+            plan = plan_for(ctx, 2, "digits")
+            assert plan.mode == joint["variant"]
+            assert plan.datasets == (("digits",) if joint["variant"] == "per_target" else ("mnist", "digits"))
+            jm = read_metrics(train_joint(ctx, plan))
+            assert set(jm["val"]) == set(plan.datasets)
+    # the online and cache students differ (different targets), and both were stored
+    assert len(list((tmp_path / "store" / "student").iterdir())) == 4
+
+
+def test_own_teacher_control_fuses_only_its_teacher(tmp_path: Path) -> None:
+    ctx = Context(spec=_tiny(tmp_path), store=ArtifactStore(tmp_path / "store"), progress=False)
+    plan = plan_for(ctx, 1, "mnist", own=True)
+    assert plan.teachers == ("mnist",) and plan.datasets == ("mnist",)
+    labels = [s.label for s in plan_stages(ctx.spec)]
+    assert "student_own_teacher mnist L1" in labels and "student_no_kd digits L2" in labels
+
+
+def test_student_deploys_without_adaptors(smoke_run: Path) -> None:
+    """The stored student is the bare timm model (no adaptors): same parameter count as a fresh one."""
+    import timm
+
+    from mlfd.store import load_torch
+
+    spec = smoke_pipeline(load_pipeline(DEFAULT))
+    for p in (smoke_run / "store" / "student").iterdir():
+        m = json.loads((p / "metrics.json").read_text())
+        ds = spec.dataset(m["dataset"])
+        state = load_torch(p / "model.pt")
+        net = timm.create_model(ds.student.arch, num_classes=10)
+        net.load_state_dict(state)  # strict: exactly the timm model's keys
+        assert sum(v.numel() for v in state.values()) == sum(v.numel() for v in net.state_dict().values())
+        with torch.no_grad():
+            assert net(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+        break

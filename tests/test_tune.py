@@ -1,0 +1,368 @@
+"""``mlfd tune`` end to end: the real CLI on a real local Ray cluster (2 CPUs) with real Optuna, torch and timm.
+
+* every job in ``tune_jobs/`` validates (everything short of starting Ray);
+* the quickstart smoke search (two studies, tiny data) writes one row per trial, ASHA stops trials early, conditional
+  betas follow the sampled fusion level, and each study's best trial is exported;
+* a search interrupted by SIGINT or by SIGKILL of its driver continues with ``--resume``: every trial exactly once,
+  and a trial that had finished is not run again;
+* misuse of ``--out`` / ``--resume`` exits 2 with a one-line error;
+* ``mlfd export`` then ``mlfd run`` (fresh store) retrains the best trial's student bit for bit.
+
+One finished smoke search is shared by the tests that only read it (module fixture ``search``).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import CLI_ENV, CliRun
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from mlfd.config import PipelineSpec, SpecError, from_dict, load_pipeline  # noqa: E402
+from mlfd.tune.job import load_job  # noqa: E402
+from mlfd.tune.launch import SEARCH_FILE, best_row, prepare  # noqa: E402
+from mlfd.tune.spaces import load_space  # noqa: E402
+
+JOB = ROOT / "tune_jobs" / "quickstart.yaml"
+JOBS = sorted((ROOT / "tune_jobs").glob("*.yaml"))
+DATASETS = ("mnist", "fashion", "digits")
+EPOCHS = 3  # the smoke variant's student epochs: ASHA (grace 1, factor 2) has rungs at epochs 1 and 2
+METRIC = "best/val/acc1"
+
+
+def tiny(max_train: int) -> list[str]:
+    """Pipeline overrides that make every dataset tiny (the smoke variant caps them at 300/100/200)."""
+    return [f"--set=pipeline.datasets.{d}.{k}={n}" for d in DATASETS
+            for k, n in (("max_train", max_train), ("max_test", 100))]
+
+
+SMOKE_STUDIES = ["digits", "mnist"]
+SMOKE_SAMPLES = 4
+SMOKE_ARGS = ["--smoke", f"--set=studies=[{','.join(SMOKE_STUDIES)}]", f"--set=num_samples={SMOKE_SAMPLES}",
+              "--set=scheduler.grace_period=1", f"--set=pipeline.student.recipe.epochs={EPOCHS}", *tiny(120)]
+RESUME_SAMPLES = 3
+RESUME_ARGS = ["--smoke", "--set=studies=[digits]", f"--set=num_samples={RESUME_SAMPLES}",
+               "--set=max_concurrent_trials=2", "--set=scheduler.grace_period=1", *tiny(100)]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading a search's outputs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def experiment_dir(out: Path, study: str) -> Path:
+    return out / "ray" / f"quickstart-{study}"
+
+
+def trial_dir(exp: Path, trial_id: str) -> Path:
+    found = list(exp.glob(f"run_stage_{trial_id}_*"))
+    assert len(found) == 1, f"trial {trial_id}: expected one directory in {exp}, found {found}"
+    return found[0]
+
+
+def result_lines(exp: Path, trial_id: str) -> list[str]:
+    """The trial's result.json, one reported epoch per line."""
+    f = trial_dir(exp, trial_id) / "result.json"
+    return f.read_text().splitlines() if f.is_file() else []
+
+
+def snapshot_status(exp: Path) -> dict[str, str]:
+    """trial id -> status in Ray Tune's latest experiment snapshot (what ``Tuner.restore`` will start from)."""
+    files = sorted(exp.glob("experiment_state*.json"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        return {}
+    try:
+        data = json.loads(files[-1].read_text())
+        return {t["trial_id"]: t["status"] for t in (json.loads(s) for s, _ in data["trial_data"])}
+    except (OSError, ValueError, KeyError):  # being rewritten: read it again on the next poll
+        return {}
+
+
+@dataclass
+class Search:
+    out: Path
+    trials: pd.DataFrame
+    plan: dict
+
+
+def read_search(out: Path) -> Search:
+    return Search(out, pd.read_parquet(out / "trials.parquet"), json.loads((out / SEARCH_FILE).read_text()))
+
+
+def present(v) -> bool:
+    return v is not None and not (isinstance(v, float) and pd.isna(v))
+
+
+def check_trials(s: Search, studies: list[str], samples: int) -> None:
+    """What every finished search must satisfy: one row per trial, results consistent with Ray's own records."""
+    df = s.trials
+    assert sorted(df["study"].value_counts().items()) == sorted((st, samples) for st in studies), df[["study"]]
+    assert df["trial_id"].is_unique, df["trial_id"].tolist()
+    assert (df["error"] == "").all(), df.loc[df["error"] != "", ["trial_id", "error"]]
+    assert set(df["status"]) <= {"TERMINATED", "STOPPED"}, df["status"].tolist()
+    for _, r in df.iterrows():
+        exp = experiment_dir(s.out, r["study"])
+        assert len(list(exp.glob("run_stage_*"))) == samples  # no trial started twice under another id
+        lines = [json.loads(x) for x in result_lines(exp, r["trial_id"])]
+        iters = [x["training_iteration"] for x in lines]
+        assert iters == list(range(1, r["epochs"] + 1)), f"trial {r['trial_id']}: reported iterations {iters}"
+        assert r[METRIC] == max(x["val/acc1"] for x in lines)
+        assert (r["epochs"] == EPOCHS) == (r["status"] == "TERMINATED"), r
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Job files
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("smoke", [False, True], ids=["full", "smoke"])
+@pytest.mark.parametrize("job", JOBS, ids=[p.stem for p in JOBS])
+def test_every_job_validates(job: Path, smoke: bool, tmp_path: Path) -> None:
+    """load_job + prepare: the job, its pipeline, its space applied to the pipeline, its datasets; no Ray."""
+    spec, base = load_job(job, smoke=smoke)
+    plan = prepare(str(job), tmp_path / "out", smoke, None)
+    assert plan["studies"], job
+    assert plan["storage_path"] == (spec.storage_path or str(tmp_path / "out" / "ray"))
+    from_dict(PipelineSpec, plan["pipeline"], path=str(job))
+    space = load_space(plan["space_file"])
+    assert space.names()
+    if smoke:
+        p = from_dict(PipelineSpec, plan["pipeline"], path="smoke")
+        assert all(d.max_train <= 300 for d in p.datasets), "the smoke variant must use small data"
+        assert spec.num_samples <= 4, "a smoke search must finish on a CPU in minutes"
+
+
+@pytest.mark.parametrize("override, field", [("num_sample=4", "num_sample"),
+                                             ("pipeline.student.recipe.epoch=3", "epoch"),
+                                             ("resources.gpu=0.25", "resources.gpu")])
+def test_bad_overrides_are_rejected_before_ray(override: str, field: str, tmp_path: Path) -> None:
+    if field == "resources.gpu":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("GPU trials are allowed on this machine")
+    with pytest.raises(SpecError, match=field):
+        prepare(str(JOB), tmp_path / "out", True, [override])
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The quickstart smoke search
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def search(mlfd_cli, tmp_path_factory: pytest.TempPathFactory) -> Search:
+    out = tmp_path_factory.mktemp("search") / "out"
+    run = mlfd_cli("tune", JOB, "--out", out, *SMOKE_ARGS, timeout=600)
+    assert run.proc.returncode == 0, run.output[-5000:]
+    left = run.cleanup(grace=30)
+    assert not left, f"processes still alive after the search ended: {left}"
+    return read_search(out)
+
+
+def test_smoke_search_one_row_per_trial_and_asha_stops_some(search: Search) -> None:
+    check_trials(search, SMOKE_STUDIES, SMOKE_SAMPLES)
+    df = search.trials
+    assert (df["status"] == "STOPPED").any(), f"ASHA stopped no trial:\n{df[['study', 'status', 'epochs', METRIC]]}"
+    assert (df["status"] == "TERMINATED").any()
+
+
+def test_conditional_betas_follow_the_fusion_level(search: Search) -> None:
+    df = search.trials
+    levels = df["config/fusion_level"].astype(int)
+    assert (levels == 1).any() and (levels >= 2).any(), levels.tolist()  # the seeded TPE startup draws both
+    for _, r in df.iterrows():
+        k = int(r["config/fusion_level"])
+        for c in range(1, 5):
+            col = f"config/student.betas.{c}"
+            assert present(r.get(col)) == (c <= k), f"trial {r['trial_id']} level {k}: {col} = {r.get(col)}"
+
+
+def test_best_trial_of_each_study_is_exported(search: Search) -> None:
+    for study in SMOKE_STUDIES:
+        path = search.out / "best" / f"{study}.yaml"
+        assert path.is_file(), path
+        best = best_row(search.trials[search.trials["study"] == study], "val/acc1", "max")
+        assert best["status"] == "TERMINATED"
+        assert f"Best trial {best['trial_id']} of study '{study}'" in path.read_text().splitlines()[0]
+        spec = load_pipeline(path)
+        assert spec.only_students == [study]
+        assert spec.fusion_levels == [int(best["config/fusion_level"])]
+        assert spec.student.temperature == best["config/student.temperature"]
+        assert spec.student.alpha == best["config/student.alpha"]
+        assert spec.joint.dropout == best["config/joint.dropout"]
+        assert spec.student.recipe.lr == best["config/student.recipe.lr"]
+        assert {int(k): v for k, v in spec.student.betas.items()} == {
+            c: best[f"config/student.betas.{c}"] for c in range(1, spec.fusion_levels[0] + 1)}
+
+
+def test_trials_that_ran_every_epoch_leave_their_student_in_the_store(search: Search) -> None:
+    """ASHA stops a trial when it reports its last epoch; the student must be saved before that report."""
+    from mlfd.stages.common import Context, read_metrics
+    from mlfd.store import ArtifactStore
+    from mlfd.tune.trainable import _target, trial_spec
+
+    store = ArtifactStore(search.plan["store"])
+    for _, r in search.trials.iterrows():
+        config = json.loads((Path(r["path"]) / "params.json").read_text())
+        ctx = Context(spec=trial_spec(config, {"pipeline": search.plan["pipeline"]}), store=store, progress=False)
+        art = store.get(*_target(ctx, "students", r["study"]))
+        if r["status"] == "TERMINATED":
+            assert art is not None, f"trial {r['trial_id']} finished but its student is not in the store"
+            m = read_metrics(art)
+            assert m["val"]["acc1"] == r[METRIC] and len(m["history"]) == EPOCHS
+        else:
+            assert art is None, f"trial {r['trial_id']} was stopped after {r['epochs']} epochs but left a student"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# --out / --resume misuse
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def cli(*args, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mlfd.cli", *map(str, args)], cwd=cwd, env=CLI_ENV,
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("mlfd: error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for w in words:
+        assert w in errors[0], errors[0]
+
+
+def test_resume_without_a_search_exits_2(tmp_path: Path) -> None:
+    proc = cli("tune", JOB, "--out", tmp_path / "empty", "--resume", *RESUME_ARGS, cwd=tmp_path)
+    assert_one_line_error(proc, "--resume", "holds no search")
+    assert not (tmp_path / "empty" / SEARCH_FILE).exists()
+
+
+def test_out_of_a_finished_search_is_protected(search: Search, tmp_path: Path) -> None:
+    """Another job (or other settings) with --resume, and the same job without --resume: exit 2, nothing touched."""
+    before = {p: p.stat().st_mtime_ns for p in (search.out / SEARCH_FILE, search.out / "trials.parquet")}
+    other = ROOT / "tune_jobs" / "joint_teacher.yaml"
+    proc = cli("tune", other, "--out", search.out, "--resume", "--smoke", cwd=tmp_path)
+    assert_one_line_error(proc, "--resume", "different search")
+    proc = cli("tune", JOB, "--out", search.out, "--resume", *SMOKE_ARGS, "--set=num_samples=5", cwd=tmp_path)
+    assert_one_line_error(proc, "--resume", "different search")
+    proc = cli("tune", JOB, "--out", search.out, *SMOKE_ARGS, cwd=tmp_path)
+    assert_one_line_error(proc, "--out", "already holds a search", "--resume")
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Resume after the driver is interrupted or killed
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def interrupt_then_resume(mlfd_cli, out: Path, sig: signal.Signals, seed: int) -> None:
+    """Start a search, stop its driver with ``sig`` once Ray has recorded a finished trial, then --resume it."""
+    # Another seed than the smoke search: other configs, so no trial can replay a student from an earlier search.
+    args = ["tune", JOB, "--out", out, *RESUME_ARGS, f"--set=seed={seed}"]
+    exp = experiment_dir(out, "digits")
+    first: CliRun = mlfd_cli.start(*args)
+    deadline = time.monotonic() + 400
+    finished: list[str] = []
+    while not finished:
+        rc = first.poll()
+        assert rc is None, f"the search ended (exit {rc}) before it could be interrupted:\n{first.output[-4000:]}"
+        assert time.monotonic() < deadline, f"no trial finished in time:\n{first.output[-4000:]}"
+        finished = [t for t, status in snapshot_status(exp).items() if status == "TERMINATED"]
+        time.sleep(0.25)
+    first.record()
+    first.proc.send_signal(sig)
+    rc = first.wait(180)
+    # Results of the finished trials as Ray wrote them before the interruption.
+    done_before = {t: result_lines(exp, t) for t in finished}
+    if sig == signal.SIGINT:
+        assert rc == 130, (rc, first.output[-4000:])
+        assert "--resume" in first.output.splitlines()[-1], first.output[-2000:]
+        left = first.cleanup(grace=30)
+        assert not left, f"processes still alive after an interrupted search: {left}"
+    else:
+        assert rc == -signal.SIGKILL
+        # The cluster's core processes die with the driver that started them. (Ray 2.60's DashboardAgent and
+        # RuntimeEnvAgent log "Raylet is dead! Exiting" but hang; cleanup() kills them by pid.)
+        left = first.leftovers(grace=30)
+        core = {p: c for p, c in left.items() if any(k in c for k in ("gcs_server", "raylet/raylet", "::Implicit"))}
+        first.cleanup()
+        assert not core, f"Ray processes outlived their SIGKILLed driver: {core}"
+    assert not (out / "trials.parquet").exists()
+
+    second = mlfd_cli(*args, "--resume", timeout=500)
+    assert second.proc.returncode == 0, second.output[-5000:]
+    assert not second.cleanup(grace=30)
+    s = read_search(out)
+    check_trials(s, ["digits"], RESUME_SAMPLES)
+    assert set(finished) <= set(s.trials["trial_id"])
+    for t, lines in done_before.items():
+        assert lines and result_lines(exp, t) == lines, f"finished trial {t} was run again after --resume"
+    assert (out / "best" / "digits.yaml").is_file()
+
+
+def test_resume_after_sigint(mlfd_cli, tmp_path: Path) -> None:
+    interrupt_then_resume(mlfd_cli, tmp_path / "out", signal.SIGINT, seed=10)
+
+
+def test_resume_after_sigkill_of_the_driver(mlfd_cli, tmp_path: Path) -> None:
+    interrupt_then_resume(mlfd_cli, tmp_path / "out", signal.SIGKILL, seed=20)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# export -> run
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_export_then_run_retrains_the_best_student_bit_for_bit(search: Search, mlfd_cli, tmp_path: Path) -> None:
+    """``mlfd run best.yaml`` in a FRESH store retrains teachers, T* and the student: the same numbers and weights.
+
+    Reusing the search's store would only read the trial's student back. Exact equality needs the same torch thread
+    count as the trial: a trial runs with ``resources.cpu`` (1) threads, so ``mlfd run`` gets OMP_NUM_THREADS=1
+    (CPU kernels split their reductions by thread count).
+    """
+    from mlfd.store import ArtifactStore
+
+    study = "digits"
+    best = best_row(search.trials[search.trials["study"] == study], "val/acc1", "max")
+    exported = tmp_path / "best.yaml"
+    proc = cli("export", search.out, "--study", study, "--out", exported, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    run_out = tmp_path / "run2"
+    run = CliRun(["run", str(exported), "--out", str(run_out), "--quiet", "--no-tracking"], tmp_path,
+                 env={**CLI_ENV, "OMP_NUM_THREADS": "1"}).start()
+    try:
+        assert run.wait(400) == 0, run.output[-5000:]
+    finally:
+        run.cleanup()
+    res = pd.read_parquet(run_out / "results.parquet")
+    student = res[(res["role"] == "student") & (res["split"] == "val") & (res["dataset"] == study)]
+    assert len(student) == 1, res
+
+    # Every artifact the run built has the same key as one the search built: compare their weights and numbers.
+    fresh, old = ArtifactStore(run_out / "store"), ArtifactStore(search.plan["store"])
+    differ = []
+    for kind in ("teacher", "joint", "student"):
+        keys = sorted(p.name for p in (run_out / "store" / kind).iterdir() if not p.name.startswith("."))
+        assert keys, kind
+        for key in keys:
+            a, b = fresh.get(kind, key), old.get(kind, key)
+            assert b is not None, f"{kind} {key} of the exported pipeline was never built by the search"
+            if a.file("model.pt").read_bytes() != b.file("model.pt").read_bytes():
+                differ.append(kind)
+    assert not differ, f"retrained weights differ from the search's: {differ}"
+    assert student["acc1"].item() == best[METRIC]
