@@ -1,7 +1,8 @@
 """Overhead of a search through `mlfd tune` (Ray Tune + Optuna + MLflow) against the same trials as a plain loop.
 
-1. A warm store: the search's teachers, trained once in this process (both runs start from a copy of it, so the
-   teachers' training, which the search does as parallel Ray tasks, is not part of either run).
+1. A warm store: the search's teachers (one epoch: their quality does not matter here), trained once in this process;
+   both runs start from a copy of it, so the teachers' training, which the search does as parallel Ray tasks, is not
+   part of either run.
 2. The search: `python -m mlfd.cli tune tune_jobs/quickstart.yaml --smoke` for one study with N trials, one at a time
    (max_concurrent_trials 1), no early stopping (scheduler none), MLflow tracking on; its wall time.
 3. The plain loop: a fresh process runs the same N sampled configurations (read from trials.parquet) one after the
@@ -39,7 +40,7 @@ REFERENCE_TRIAL_S = 60.0
 def search_overrides(n: int, store: Path, gpu: float) -> list[str]:
     """`mlfd tune` overrides: one study, n sequential full-length trials, the shared warm store."""
     return [f"studies=[{STUDY}]", f"num_samples={n}", "max_concurrent_trials=1", "scheduler={type: none}",
-            f"store={store}", f"resources.gpu={gpu:g}"]
+            f"store={store}", f"resources.gpu={gpu:g}", "pipeline.teacher.epochs=1"]
 
 
 def overhead_figures(search_s: float, plain_s: float, trial_s: list[float]) -> dict:
@@ -94,7 +95,7 @@ def plain_loop(search_out: Path, store: Path, result: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(__doc__, argv, extra=lambda p: p.add_argument("--trials", type=int, default=None))
     device = setup(args)
-    n = args.trials or (2 if args.quick else 4)
+    n = args.trials or (2 if args.quick else 3)
     gpu = 1.0 if device.type == "cuda" else 0.0
     with tmpdir("overhead") as tmp:
         tmp = Path(tmp)

@@ -37,8 +37,8 @@ TARGET = 0.9
 def settings(quick: bool, device: torch.device) -> dict:
     """Model, data and sizes of the run."""
     if device.type == "cuda":
-        return {"dataset": "fashion", "arch": "resnet18", "px": 32, "batch": 256, "epochs": 4, "ks": [1, 2, 4, 8],
-                "raw_seconds": 8.0, "max_train": 30000}
+        return {"dataset": "fashion", "arch": "resnet18", "px": 32, "batch": 256, "epochs": 3, "ks": [1, 2, 4, 8],
+                "raw_seconds": 6.0, "max_train": 20000}
     if quick:
         return {"dataset": "mnist", "arch": "test_resnet", "px": 32, "batch": 32, "epochs": 3, "ks": [1, 2],
                 "raw_seconds": 6.0, "max_train": 300}

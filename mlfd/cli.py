@@ -32,9 +32,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         df = run_pipeline(spec, out, store=Path(args.store).resolve() if args.store else None,
                           progress=not args.quiet, log=tracking.log_stage if tracking else None)
-    except BaseException:
-        if tracking is not None:
-            tracking.finish(status="FAILED")
+    except BaseException as e:
+        if tracking is not None:  # Ctrl-C is KILLED in MLflow's terms, an error FAILED
+            tracking.finish(status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     from mlfd.report import write_report
 

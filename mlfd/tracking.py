@@ -57,8 +57,10 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def redact(params: dict[str, Any]) -> dict[str, Any]:
-    """Drop values whose key names a secret (tracking credentials never end up in params)."""
-    return {k: ("***" if any(w in k.lower() for w in SECRET_WORDS) else v) for k, v in params.items()}
+    """Hide values whose key names a secret, and user:password@ in URIs (tracking credentials never end up in
+    params, e.g. through the job's ``tracking_uri``)."""
+    return {k: ("***" if any(w in k.lower() for w in SECRET_WORDS) else
+                safe_uri(v) if isinstance(v, str) and "://" in v else v) for k, v in params.items()}
 
 
 def git_commit() -> str | None:
@@ -438,9 +440,15 @@ class SearchTracking:
         return [TrialRuns(self.tracker.uri, self.tracker.experiment_name, str(self.tracker.journal), parent,
                           context, study, plan["job"]["stage"], experiment_id=self.tracker.experiment_id)]
 
-    def interrupted(self) -> None:
-        for rid in self.parents.values():
-            self.tracker.end_run(rid, "KILLED")
+    def interrupted(self, status: str = "KILLED") -> None:
+        """End the open parent runs (Ctrl-C: KILLED, an error: FAILED); never masks the exception on its way."""
+        for key, rid in self.parents.items():
+            if key in _load_state(self.out).get("finished", []):
+                continue
+            try:
+                self.tracker.end_run(rid, status)
+            except Exception as e:  # noqa: BLE001
+                print(f"mlfd: warning: could not mark the MLflow run of study {key!r} {status}: {e}", file=sys.stderr)
 
     def finish_study(self, plan: dict, study: str | None, best_yaml: Path | None) -> None:
         """Log the study's best trial under the parent: test metrics, weights, a loadable model, the YAML."""

@@ -32,6 +32,7 @@ from mlfd.tracking import (PENDING_PREFIX, STATE_FILE, TAG_DATASET, TAG_LEVEL, T
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tune_jobs" / "quickstart.yaml"
 PIPELINE = ROOT / "pipelines" / "offline_default.yaml"
+REGISTERED = "mlfd-test-digits-student"
 READY_S = 150.0  # `mlflow server` takes 15-40 s to answer here, more when the cores are busy
 PHASE_S = 480.0  # one `mlfd tune` invocation of the tiny search
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -187,7 +188,8 @@ class SearchScenario:
 
     def command(self, *extra: str) -> list[str]:
         return [sys.executable, "-m", "mlfd.cli", "tune", str(JOB), "--smoke", "--out", str(self.out),
-                *sets(SEARCH_SETS + [f"tracking_uri={self.server.uri}", f"store={self.store}"]), *extra]
+                *sets(SEARCH_SETS + [f"tracking_uri={self.server.uri}", f"store={self.store}"]),
+                "--register", REGISTERED, *extra]
 
     def start(self) -> "SearchScenario":
         self.server.start()
@@ -290,6 +292,22 @@ def search(_background_search: SearchScenario) -> SearchScenario:
     return _background_search.result()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _journal_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """The journal test's server, started with the module: it boots while the first test runs."""
+    if not any("journal_server" in item.fixturenames for item in request.session.items):
+        yield None
+        return
+    server = MlflowServer(tmp_path_factory.mktemp("journal-server")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def journal_server(_journal_server: MlflowServer) -> MlflowServer:
+    return _journal_server.wait_ready()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Foreground tests (they run while the search does)
 # ----------------------------------------------------------------------------------------------------------------
@@ -320,9 +338,9 @@ def test_unreachable_server_fails_before_any_compute(tmp_path: Path, capsys: pyt
     assert not (tmp_path / "run").exists()
 
 
-def test_tracker_journal_keeps_calls_while_server_is_down(tmp_path: Path) -> None:
+def test_tracker_journal_keeps_calls_while_server_is_down(tmp_path: Path, journal_server: MlflowServer) -> None:
     """Server stopped mid-way: calls go to the journal within seconds, with a warning; replayed after a restart."""
-    server = MlflowServer(tmp_path / "srv").start().wait_ready()
+    server = journal_server
     journal = tmp_path / "out" / "mlflow_pending.jsonl"
     try:
         t = Tracker(server.uri, "journal-test", journal)
@@ -333,7 +351,8 @@ def test_tracker_journal_keeps_calls_while_server_is_down(tmp_path: Path) -> Non
         t0 = time.monotonic()
         with pytest.warns(RuntimeWarning, match="unreachable"):
             t.log_metrics(rid, {"val/acc1": 20.0, "train/loss/kd": 0.5, "skipped": float("nan")}, step=2)
-        t.log_params(rid, {"student.alpha": 0.25, "tracking.password": "hunter2"})
+        t.log_params(rid, {"student.alpha": 0.25, "tracking.password": "hunter2",
+                           "job.tracking_uri": "http://me:hunter2@mlflow.example:5000"})
         t.end_run(rid)
         child = t.start_run("child", {TAG_PARENT: rid, "mlfd.trial_id": "t2"})  # a run created while away
         assert child.startswith(PENDING_PREFIX)
@@ -354,7 +373,8 @@ def test_tracker_journal_keeps_calls_while_server_is_down(tmp_path: Path) -> Non
         run = c.get_run(rid)
         assert [(m.step, m.value) for m in c.get_metric_history(rid, "val/acc1")] == [(1, 10.0), (2, 20.0)]
         assert run.data.metrics["train/loss/kd"] == 0.5 and "skipped" not in run.data.metrics
-        assert run.data.params == {"student.alpha": "0.25", "tracking.password": "***"}
+        assert run.data.params == {"student.alpha": "0.25", "tracking.password": "***",
+                                   "job.tracking_uri": "http://***@mlflow.example:5000"}
         assert run.info.status == "FINISHED"
         kids = c.search_runs([run.info.experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{rid}'")
         assert len(kids) == 1 and kids[0].data.tags["mlfd.trial_id"] == "t2"
@@ -430,10 +450,12 @@ def test_search_run_hierarchy(search: SearchScenario) -> None:
     assert {r.info.status for r in runs} == {"FINISHED"}, statuses(runs)
 
     # Parent: the study, the job file, the search space, the git commit.
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
-    assert parent.data.tags["mlflow.source.git.commit"] == commit.strip()
+    commit = parent.data.tags["mlflow.source.git.commit"]  # HEAD then (others may have committed since)
+    assert len(commit) == 40 and subprocess.run(["git", "-C", str(ROOT), "merge-base", "--is-ancestor", commit,
+                                                 "HEAD"]).returncode == 0, commit
     assert parent.data.tags["mlfd.study"] == "digits" and parent.data.tags["mlfd.job_file"] == str(JOB)
     assert parent.data.params["job.num_samples"] == "2" and parent.data.params["job.stage"] == "students"
+    assert parent.data.params["job.tracking_uri"] == search.server.uri
     inputs = {Path(a.path).name for a in c.list_artifacts(parent.info.run_id, "inputs")}
     assert inputs == {"quickstart.yaml", "students.yaml", "offline_default.yaml"}
 
@@ -525,3 +547,7 @@ def test_search_best_model_logged_under_parent(search: SearchScenario) -> None:
         expected, actual = net(x), model(x)
     assert actual.shape == (5, 10)
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+    # --register NAME: one version, from this run (a resumed search does not register the study again).
+    versions = c.search_model_versions(f"name='{REGISTERED}'")
+    assert [v.run_id for v in versions] == [parent.info.run_id]

@@ -14,6 +14,7 @@ One finished smoke search is shared by the tests that only read it (module fixtu
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -51,10 +52,20 @@ def tiny(max_train: int) -> list[str]:
 SMOKE_STUDIES = ["digits", "mnist"]
 SMOKE_SAMPLES = 4
 SMOKE_ARGS = ["--smoke", f"--set=studies=[{','.join(SMOKE_STUDIES)}]", f"--set=num_samples={SMOKE_SAMPLES}",
-              "--set=scheduler.grace_period=1", f"--set=pipeline.student.recipe.epochs={EPOCHS}", *tiny(120)]
+              "--set=scheduler.grace_period=1", f"--set=pipeline.student.recipe.epochs={EPOCHS}", *tiny(100)]
 RESUME_SAMPLES = 3
+# No points_to_evaluate and other seeds than the smoke search: every trial samples a new config, so none can replay a
+# student that an earlier search left in the shared store.
 RESUME_ARGS = ["--smoke", "--set=studies=[digits]", f"--set=num_samples={RESUME_SAMPLES}",
-               "--set=max_concurrent_trials=2", "--set=scheduler.grace_period=1", *tiny(100)]
+               "--set=points_to_evaluate=[]", "--set=max_concurrent_trials=2", "--set=scheduler.grace_period=1",
+               *tiny(100)]
+
+
+@pytest.fixture(scope="module")
+def shared_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One artifact store for the searches of this module (job field ``store``): the teachers (same data, same
+    recipe) and their feature caches are built once; trials never share a config, so nothing else is reused."""
+    return f"--set=store={tmp_path_factory.mktemp('store')}"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -66,21 +77,17 @@ def experiment_dir(out: Path, study: str) -> Path:
     return out / "ray" / f"quickstart-{study}"
 
 
-def trial_dir(exp: Path, trial_id: str) -> Path:
-    found = list(exp.glob(f"run_stage_{trial_id}_*"))
-    assert len(found) == 1, f"trial {trial_id}: expected one directory in {exp}, found {found}"
-    return found[0]
-
-
 def result_lines(exp: Path, trial_id: str) -> list[str]:
-    """The trial's result.json, one reported epoch per line."""
-    f = trial_dir(exp, trial_id) / "result.json"
-    return f.read_text().splitlines() if f.is_file() else []
+    """The trial's result.json, one reported epoch per line (none for a trial that has not started)."""
+    found = list(exp.glob(f"run_stage_{trial_id}_*"))
+    assert len(found) <= 1, f"trial {trial_id}: more than one directory in {exp}: {found}"
+    f = found[0] / "result.json" if found else None
+    return f.read_text().splitlines() if f is not None and f.is_file() else []
 
 
 def snapshot_status(exp: Path) -> dict[str, str]:
     """trial id -> status in Ray Tune's latest experiment snapshot (what ``Tuner.restore`` will start from)."""
-    files = sorted(exp.glob("experiment_state*.json"), key=lambda p: p.stat().st_mtime)
+    files = sorted(exp.glob("experiment_state-*.json"), key=lambda p: p.name)  # one per session, named by its start
     if not files:
         return {}
     try:
@@ -95,10 +102,12 @@ class Search:
     out: Path
     trials: pd.DataFrame
     plan: dict
+    args: list[str]
+    """The ``mlfd tune`` arguments that made it."""
 
 
-def read_search(out: Path) -> Search:
-    return Search(out, pd.read_parquet(out / "trials.parquet"), json.loads((out / SEARCH_FILE).read_text()))
+def read_search(out: Path, args: list[str]) -> Search:
+    return Search(out, pd.read_parquet(out / "trials.parquet"), json.loads((out / SEARCH_FILE).read_text()), args)
 
 
 def present(v) -> bool:
@@ -112,9 +121,16 @@ def check_trials(s: Search, studies: list[str], samples: int) -> None:
     assert df["trial_id"].is_unique, df["trial_id"].tolist()
     assert (df["error"] == "").all(), df.loc[df["error"] != "", ["trial_id", "error"]]
     assert set(df["status"]) <= {"TERMINATED", "STOPPED"}, df["status"].tolist()
+    for study in studies:
+        # A trial directory outside the table can only be a trial Ray had started but not yet recorded when the
+        # driver was killed (resampled on resume): it must never have reported, or its epochs would be logged twice.
+        exp = experiment_dir(s.out, study)
+        listed = set(df.loc[df["study"] == study, "trial_id"])
+        for d in exp.glob("run_stage_*"):
+            tid = d.name.split("_")[2]
+            assert tid in listed or not result_lines(exp, tid), f"unlisted trial {tid} reported results"
     for _, r in df.iterrows():
         exp = experiment_dir(s.out, r["study"])
-        assert len(list(exp.glob("run_stage_*"))) == samples  # no trial started twice under another id
         lines = [json.loads(x) for x in result_lines(exp, r["trial_id"])]
         iters = [x["training_iteration"] for x in lines]
         assert iters == list(range(1, r["epochs"] + 1)), f"trial {r['trial_id']}: reported iterations {iters}"
@@ -164,13 +180,14 @@ def test_bad_overrides_are_rejected_before_ray(override: str, field: str, tmp_pa
 
 
 @pytest.fixture(scope="module")
-def search(mlfd_cli, tmp_path_factory: pytest.TempPathFactory) -> Search:
+def search(mlfd_cli, shared_store: str, tmp_path_factory: pytest.TempPathFactory) -> Search:
     out = tmp_path_factory.mktemp("search") / "out"
-    run = mlfd_cli("tune", JOB, "--out", out, *SMOKE_ARGS, timeout=600)
+    args = ["tune", str(JOB), "--out", str(out), *SMOKE_ARGS, shared_store]
+    run = mlfd_cli(*args, timeout=900)
     assert run.proc.returncode == 0, run.output[-5000:]
     left = run.cleanup(grace=30)
     assert not left, f"processes still alive after the search ended: {left}"
-    return read_search(out)
+    return read_search(out, args)
 
 
 def test_smoke_search_one_row_per_trial_and_asha_stops_some(search: Search) -> None:
@@ -238,31 +255,40 @@ def cli(*args, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("mlfd: error:")]
-    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+def one_line_error(rc: int, stderr: str, *words: str) -> None:
+    assert rc == 2, (rc, stderr[-3000:])
+    errors = [line for line in stderr.splitlines() if line.startswith("mlfd: error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
     for w in words:
         assert w in errors[0], errors[0]
 
 
 def test_resume_without_a_search_exits_2(tmp_path: Path) -> None:
-    proc = cli("tune", JOB, "--out", tmp_path / "empty", "--resume", *RESUME_ARGS, cwd=tmp_path)
-    assert_one_line_error(proc, "--resume", "holds no search")
-    assert not (tmp_path / "empty" / SEARCH_FILE).exists()
+    """The real exit code and stderr of the CLI; nothing is written to --out."""
+    out = tmp_path / "empty"
+    proc = cli("tune", JOB, "--out", out, "--resume", *RESUME_ARGS, cwd=tmp_path)
+    one_line_error(proc.returncode, proc.stderr, "--resume", "holds no search")
+    assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())
 
 
-def test_out_of_a_finished_search_is_protected(search: Search, tmp_path: Path) -> None:
-    """Another job (or other settings) with --resume, and the same job without --resume: exit 2, nothing touched."""
-    before = {p: p.stat().st_mtime_ns for p in (search.out / SEARCH_FILE, search.out / "trials.parquet")}
+def test_out_of_a_finished_search_is_protected(search: Search, capsys: pytest.CaptureFixture) -> None:
+    """Another job (or other settings) with --resume, and the same job without --resume: exit 2, nothing touched.
+
+    In-process (``mlfd.cli.main``): the checks run before Ray starts.
+    """
+    from mlfd import cli as mlfd_cli_main
+
+    before = {p.relative_to(search.out): p.stat().st_mtime_ns for p in search.out.rglob("*") if p.is_file()}
     other = ROOT / "tune_jobs" / "joint_teacher.yaml"
-    proc = cli("tune", other, "--out", search.out, "--resume", "--smoke", cwd=tmp_path)
-    assert_one_line_error(proc, "--resume", "different search")
-    proc = cli("tune", JOB, "--out", search.out, "--resume", *SMOKE_ARGS, "--set=num_samples=5", cwd=tmp_path)
-    assert_one_line_error(proc, "--resume", "different search")
-    proc = cli("tune", JOB, "--out", search.out, *SMOKE_ARGS, cwd=tmp_path)
-    assert_one_line_error(proc, "--out", "already holds a search", "--resume")
-    assert {p: p.stat().st_mtime_ns for p in before} == before
+    out = ["--out", str(search.out)]
+    for argv, words in [(["tune", str(other), *out, "--resume", "--smoke"], ("--resume", "different search")),
+                        ([*search.args, "--resume", "--set=num_samples=5"], ("--resume", "different search")),
+                        (search.args, ("--out", "already holds a search", "--resume"))]:
+        capsys.readouterr()
+        rc = mlfd_cli_main.main(argv)
+        one_line_error(rc, capsys.readouterr().err, *words)
+    after = {p.relative_to(search.out): p.stat().st_mtime_ns for p in search.out.rglob("*") if p.is_file()}
+    assert after == before
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -270,13 +296,12 @@ def test_out_of_a_finished_search_is_protected(search: Search, tmp_path: Path) -
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def interrupt_then_resume(mlfd_cli, out: Path, sig: signal.Signals, seed: int) -> None:
+def interrupt_then_resume(mlfd_cli, out: Path, sig: signal.Signals, seed: int, store: str) -> None:
     """Start a search, stop its driver with ``sig`` once Ray has recorded a finished trial, then --resume it."""
-    # Another seed than the smoke search: other configs, so no trial can replay a student from an earlier search.
-    args = ["tune", JOB, "--out", out, *RESUME_ARGS, f"--set=seed={seed}"]
+    args = ["tune", JOB, "--out", out, *RESUME_ARGS, f"--set=seed={seed}", store]
     exp = experiment_dir(out, "digits")
     first: CliRun = mlfd_cli.start(*args)
-    deadline = time.monotonic() + 400
+    deadline = time.monotonic() + 600
     finished: list[str] = []
     while not finished:
         rc = first.poll()
@@ -287,8 +312,6 @@ def interrupt_then_resume(mlfd_cli, out: Path, sig: signal.Signals, seed: int) -
     first.record()
     first.proc.send_signal(sig)
     rc = first.wait(180)
-    # Results of the finished trials as Ray wrote them before the interruption.
-    done_before = {t: result_lines(exp, t) for t in finished}
     if sig == signal.SIGINT:
         assert rc == 130, (rc, first.output[-4000:])
         assert "--resume" in first.output.splitlines()[-1], first.output[-2000:]
@@ -303,24 +326,34 @@ def interrupt_then_resume(mlfd_cli, out: Path, sig: signal.Signals, seed: int) -
         first.cleanup()
         assert not core, f"Ray processes outlived their SIGKILLed driver: {core}"
     assert not (out / "trials.parquet").exists()
+    # What Tuner.restore will start from, and what each trial had reported when the driver went away.
+    saved = snapshot_status(exp)
+    assert set(finished) <= {t for t, status in saved.items() if status == "TERMINATED"}
+    lines_before = {t: result_lines(exp, t) for t in saved}
 
-    second = mlfd_cli(*args, "--resume", timeout=500)
+    second = mlfd_cli(*args, "--resume", timeout=600)
     assert second.proc.returncode == 0, second.output[-5000:]
     assert not second.cleanup(grace=30)
-    s = read_search(out)
+    s = read_search(out, [str(a) for a in args])
     check_trials(s, ["digits"], RESUME_SAMPLES)
-    assert set(finished) <= set(s.trials["trial_id"])
-    for t, lines in done_before.items():
-        assert lines and result_lines(exp, t) == lines, f"finished trial {t} was run again after --resume"
+    epochs = dict(zip(s.trials["trial_id"], s.trials["epochs"]))
+    assert set(saved) <= set(epochs), "a trial of the interrupted search is missing after --resume"
+    for t, status in saved.items():
+        now = result_lines(exp, t)
+        if status == "TERMINATED":  # finished before the interruption: not run again, results untouched
+            assert now == lines_before[t], f"finished trial {t} was run again after --resume"
+        else:  # continued (or at least completed): not taken as finished at the epoch it was interrupted
+            assert len(now) > len(lines_before[t]) or epochs[t] == EPOCHS, \
+                f"trial {t} ({status} when interrupted, {len(lines_before[t])} epochs) was not continued"
     assert (out / "best" / "digits.yaml").is_file()
 
 
-def test_resume_after_sigint(mlfd_cli, tmp_path: Path) -> None:
-    interrupt_then_resume(mlfd_cli, tmp_path / "out", signal.SIGINT, seed=10)
+def test_resume_after_sigint(mlfd_cli, shared_store: str, tmp_path: Path) -> None:
+    interrupt_then_resume(mlfd_cli, tmp_path / "out", signal.SIGINT, seed=10, store=shared_store)
 
 
-def test_resume_after_sigkill_of_the_driver(mlfd_cli, tmp_path: Path) -> None:
-    interrupt_then_resume(mlfd_cli, tmp_path / "out", signal.SIGKILL, seed=20)
+def test_resume_after_sigkill_of_the_driver(mlfd_cli, shared_store: str, tmp_path: Path) -> None:
+    interrupt_then_resume(mlfd_cli, tmp_path / "out", signal.SIGKILL, seed=20, store=shared_store)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -332,8 +365,8 @@ def test_export_then_run_retrains_the_best_student_bit_for_bit(search: Search, m
     """``mlfd run best.yaml`` in a FRESH store retrains teachers, T* and the student: the same numbers and weights.
 
     Reusing the search's store would only read the trial's student back. Exact equality needs the same torch thread
-    count as the trial: a trial runs with ``resources.cpu`` (1) threads, so ``mlfd run`` gets OMP_NUM_THREADS=1
-    (CPU kernels split their reductions by thread count).
+    count as the trial (CPU kernels split their reductions by thread count): a trial runs with ``resources.cpu`` (1)
+    threads, and the exported file says to rerun with OMP_NUM_THREADS=1.
     """
     from mlfd.store import ArtifactStore
 
@@ -342,9 +375,11 @@ def test_export_then_run_retrains_the_best_student_bit_for_bit(search: Search, m
     exported = tmp_path / "best.yaml"
     proc = cli("export", search.out, "--study", study, "--out", exported, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    threads = re.search(r"^# .*OMP_NUM_THREADS=(\d+) mlfd run", exported.read_text(), re.M)  # as the header says
+    assert threads and threads[1] == "1", exported.read_text()[:1000]
     run_out = tmp_path / "run2"
     run = CliRun(["run", str(exported), "--out", str(run_out), "--quiet", "--no-tracking"], tmp_path,
-                 env={**CLI_ENV, "OMP_NUM_THREADS": "1"}).start()
+                 env={**CLI_ENV, "OMP_NUM_THREADS": threads[1]}).start()
     try:
         assert run.wait(400) == 0, run.output[-5000:]
     finally:
@@ -364,5 +399,6 @@ def test_export_then_run_retrains_the_best_student_bit_for_bit(search: Search, m
             assert b is not None, f"{kind} {key} of the exported pipeline was never built by the search"
             if a.file("model.pt").read_bytes() != b.file("model.pt").read_bytes():
                 differ.append(kind)
-    assert not differ, f"retrained weights differ from the search's: {differ}"
-    assert student["acc1"].item() == best[METRIC]
+    assert student["acc1"].item() == best[METRIC] and not differ, (
+        f"val/acc1 of the rerun {student['acc1'].item()} vs the trial's {best[METRIC]}; retrained weights that differ "
+        f"from the search's: {differ}")

@@ -89,8 +89,11 @@ def _fingerprint(plan: dict) -> str:
     return spec_hash({k: plan[k] for k in ("job", "pipeline", "studies")})
 
 
-def open_output(out: Path, plan: dict, resume: bool) -> None:
-    """Create or check the output directory: a new search needs a fresh one, --resume needs the same search."""
+def open_output(out: Path, plan: dict, resume: bool, claim: bool = True) -> None:
+    """Create or check the output directory: a new search needs a fresh one, --resume needs the same search.
+
+    ``claim=False`` only checks (nothing is written), so a refused command leaves ``out`` as it was.
+    """
     f = out / SEARCH_FILE
     if resume:
         if not f.is_file():
@@ -102,7 +105,8 @@ def open_output(out: Path, plan: dict, resume: bool) -> None:
         return
     if f.is_file():
         raise SpecError(f"--out: {out} already holds a search; pass --resume to continue it or choose another --out")
-    atomic_write_text(f, json.dumps({**plan, "fingerprint": _fingerprint(plan)}, indent=1, default=str))
+    if claim:
+        atomic_write_text(f, json.dumps({**plan, "fingerprint": _fingerprint(plan)}, indent=1, default=str))
 
 
 def _scheduler(job: JobSpec, max_t: int):
@@ -117,10 +121,15 @@ def _scheduler(job: JobSpec, max_t: int):
     return FIFOScheduler()
 
 
+def trial_threads(job: JobSpec) -> int:
+    """torch threads of a trial (and of the teacher tasks): its CPUs."""
+    return max(1, int(job.resources.cpu))
+
+
 def trial_context(plan: dict, job: JobSpec, study: str | None) -> dict:
     """What every trial of a study needs besides its sampled values (passed with tune.with_parameters)."""
     return {"pipeline": plan["pipeline"], "stage": job.stage, "study": study, "store": plan["store"],
-            "threads": max(1, int(job.resources.cpu))}
+            "threads": trial_threads(job)}
 
 
 def _tuner(plan: dict, study: str | None, index: int, callbacks: list, resume: bool):
@@ -184,6 +193,7 @@ def run_search(job_path: str, out: Path, smoke: bool = False, resume: bool = Fal
     job = from_dict(JobSpec, plan["job"], path="job")
     if address:
         _check_cluster_paths(plan, job)
+    open_output(out, plan, resume, claim=False)  # a misused --out/--resume is refused before tracking writes to OUT
     if tracking is not None:
         # An unreachable tracking server fails here, before any compute and before OUT is claimed by search.json
         # (otherwise the same command, rerun once the server is up, is refused as "already holds a search").
@@ -216,9 +226,9 @@ def run_search(job_path: str, out: Path, smoke: bool = False, resume: bool = Fal
                 best_yaml = export_best(out, study or job.stage, out / "best" / f"{study or job.stage}.yaml")
             if tracking:
                 tracking.finish_study(plan, study, best_yaml)
-    except KeyboardInterrupt:
+    except BaseException as e:  # Ctrl-C -> KILLED, any other error -> FAILED: no parent run is left RUNNING
         if tracking is not None:
-            tracking.interrupted()
+            tracking.interrupted("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     finally:
         ray.shutdown()
@@ -246,7 +256,7 @@ def prebuild_teachers(plan: dict, job: JobSpec) -> None:
 
     names = [d["name"] for d in plan["pipeline"]["datasets"]]
     task = ray.remote(_build_teacher).options(num_cpus=job.resources.cpu, num_gpus=trial_gpu(plan, job))
-    threads = max(1, int(job.resources.cpu))
+    threads = trial_threads(job)
     print(f"mlfd tune: teachers for {names} (built once, in parallel, reused by every trial)", file=sys.stderr,
           flush=True)
     ray.get([task.remote(plan["pipeline"], plan["store"], n, threads) for n in names])
@@ -266,7 +276,9 @@ def _unfinished_in_saved_state(results) -> list[str]:
     memory; only the saved state (what ``Tuner.restore`` resumes) still says they had not finished.
     """
     try:
-        files = sorted(Path(results.experiment_path).glob("experiment_state-*.json"), key=lambda f: f.stat().st_mtime)
+        # Named by session start (one per run or resume): the newest name is the last state (mtimes are not:
+        # Tune rewrites every file of the folder when it syncs at the end).
+        files = sorted(Path(results.experiment_path).glob("experiment_state-*.json"), key=lambda f: f.name)
         if not files:
             return []
         data = json.loads(files[-1].read_text())
@@ -358,6 +370,8 @@ def export_best(out: Path, study: str | None, dest: Path) -> Path:
                                  joint_head=job.stage == "joint_head")
     spec = from_dict(PipelineSpec, pipeline, path="export")
     header = (f"# Best trial {best['trial_id']} of study {study!r} ({job.stage}) from {out}\n"
-              f"# {job.metric} = {best[f'best/{job.metric}']:.4f} (best epoch, val); sampled: {json.dumps(config)}\n")
+              f"# {job.metric} = {best[f'best/{job.metric}']:.4f} (best epoch, val); sampled: {json.dumps(config)}\n"
+              # CPU kernels split reductions by thread count; a trial ran with resources.cpu torch threads.
+              f"# the same numbers on CPU: OMP_NUM_THREADS={trial_threads(job)} mlfd run {Path(dest).name}\n")
     atomic_write_text(Path(dest), header + dump_yaml(spec))
     return Path(dest)

@@ -133,9 +133,10 @@ def check_packing(fraction: float, peak_bytes: int, gpu_total_bytes: int, headro
         raise SpecError(f"resources.gpu: {fraction:g}: " + _fits_alone_message(peak_bytes, gpu_total_bytes, headroom,
                                                                                 reserve_bytes))
     use = "1" if fit == 1 else f"{fraction_for(fit):g} (1/{fit})"
-    raise SpecError(f"resources.gpu: {fraction:g} packs {packs} trials per GPU but one trial peaks at {gib(peak_bytes)} "
-                    f"GiB (+{gib(reserve_bytes)} GiB CUDA context) and the GPU has {gib(gpu_total_bytes)} GiB "
-                    f"({headroom:.0%} usable); at most {fit} fit, use gpu: {use} or more, or gpu: auto")
+    raise SpecError(f"resources.gpu: {fraction:g} packs {packs} trials per GPU but one trial peaks at "
+                    f"{gib(peak_bytes)} GiB (+{gib(reserve_bytes)} GiB CUDA context) and the GPU has "
+                    f"{gib(gpu_total_bytes)} GiB ({headroom:.0%} usable); at most {fit} fit, use gpu: {use} or more, "
+                    "or gpu: auto")
 
 
 def auto_fraction(peak_bytes: int, gpu_total_bytes: int, max_trials: int = MAX_AUTO_TRIALS,
@@ -489,7 +490,8 @@ def plan_gpu(job: Any, pipeline: dict, space: Any, studies: Sequence[str | None]
         fraction = float(gpu)
         check_packing(fraction, peak, total)
     packs = packed_per_gpu(fraction)
-    cap = f" (max_concurrent_trials caps it at {job.max_concurrent_trials})" if job.max_concurrent_trials < packs else ""
+    capped = job.max_concurrent_trials < packs
+    cap = f" (max_concurrent_trials caps it at {job.max_concurrent_trials})" if capped else ""
     line = (f"mlfd tune: packing: one trial peaks at {gib(peak)} GiB ({res.peak_phase}, dry run at the space's "
             f"memory-worst corner) on a {gib(total)} GiB {res.device_name or 'GPU'}; gpu: {gpu} -> {fraction:g}, "
             f"{packs} trial{'s' if packs > 1 else ''} per GPU{cap}")

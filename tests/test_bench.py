@@ -1,0 +1,128 @@
+"""The benchmarks' pure helpers (bench/*.py), and one real --quick run (slow).
+
+Each bench script is too slow for the default suite as a whole; what turns measurements into the printed ratios is
+checked here with numbers worked out by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import cache, collect, common, memory, overhead, packing, scaling, trial_throughput  # noqa: E402
+
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+       "RAY_AUTH_MODE": "disabled"}
+
+
+def test_table():
+    out = common.table([{"a": 1, "b": 0.123456, "c": 12345.6}, {"a": None, "b": 2.0, "c": "x"}])
+    lines = out.splitlines()
+    assert lines[0].split() == ["a", "b", "c"] and lines[2].split() == ["1", "0.123", "12,346"]
+    assert lines[3].split() == ["-", "2", "x"]
+
+
+def test_load_spec_overrides_win_over_smoke():
+    spec = common.load_spec(True, ["student.recipe.batch_size=64"])
+    assert spec.student.recipe.batch_size == 64  # the smoke variant caps it at 32; the override comes after
+    assert spec.datasets[0].max_train == 300
+
+
+def test_raw_loop_uses_the_recipe_settings():
+    loop = common.RawLoop("test_resnet", 16, 4, 3, torch.device("cpu"), common.RecipeSpec(channels_last="on"))
+    assert loop.dtype is None and loop.channels_last
+    assert loop.x.is_contiguous(memory_format=torch.channels_last)
+    assert isinstance(loop.opt, torch.optim.AdamW)
+    assert loop.throughput(steps=2, warmup=1) > 0
+
+
+def test_trial_throughput_helpers():
+    hist = [{"train/time_s": 9.0}, {"train/time_s": 2.0}, {"train/time_s": 4.0}, {"train/time_s": 3.0}]
+    assert trial_throughput.img_per_s(hist, steps=10, batch=32) == pytest.approx(320 / 3.0)  # first epoch left out
+    case = trial_throughput.Case("fashion", "resnet18", 224, 256, steps=25)
+    assert case.label == "resnet18@224 bs256"
+    over = case.overrides(quick=False)
+    assert "datasets.fashion.student_model={arch: resnet18, input_size: 224}" in over
+    assert "datasets.fashion.max_train=null" in over and "datasets.fashion.max_train=null" not in case.overrides(True)
+    gpu_cases = trial_throughput.cases(False, torch.device("cuda"))
+    assert [c.label for c in gpu_cases] == ["resnet18@32 bs256", "resnet18@224 bs256"]
+
+
+def test_packing_gain_arithmetic():
+    # the reference H200 figures (gpu-ceilings.json): raw 32084 -> 135727 img/s at k = 8, i.e. 4.23x
+    raw = packing.gains({1: 32084.0, 8: 135727.0})
+    ours = packing.gains({1: 30000.0, 8: 120000.0})
+    frac, strict = packing.kept(ours[8], raw[8])
+    assert raw[8] == pytest.approx(4.2304, abs=1e-4) and ours[8] == 4.0
+    assert frac == pytest.approx(4.0 / 4.2304, abs=1e-4)
+    assert strict == pytest.approx(3.0 / 3.2304, abs=1e-4)
+    assert packing.kept(1.0, 1.0)[1] != packing.kept(1.0, 1.0)[1]  # nan when raw gains nothing
+    assert packing.trial_img_per_s([10.0, 2.0, 4.0], 1000) == pytest.approx(1000 / 3.0)
+    assert packing.settings(False, torch.device("cuda"))["ks"] == [1, 2, 4, 8]
+    assert packing.settings(True, torch.device("cpu"))["ks"] == [1, 2]
+
+
+def test_overhead_figures():
+    fig = overhead.overhead_figures(search_s=130.0, plain_s=100.0, trial_s=[20.0, 30.0, 25.0])
+    assert fig["overhead_per_trial_s"] == 10.0 and fig["mean_trial_s"] == 25.0
+    assert fig["overhead_fraction"] == 0.4 and fig["overhead_fraction_60s_trial"] == pytest.approx(10 / 60)
+    over = overhead.search_overrides(3, Path("/tmp/s"), 0.0)
+    assert "num_samples=3" in over and "max_concurrent_trials=1" in over and "scheduler={type: none}" in over
+
+
+def test_scaling_linear_fit():
+    assert scaling.linear_fit([1, 2, 4], [3.0, 5.0, 9.0]) == pytest.approx((2.0, 1.0))
+    over = scaling.small_overrides(2, [1, 2], 200)
+    assert "fusion_levels=[1, 2]" in over and "datasets.digits.max_train=200" in over
+
+
+def test_memory_level_bytes_from_level_shapes():
+    lv = memory.level_bytes("test_resnet", 32)
+    assert lv[1] == ((96,), 192) and lv[3] == ((192, 2, 2), 2 * 192 * 4)  # float16: 2 bytes per value
+
+
+def test_cache_settings():
+    gpu = cache.settings(False, torch.device("cuda"))
+    assert "datasets.digits.model={arch: seresnext26d_32x4d, input_size: 224}" in gpu["overrides"]
+    assert gpu["batches"] == [256, 2048]
+
+
+def test_collect_writes_json_and_appends_markdown(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    env = {"date": "2026-01-01T00:00:00Z", "host": "h", "machine": "x86_64, 2 CPUs", "device": "cpu",
+           "versions": {"torch": "2.x"}, "commit": "abc", "torch_threads": 1, "loadavg_1m": 1.0}
+    (run / "cache.json").write_text(json.dumps({"bench": "cache", "command": "python bench/cache.py --quick",
+                                                "summary": "11x", "env": env,
+                                                "rows": [{"joint_batch": 64, "speedup": 11.1, "x": [1]}]}))
+    (run / "packing.log").write_text("boom\nTraceback\nRuntimeError: no")
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Benchmark results\n\nearlier\n")
+    collect.main([str(run), str(tmp_path / "all.json"), str(md), "--label", "CPU, --quick"])
+    data = json.loads((tmp_path / "all.json").read_text())
+    assert list(data) == ["packing", "cache"] and "RuntimeError: no" in data["packing"]["error"]
+    text = md.read_text()
+    assert text.startswith("# Benchmark results\n\nearlier\n") and "## CPU, --quick" in text
+    assert "`python bench/cache.py --quick`" in text and "| joint_batch | speedup |" in text
+    assert "FAILED" in text and "1-min load average at start: 1.0" in text
+
+
+@pytest.mark.slow
+def test_cache_bench_quick_runs(tmp_path):
+    out = tmp_path / "cache.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "cache.py"), "--quick", "--json", str(out)], env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rec = json.loads(out.read_text())
+    assert rec["bench"] == "cache" and rec["quick"] and rec["ratio"] > 1  # the cache is faster even on a CPU
+    assert "faster than through the frozen teachers" in proc.stdout
