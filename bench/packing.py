@@ -6,7 +6,7 @@ artifact), started together by a Ray Tune Tuner (FIFO, max_concurrent_trials k) 
 teachers, feature cache, joint teacher, targets) is built beforehand, as a search's upstream is built once and shared.
 A trial's img/s = train images per epoch / its median train/time_s over the epochs after the first; the aggregate is
 the sum over trials. Raw: k processes of bench/common.py RawLoop (same model, resolution, batch, recipe) for a fixed
-time, started together; the aggregate is the sum of their img/s.
+time, started together; the aggregate is the sum of their img/s (on a CPU the best of two rounds over all k).
 
 Printed: the packing gain of each (aggregate at k / aggregate at 1) and the fraction of the raw gain ours keeps
 (ours gain / raw gain; target >= 0.9, design.md section 6), and the stricter (ours gain - 1) / (raw gain - 1).
@@ -38,12 +38,12 @@ def settings(quick: bool, device: torch.device) -> dict:
     """Model, data and sizes of the run."""
     if device.type == "cuda":
         return {"dataset": "fashion", "arch": "resnet18", "px": 32, "batch": 256, "epochs": 3, "ks": [1, 2, 4, 8],
-                "raw_seconds": 6.0, "max_train": 20000}
+                "raw_seconds": 6.0, "max_train": 20000, "raw_rounds": 1}
     if quick:
         return {"dataset": "mnist", "arch": "test_resnet", "px": 32, "batch": 32, "epochs": 3, "ks": [1, 2],
-                "raw_seconds": 6.0, "max_train": 300}
+                "raw_seconds": 6.0, "max_train": 300, "raw_rounds": 2}
     return {"dataset": "fashion", "arch": "resnet18", "px": 32, "batch": 64, "epochs": 3, "ks": [1, 2],
-            "raw_seconds": 10.0, "max_train": 1000}
+            "raw_seconds": 10.0, "max_train": 1000, "raw_rounds": 2}
 
 
 def gains(agg: dict[int, float]) -> dict[int, float]:
@@ -123,11 +123,12 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             ray.shutdown()
     raw: dict[int, float] = {}
-    for k in cfg["ks"]:
-        print(f"packing: {k} raw process(es) ...", flush=True)
-        procs = [spawn_raw(cfg["arch"], px, batch, cfg["raw_seconds"], 1 if device.type == "cpu" else 2,
-                           str(device)) for _ in range(k)]
-        raw[k] = sum(collect_raw(procs, timeout=cfg["raw_seconds"] + 300))
+    for r in range(cfg["raw_rounds"]):  # rounds over all k: a burst of other load hits one round, not one k
+        for k in cfg["ks"]:
+            print(f"packing: {k} raw process(es), round {r + 1} ...", flush=True)
+            procs = [spawn_raw(cfg["arch"], px, batch, cfg["raw_seconds"], 1 if device.type == "cpu" else 2,
+                               str(device)) for _ in range(k)]
+            raw[k] = max(raw.get(k, 0.0), sum(collect_raw(procs, timeout=cfg["raw_seconds"] + 300)))
     g_ours, g_raw = gains(ours), gains(raw)
     for k in cfg["ks"]:
         frac, strict = kept(g_ours[k], g_raw[k])
@@ -140,6 +141,9 @@ def main(argv: list[str] | None = None) -> dict:
             "CPU: cpu: 1 per trial and per raw process, no GPU fractions")
     summary = (f"k={top['k']} keeps {top['kept']:.2f} of the raw packing gain (ours {top['ours_gain']:.2f}x vs raw "
                f"{top['raw_gain']:.2f}x; strict (g-1) ratio {top['kept_strict']:.2f}; target >= {TARGET}); {mode}")
+    if top["raw_gain"] < 1.05:
+        summary += ("; NOT MEANINGFUL HERE: the raw processes gained nothing from packing (the cores were busy with "
+                    "other load), so there is no gain to keep")
     result = {"rows": rows, "ratio": top["kept"], "target": TARGET, "settings": cfg, "mode": mode,
               "upstream_s": upstream_s}
     return emit("packing", args, device, result, summary)

@@ -3,9 +3,10 @@
 #   bash bench/run_all.sh            # full sizes when a GPU is visible, --quick (CPU sizes) otherwise
 #   bash bench/run_all.sh --quick    # force the CPU sizes
 #   RESULTS_OUT=/some/dir bash bench/run_all.sh   # also copy the results there (the GPU check uses $OUT)
-# Writes bench/results/<host>-<date>.json (all benchmarks), appends a section to bench/RESULTS.md, and keeps each
-# benchmark's log and JSON in bench/results/<host>-<date>/. A benchmark that fails is recorded as failed; the others
-# still run. BENCHES="cache memory" limits the run; BENCH_TIMEOUT (seconds, default 900) bounds each one.
+# Writes bench/results/<host>-<date>.json (all benchmarks) and appends a section to bench/RESULTS.md; each
+# benchmark's log and JSON go to a temporary folder (tarred to $RESULTS_OUT if set). A benchmark that fails is
+# recorded as failed; the others still run. BENCHES="cache memory" limits the run; BENCH_TIMEOUT (seconds, default
+# 900) bounds each one.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -16,8 +17,8 @@ if [ "${1:-}" = "--quick" ] || ! $PY -c 'import torch, sys; sys.exit(0 if torch.
 fi
 benches=${BENCHES:-"trial_throughput packing cache overhead memory scaling"}
 stamp="$(hostname)-$(date -u +%Y%m%dT%H%MZ)"
-run="bench/results/$stamp"
-mkdir -p "$run"
+run="$(mktemp -d)/$stamp"  # per-benchmark JSON and logs; only the collected JSON stays in bench/results
+mkdir -p "$run" bench/results
 for b in $benches; do
   echo "== $b ${mode[*]:-(full)}"
   start=$(date +%s)
@@ -31,6 +32,6 @@ $PY bench/collect.py "$run" "bench/results/$stamp.json" bench/RESULTS.md --label
 if [ -n "${RESULTS_OUT:-}" ]; then
   mkdir -p "$RESULTS_OUT"
   cp "bench/results/$stamp.json" "$RESULTS_OUT/bench-results.json"
-  tar czf "$RESULTS_OUT/bench-logs.tgz" -C bench/results "$stamp"
+  tar czf "$RESULTS_OUT/bench-logs.tgz" -C "$(dirname "$run")" "$stamp"
   cp bench/RESULTS.md "$RESULTS_OUT/RESULTS.md"
 fi

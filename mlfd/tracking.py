@@ -15,7 +15,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mlfd.config import SpecError, to_dict
 
@@ -464,7 +464,11 @@ class SearchTracking:
             art = best_artifact(plan, best_yaml, study)
             if art is not None:
                 try:
-                    log_best_model(t, rid, best_yaml, art, study, self.register)
+                    # The model goes through MLflow's own client, not the journal: only once the journal is empty
+                    # (calls in order) and the parent run exists on the server.
+                    if t.flush() or t.resolve_id(rid).startswith(PENDING_PREFIX):
+                        raise ConnectionError("earlier tracking calls are still waiting in the journal")
+                    log_best_model(t, t.resolve_id(rid), best_yaml, art, study, self.register)
                 except Exception as e:  # noqa: BLE001 - the search is done; a model upload must not undo it
                     if not _transient(e):
                         raise

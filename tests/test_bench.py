@@ -80,6 +80,14 @@ def test_overhead_figures():
     assert "num_samples=3" in over and "max_concurrent_trials=1" in over and "scheduler={type: none}" in over
 
 
+def test_in_trainable_seconds_reads_the_last_result_of_each_trial(tmp_path):
+    for trial, totals in (("t1", [1.0, 2.5]), ("t2", [4.0])):
+        d = tmp_path / "ray" / "exp" / trial
+        d.mkdir(parents=True)
+        (d / "result.json").write_text("\n".join(json.dumps({"time_total_s": t}) for t in totals) + "\n")
+    assert overhead.in_trainable_seconds(tmp_path) == 6.5
+
+
 def test_scaling_linear_fit():
     assert scaling.linear_fit([1, 2, 4], [3.0, 5.0, 9.0]) == pytest.approx((2.0, 1.0))
     over = scaling.small_overrides(2, [1, 2], 200)
