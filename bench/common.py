@@ -261,24 +261,37 @@ def raw_throughput(arch: str, px: int, batch: int, num_classes: int, device: tor
 
 def spawn_raw(arch: str, px: int, batch: int, seconds: float, threads: int, device: str,
               cudnn_benchmark: bool = True) -> subprocess.Popen:
-    """Start one raw training process (``python bench/common.py raw ...``); it prints ``{"img_s": ...}``."""
+    """Start one raw training process (``python bench/common.py raw ...``).
+
+    It warms up, prints ``ready`` and waits for a line on stdin before its timed window, so that the windows of
+    processes started together overlap (:func:`collect_raw` releases them all at once); then it prints
+    ``{"img_s": ...}``.
+    """
     cmd = [sys.executable, str(Path(__file__).resolve()), "raw", arch, str(px), str(batch), str(seconds), str(threads),
            device, "1" if cudnn_benchmark else "0"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
 
 
 def collect_raw(procs: list[subprocess.Popen], timeout: float) -> list[float]:
-    """img/s of each raw process (0.0 for one that failed)."""
+    """Wait until every raw process is warm, start their timed windows together, return each one's img/s (0.0 for
+    one that failed)."""
+    ready = [p.stdout.readline().strip() == "ready" for p in procs]  # blocks until each is warm (or has died)
+    for p, ok in zip(procs, ready):
+        if ok:
+            p.stdin.write("go\n")
+            p.stdin.flush()
     out = []
-    for p in procs:
+    for p, ok in zip(procs, ready):
         try:
-            stdout, stderr = p.communicate(timeout=timeout)
-            out.append(float(json.loads(stdout.strip().splitlines()[-1])["img_s"]))
+            stdout, _ = p.communicate(timeout=timeout)
+            out.append(float(json.loads(stdout.strip().splitlines()[-1])["img_s"]) if ok else 0.0)
         except (subprocess.TimeoutExpired, ValueError, IndexError, KeyError):
             p.kill()
-            print(f"raw process failed: {(p.stderr.read() if p.stderr else '')[-300:]}", file=sys.stderr)
             out.append(0.0)
+        if out[-1] == 0.0:
+            print(f"raw process failed: {(p.stderr.read() if p.stderr else '')[-300:]}", file=sys.stderr)
     return out
 
 
@@ -288,7 +301,10 @@ def _raw_main(argv: list[str]) -> None:
     dev = torch.device(device)
     torch.backends.cudnn.benchmark = bench == "1"
     loop = RawLoop(arch, int(px), int(batch), 10, dev, RecipeSpec())
-    img_s = loop.throughput(warmup=5, seconds=float(seconds))
+    loop.throughput(steps=0, warmup=5)
+    print("ready", flush=True)
+    sys.stdin.readline()  # the parent releases every process at once
+    img_s = loop.throughput(warmup=0, seconds=float(seconds))
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0
     print(json.dumps({"img_s": img_s, "peak_bytes": peak}), flush=True)
 

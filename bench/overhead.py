@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
         from mlfd.tune.launch import prepare
 
         overrides = search_overrides(n, tmp / "store-search", gpu)
-        plan = prepare(str(JOB), tmp / "search", smoke=True, overrides=overrides)
+        # Only the pipeline is needed here: gpu 0 skips the packing dry run, which the search itself does run.
+        plan = prepare(str(JOB), tmp / "search", smoke=True, overrides=search_overrides(n, tmp / "store-search", 0.0))
         print("overhead: warm store (the search's teachers, once) ...", flush=True)
         warm_store(plan, tmp / "store-warm")
         shutil.copytree(tmp / "store-warm", tmp / "store-search")

@@ -33,24 +33,32 @@ def _children() -> dict[int, list[int]]:
     return out
 
 
-def cmdline(pid: int) -> str | None:
-    """The command line of a live process, or None when it is gone (zombies count as gone)."""
+def identity(pid: int) -> str | None:
+    """``<start time> <command line>`` of a live process (a reused pid gets another), None when it is gone or a
+    zombie. The command line is read at each call: Ray workers rename themselves (ray::IDLE -> ray::ImplicitFunc)."""
     try:
-        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        if fields[0] == "Z":
             return None
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        return f"{fields[19]} {cmd}"
     except OSError:
         return None
 
 
+def same_process(pid: int, ident: str) -> bool:
+    now = identity(pid)
+    return now is not None and now.split(" ", 1)[0] == ident.split(" ", 1)[0]
+
+
 def descendants(pid: int) -> dict[int, str]:
-    """Every live descendant of ``pid`` (pid -> command line)."""
+    """Every live descendant of ``pid`` (pid -> identity)."""
     tree, out, todo = _children(), {}, [pid]
     while todo:
         for c in tree.get(todo.pop(), []):
-            cmd = cmdline(c)
-            if cmd is not None:
-                out[c] = cmd
+            ident = identity(c)
+            if ident is not None:
+                out[c] = ident
                 todo.append(c)
     return out
 
@@ -107,26 +115,28 @@ class CliRun:
         """Processes the driver started that are still alive ``grace`` seconds after it exited."""
         deadline = time.monotonic() + grace
         while True:
-            alive = {p: c for p, c in self.spawned.items() if cmdline(p) == c}
+            alive = {p: identity(p) for p, c in self.spawned.items() if same_process(p, c)}
             if not alive or time.monotonic() > deadline:
                 return alive
             time.sleep(1.0)
 
     def cleanup(self, grace: float = 0.0) -> dict[int, str]:
-        """Kill (by pid, after checking the command line is still the one recorded) what the driver left behind."""
-        alive = self.leftovers(grace)
+        """Kill (by pid, after checking it is still the process recorded) what the driver left behind; returns what
+        was alive ``grace`` seconds after the driver exited."""
+        left = self.leftovers(grace)
+        alive = dict(left)
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for p, c in alive.items():
-                if cmdline(p) == c:
+                if same_process(p, c):
                     try:
                         os.kill(p, sig)
                     except OSError:
                         pass
             time.sleep(2.0)
-            alive = {p: c for p, c in alive.items() if cmdline(p) == c}
+            alive = {p: c for p, c in alive.items() if same_process(p, c)}
             if not alive:
                 break
-        return alive
+        return left
 
 
 @pytest.fixture(scope="module")

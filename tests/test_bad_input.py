@@ -11,7 +11,6 @@ import copy
 import os
 import subprocess
 import sys
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -289,16 +288,15 @@ def write_case(case: Case, tmp_path: Path, dirs: dict) -> Path:
 @pytest.fixture
 def no_training(monkeypatch: pytest.MonkeyPatch) -> list:
     """Replace the pipeline runner: a bad input that got past the checks fails the test instead of training."""
+    import mlfd.stages.pipeline
+
     calls: list = []
-    fake = types.ModuleType("mlfd.stages.pipeline")
 
     def run_pipeline(*args: Any, **kwargs: Any) -> None:
         calls.append(args)
         raise AssertionError("bad input was not rejected: training started")
 
-    fake.run_pipeline = run_pipeline
-    fake.results_table = lambda df: ""
-    monkeypatch.setitem(sys.modules, "mlfd.stages.pipeline", fake)
+    monkeypatch.setattr(mlfd.stages.pipeline, "run_pipeline", run_pipeline)
     return calls
 
 

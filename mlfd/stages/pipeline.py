@@ -10,7 +10,7 @@ from typing import Callable
 import pandas as pd
 
 from mlfd.config import PipelineSpec, save_pipeline
-from mlfd.stages.baselines import MODES, train_baseline
+from mlfd.stages.baselines import train_baseline
 from mlfd.stages.common import Context, read_metrics
 from mlfd.stages.joint import plan_for, train_joint
 from mlfd.stages.students import train_student
