@@ -145,7 +145,8 @@ def table(rows: list[dict[str, Any]], cols: Sequence[str] | None = None) -> str:
 def emit(name: str, args: argparse.Namespace, device: torch.device, result: dict[str, Any], summary: str,
          command: str | None = None) -> dict[str, Any]:
     """Print the one-line summary and write ``--json``; returns the full record."""
-    record = {"bench": name, "command": command or " ".join([f"python bench/{name}.py"] + sys.argv[1:]),
+    argv = [a for i, a in enumerate(sys.argv[1:]) if a != "--json" and (i == 0 or sys.argv[i] != "--json")]
+    record = {"bench": name, "command": command or " ".join([f"python bench/{name}.py"] + argv),
               "quick": bool(args.quick), "env": env_info(device), "summary": summary, **result}
     print(f"\n{name}: {summary}", flush=True)
     if args.json:

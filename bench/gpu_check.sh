@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: one prepared script for a session that is lent a GPU machine (an H200 through the device tool).
 #
-#   1. here, on a machine that reaches PyPI (a developer's machine), once:
+#   1. here, on a machine that reaches PyPI (a developer's machine), once (minutes: downloads ~150 MB, xz -9e):
 #        bash bench/gpu_check.sh prepare
 #      builds .carry/ (ignored through .git/info/exclude; it must stay under the device tool's 64 MiB with the working
 #      tree): a Python 3.12 tree of the packages the GPU host lacks (Ray 2.60 pruned as in
@@ -69,14 +69,15 @@ EOF
   $py -m pip install --no-deps --no-compile --quiet --target "$CARRY/site" "${plat[@]}" "$CARRY"/dl/*.whl || return 1
   # Prune Ray as shared/reference/airgapped-ray.sh does (ray/data stays: ray.tune imports it).
   (cd "$CARRY/site" && rm -rf bin ray/jars ray/rllib ray/serve ray/llm ray/dashboard/client/build \
-     && find . -name "*.js.map" -delete && find . -type d \( -name tests -o -name test \) -prune -exec rm -rf {} + \
+     && find ray -name "*.js.map" -delete && find ray -type d \( -name tests -o -name test \) -prune -exec rm -rf {} + \
      && strip --strip-unneeded ray/_raylet.so ray/core/src/ray/gcs/gcs_server ray/core/src/ray/raylet/raylet \
         2>/dev/null; true)
   tar cf - -C "$CARRY" site | xz -9e -T2 > "$CARRY/site.tar.xz"
-  rm -rf "$CARRY/site" "$CARRY/dl" "$CARRY/none"
+  rm -rf "$CARRY/site" "$CARRY/dl" "$CARRY/none" "$CARRY/report.json"
   # Fashion-MNIST (Debian's dataset-fashion-mnist, not on the GPU host): the test split and the first FASHION_TRAIN
   # (default 20000 of 60000) training images, so that everything carried stays under the 64 MiB limit.
-  $py - "${FASHION_TRAIN:-20000}" "$CARRY/fashion-mnist" <<'EOF' || { echo "apt-get install dataset-fashion-mnist"; return 1; }
+  $py - "${FASHION_TRAIN:-20000}" "$CARRY/fashion-mnist" <<'EOF' \
+    || { echo "needs /usr/share/datasets/fashion-mnist: apt-get install dataset-fashion-mnist"; return 1; }
 import gzip, shutil, struct, sys
 from pathlib import Path
 n, dst, src = int(sys.argv[1]), Path(sys.argv[2]), Path("/usr/share/datasets/fashion-mnist")
@@ -111,13 +112,15 @@ run() {
     timeout "$lim" "$@"; echo "== $name: exit $?"
   }
   export RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1 OUT="$out"
-  mkdir -p /tmp/site && tar xJf "$CARRY/site.tar.xz" -C /tmp/site || { echo "no $CARRY/site.tar.xz: run prepare"; exit 1; }
+  mkdir -p /tmp/site && tar xJf "$CARRY/site.tar.xz" -C /tmp/site \
+    || { echo "no $CARRY/site.tar.xz: run prepare, and carry $CARRY"; exit 1; }
   export PYTHONPATH="/tmp/site/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
   local fm=/usr/share/datasets/fashion-mnist  # where the fashion_mnist source looks; never overwrite a real copy
   [ -f "$fm/train-images-idx3-ubyte.gz" ] || { mkdir -p "$fm" && cp "$CARRY"/fashion-mnist/*.gz "$fm/"; }
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   python3 -c "import torch, timm, ray, ray.tune, optuna, mlflow, sqlalchemy, alembic, mlxtend, pyarrow
-print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')
+print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')
 print('timm', timm.__version__, 'ray', ray.__version__, 'optuna', optuna.__version__, 'mlflow', mlflow.__version__)" \
     || { echo "imports failed: see above"; exit 1; }
   local steps=${STEPS:-"tests smoke_search trial_throughput packing cache overhead memory"}

@@ -146,7 +146,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(table([fig]))
     summary = (f"{fig['overhead_per_trial_s']:.1f} s overhead per trial = {fig['overhead_fraction']:.0%} of a "
                f"{fig['mean_trial_s']:.1f} s trial here; {fig['overhead_fraction_60s_trial']:.1%} of a 60 s trial "
-               f"(target <= {TARGET:.0%}); {n} sequential smoke trials, search start-up included")
+               f"(target <= {TARGET:.0%}); of it {fig['in_trainable_overhead_per_trial_s']:.1f} s inside the "
+               f"trainable (worker imports, per-epoch reports and checkpoints); {n} sequential smoke trials, search "
+               "start-up included")
     return emit("overhead", args, device, {**fig, "ratio": fig["overhead_fraction_60s_trial"], "target": TARGET,
                                             "trial_s": trial_s}, summary)
 
