@@ -18,14 +18,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     spec = load_pipeline(args.pipeline, args.set)
     if args.smoke:
         spec = smoke_pipeline(spec)
-    preflight(spec)  # datasets, models and levels checked before any training
     out = Path(args.out).resolve()
-    tracking = None
+    uri = None
     if not args.no_tracking:
-        from mlfd.tracking import PipelineTracking, Tracker, default_uri
+        from mlfd.tracking import Tracker, default_uri
 
         uri = args.tracking_uri or default_uri(out)
-        Tracker.check_reachable(uri)
+        Tracker.check_reachable(uri, hint="--tracking-uri URI, or --no-tracking")
+    preflight(spec)  # datasets, models and levels checked before any training
+    tracking = None
+    if uri is not None:
+        from mlfd.tracking import PipelineTracking
+
         out.mkdir(parents=True, exist_ok=True)
         tracking = PipelineTracking(uri, spec, out)
     try:
@@ -121,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except OSError as e:  # StorageError and friends: disk full, permissions; earlier outputs are untouched
         print(f"mlfd: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        from mlfd.engine import is_out_of_memory, out_of_memory
+
+        if not is_out_of_memory(e):
+            raise
+        print(f"mlfd: error: {out_of_memory(e, 'mlfd ' + args.command)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         print(f"mlfd: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)

@@ -26,6 +26,28 @@ class DivergedError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+class OutOfMemory(RuntimeError):
+    """A stage needed more GPU or host memory than there was (raised in place of torch's own error)."""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """torch's CUDA out-of-memory error, a failed host allocation, or Python's MemoryError."""
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError, OutOfMemory)):
+        return True
+    msg = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in msg or "out of memory" in msg.lower())
+
+
+def out_of_memory(e: BaseException, what: str) -> OutOfMemory:
+    """A one-line :class:`OutOfMemory` for ``what`` (a stage or trial) from torch's error ``e``."""
+    if isinstance(e, OutOfMemory):
+        return e
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:240]
+    where = "GPU" if isinstance(e, torch.OutOfMemoryError) else "host"
+    return OutOfMemory(f"{what} ran out of {where} memory ({first}); lower the batch size or the model/joint width, "
+                       f"or give it more memory (resources.gpu)")
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` -> cuda when available, else cpu."""
     if name == "auto":

@@ -106,8 +106,9 @@ class Tracker:
     # -- connection ----------------------------------------------------------------------------------------------
 
     @staticmethod
-    def check_reachable(uri: str, timeout: float = 10.0) -> None:
-        """Fail fast, before any compute, when a remote tracking server does not answer."""
+    def check_reachable(uri: str, timeout: float = 10.0, hint: str = "--set tracking_uri=URI") -> None:
+        """Fail fast, before any compute, when a remote tracking server does not answer (``hint``: how the command
+        that asks takes another URI)."""
         if uri.startswith("file:"):
             raise SpecError(f"tracking_uri: {uri!r}: MLflow 3 refuses the file store; use sqlite:///PATH/mlflow.db "
                             "or http://host:port")
@@ -122,7 +123,7 @@ class Tracker:
                     raise OSError(f"HTTP {r.status}")
         except OSError as e:
             raise SpecError(f"tracking_uri: cannot reach the MLflow server at {safe_uri(uri)} ({e}); start it or "
-                            "pass another --set tracking_uri=...") from None
+                            f"pass {hint}") from None
 
     def _experiment(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)

@@ -111,21 +111,23 @@ class CliRun:
             time.sleep(0.5)
         return self.proc.returncode
 
-    def leftovers(self, grace: float = 30.0) -> dict[int, str]:
-        """Processes the driver started that are still alive ``grace`` seconds after it exited."""
+    def leftovers(self, grace: float = 30.0, ignore: tuple[str, ...] = ()) -> dict[int, str]:
+        """Processes the driver started that are still alive once it has exited: waits up to ``grace`` seconds for
+        them to go (those whose command line contains a word of ``ignore`` are not waited for)."""
         deadline = time.monotonic() + grace
         while True:
             alive = {p: identity(p) for p, c in self.spawned.items() if same_process(p, c)}
-            if not alive or time.monotonic() > deadline:
+            waited = [c for c in alive.values() if not any(w in c for w in ignore)]
+            if not waited or time.monotonic() > deadline:
                 return alive
-            time.sleep(1.0)
+            time.sleep(0.5)
 
     def cleanup(self, grace: float = 0.0) -> dict[int, str]:
         """Kill (by pid, after checking it is still the process recorded) what the driver left behind; returns what
         was alive ``grace`` seconds after the driver exited."""
         left = self.leftovers(grace)
         alive = dict(left)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
+        for sig in (signal.SIGTERM, signal.SIGKILL) if alive else ():
             for p, c in alive.items():
                 if same_process(p, c):
                     try:
@@ -146,8 +148,8 @@ def mlfd_cli(tmp_path_factory: pytest.TempPathFactory):
     logs = tmp_path_factory.mktemp("cli")
     runs: list[CliRun] = []
 
-    def start(*args: str) -> CliRun:
-        r = CliRun([str(a) for a in args], logs).start()
+    def start(*args: str, env: dict | None = None) -> CliRun:
+        r = CliRun([str(a) for a in args], logs, env={**CLI_ENV, **(env or {})}).start()
         runs.append(r)
         return r
 

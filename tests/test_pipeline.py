@@ -145,3 +145,26 @@ def test_student_deploys_without_adaptors(smoke_run: Path) -> None:
         with torch.no_grad():
             assert net(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
         break
+
+
+def test_stage_weights_do_not_depend_on_what_ran_before(tmp_path: Path) -> None:
+    """T* and the student get the same weights whether the teachers were trained just before in the same process
+    (`mlfd run`) or found in the store by a process whose global RNG is elsewhere (a Ray trial): `mlfd export`'s rerun
+    relies on this."""
+    from mlfd.stages.teachers import train_teacher
+
+    spec = _tiny(tmp_path)
+    one_go = Context(spec=spec, store=ArtifactStore(tmp_path / "a"), progress=False)
+    train_student(one_go, "digits", 2)
+    split = Context(spec=spec, store=ArtifactStore(tmp_path / "b"), progress=False)
+    for d in ("mnist", "digits"):
+        train_teacher(split, d)
+    torch.manual_seed(12345)
+    torch.rand(77)  # another history of the global RNG before T* and the student are built
+    train_student(split, "digits", 2)
+    for kind in ("teacher", "joint", "student"):
+        keys = sorted(p.name for p in (tmp_path / "a" / kind).iterdir() if not p.name.startswith("."))
+        assert keys and keys == sorted(p.name for p in (tmp_path / "b" / kind).iterdir() if not p.name.startswith("."))
+        for k in keys:
+            assert (tmp_path / "a" / kind / k / "model.pt").read_bytes() == \
+                (tmp_path / "b" / kind / k / "model.pt").read_bytes(), (kind, k)

@@ -381,3 +381,40 @@ def test_check_pipeline_dataset_names(tmp_path: Path, pipeline: dict) -> None:
     assert space.dataset_names() == {"svhn"}
     with pytest.raises(SpecError, match="unknown dataset 'svhn'"):
         space.check_pipeline(pipeline)
+
+
+def _failing_region_share(searcher, name: str, n: int = 50, startup: int = 20) -> float:
+    """Run ``n`` trials where ``name < 0.5`` fails and the rest finish with the same score: share of the trials
+    after TPE's random start-up that were still proposed in the failing region."""
+    searcher.set_search_properties("val/acc1", "max", config={})
+    inside = 0
+    for i in range(n):
+        tid = f"t{i}"
+        x = searcher.suggest(tid)[name]
+        if x < 0.5:
+            searcher.on_trial_complete(tid, error=True)
+            inside += i >= startup
+        else:
+            searcher.on_trial_complete(tid, {"val/acc1": 50.0, "training_iteration": 1})
+    return inside / (n - startup)
+
+
+def test_failed_trials_steer_the_searcher_away(tmp_path: Path) -> None:
+    """A trial that fails (diverged, out of memory) is told to Optuna as the worst outcome: TPE stops proposing its
+    region (seed 0: 30% of the proposals after trial 20, falling). Ray's own OptunaSearch tells it FAIL, which TPE
+    ignores: it goes on proposing there (seed 0: 100%)."""
+    pytest.importorskip("ray.tune.search.optuna")
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    from mlfd.tune.searcher import FAILED_ATTR
+
+    space = load_space(write_space(tmp_path, "student.alpha: {type: float, low: 0.0, high: 1.0}\n"))
+    ours = make_searcher(space, "val/acc1", "max", seed=0)
+    share = _failing_region_share(ours, "student.alpha")
+    plain = OptunaSearch(space=space.define_by_run, metric="val/acc1", mode="max",
+                         sampler=optuna.samplers.TPESampler(seed=0))
+    plain_share = _failing_region_share(plain, "student.alpha")
+    assert share <= 0.4 and plain_share >= 0.6, (share, plain_share)
+    failed = [t for t in ours._ot_study.trials if t.user_attrs.get(FAILED_ATTR)]
+    assert failed and all(t.state == optuna.trial.TrialState.PRUNED for t in failed)

@@ -53,13 +53,13 @@ class SharedTask:
         counts = [d.num_classes for d in self.data]
         self.offsets = [sum(counts[:i]) for i in range(len(counts))]
         self.counts = counts
+        self.gen = seed_everything(recipe.seed)
         self.module = _Shared(model, counts if mode == "multi_head" else [sum(counts)]).to(ctx.device)
         if use_channels_last(ctx.device, recipe.channels_last):
             self.module = self.module.to(memory_format=torch.channels_last)
         self.tfs = [ctx.transform(d, model, recipe) for d in self.data]
         self.loaders = [loader(d.train.images, d.train.labels, recipe.batch_size, True, recipe.seed + i, ctx.device)
                         for i, d in enumerate(self.data)]
-        self.gen = seed_everything(recipe.seed)
 
     def steps_per_epoch(self) -> int:
         return max(len(ld) for ld in self.loaders)

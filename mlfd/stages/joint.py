@@ -87,12 +87,13 @@ class JointTask:
     def __init__(self, ctx: Context, plan: JointPlan):
         self.ctx, self.plan, self.recipe = ctx, plan, ctx.spec.joint.recipe
         self.feats = _Features(ctx, plan)
+        # Seeded right before T* is built: its initial weights must not depend on what ran before in this process.
+        self.gen = seed_everything(self.recipe.seed)
         self.module = build_joint_model(ctx, plan, self.feats.shapes)
         sizes = [self.feats.y[d, "train"].numel() for d in plan.datasets]
         # (dataset id, sample index) of every training sample of the union
         self.ds_id = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(sizes)])
         self.sample = torch.cat([torch.arange(n) for n in sizes])
-        self.gen = seed_everything(self.recipe.seed)
 
     def steps_per_epoch(self) -> int:
         return -(-self.ds_id.numel() // self.recipe.batch_size)

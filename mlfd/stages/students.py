@@ -39,8 +39,8 @@ class StudentTask:
         self.ds = ctx.data(name)
         model_spec = ctx.spec.dataset(name).student
         self.tf = ctx.transform(self.ds, model_spec, self.recipe)
+        targets_art, self.joint = joint_targets(ctx, plan, name)  # may train T* here, drawing from the global RNG
         self.gen = seed_everything(self.recipe.seed)
-        targets_art, self.joint = joint_targets(ctx, plan, name)
         self.head = plan.datasets.index(name)
         self.levels = [c for c in range(1, plan.level + 1) if sspec.beta(c) > 0]
         backbone = build_level_model(model_spec, self.ds.num_classes, ctx.device,

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,12 @@ def run_search(job_path: str, out: Path, smoke: bool = False, resume: bool = Fal
     import ray
 
     out = Path(out).resolve()
+    if tracking is not None:  # a remote server that does not answer fails before the datasets are even read
+        from mlfd.tracking import Tracker
+
+        uri = load_job(job_path, smoke, overrides)[0].tracking_uri
+        if uri:
+            Tracker.check_reachable(uri)
     plan = prepare(job_path, out, smoke, overrides)
     job = from_dict(JobSpec, plan["job"], path="job")
     if address:
@@ -221,6 +228,7 @@ def run_search(job_path: str, out: Path, smoke: bool = False, resume: bool = Fal
             study_rows = trial_rows(results, study, job, stage_epochs(spec, job.stage))
             rows.extend(study_rows)
             write_trials(out, rows)
+            pause_point("results")
             best_yaml = None
             if best_row(pd.DataFrame(study_rows), job.metric, job.mode) is not None:
                 best_yaml = export_best(out, study or job.stage, out / "best" / f"{study or job.stage}.yaml")
@@ -254,12 +262,37 @@ def prebuild_teachers(plan: dict, job: JobSpec) -> None:
     """
     import ray
 
-    names = [d["name"] for d in plan["pipeline"]["datasets"]]
+    from mlfd.stages.common import Context
+    from mlfd.stages.teachers import KIND, teacher_key
+    from mlfd.store import ArtifactStore
+
+    # Teachers already in the store (--resume, a shared store) need no task: a worker only to find them costs seconds.
+    ctx = Context(spec=from_dict(PipelineSpec, plan["pipeline"], validate=False), store=ArtifactStore(plan["store"]),
+                  progress=False)
+    names = [d.name for d in ctx.spec.datasets if ctx.store.get(KIND, teacher_key(ctx, d.name)) is None]
+    if not names:
+        return
     task = ray.remote(_build_teacher).options(num_cpus=job.resources.cpu, num_gpus=trial_gpu(plan, job))
     threads = trial_threads(job)
     print(f"mlfd tune: teachers for {names} (built once, in parallel, reused by every trial)", file=sys.stderr,
           flush=True)
-    ray.get([task.remote(plan["pipeline"], plan["store"], n, threads) for n in names])
+    refs = [task.remote(plan["pipeline"], plan["store"], n, threads) for n in names]
+    pause_point("teachers")
+    ray.get(refs)
+
+
+PAUSE_ENV = "MLFD_PAUSE_AT"
+
+
+def pause_point(name: str) -> None:
+    """Fault-injection point of the reliability tests: with ``MLFD_PAUSE_AT=<name>`` the driver says so on stderr
+    and waits there to be killed (``teachers``: teacher tasks running; ``results``: a study's trials.parquet written,
+    its best YAML and MLflow summary not yet). Without the variable it does nothing."""
+    if os.environ.get(PAUSE_ENV) != name:
+        return
+    print(f"mlfd tune: paused at {name} ({PAUSE_ENV})", file=sys.stderr, flush=True)
+    while True:
+        time.sleep(1.0)
 
 
 def _interrupted(results, job: JobSpec) -> bool:

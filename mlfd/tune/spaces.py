@@ -25,6 +25,7 @@ import operator
 import random
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Union
@@ -616,7 +617,6 @@ def make_searcher(space: SearchSpace, metric: str, mode: str, seed: int,
         SpecError: A point names a param the space does not have, or ``mode`` is not max/min.
     """
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
 
     if mode not in ("max", "min"):
         raise SpecError(f"mode: got {mode!r}; allowed: max, min")
@@ -630,5 +630,10 @@ def make_searcher(space: SearchSpace, metric: str, mode: str, seed: int,
                 raise SpecError(f"points_to_evaluate[{i}].{k}: not a param of {space.path}; "
                                 f"allowed: {', '.join(space.names())}")
         points.append({k: v for k, v in point.items() if k not in fixed})
-    return OptunaSearch(space=space.define_by_run, metric=metric, mode=mode,
-                        sampler=optuna.samplers.TPESampler(seed=seed), points_to_evaluate=points or None)
+    from mlfd.tune.searcher import FailureAwareOptunaSearch, failed_constraint
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # constraints_func
+        sampler = optuna.samplers.TPESampler(seed=seed, constraints_func=failed_constraint)
+    return FailureAwareOptunaSearch(space=space.define_by_run, metric=metric, mode=mode, sampler=sampler,
+                                    points_to_evaluate=points or None)

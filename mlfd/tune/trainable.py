@@ -48,6 +48,7 @@ def run_stage(config: dict, context: dict) -> None:
     import torch
     from ray import tune
 
+    from mlfd.engine import is_out_of_memory, out_of_memory
     from mlfd.stages.common import Context, read_metrics
     from mlfd.store import ArtifactStore, load_torch, save_torch
 
@@ -91,6 +92,10 @@ def run_stage(config: dict, context: dict) -> None:
         _build(ctx, stage, study)
         if final:
             report(final["metrics"], final["state"])
+    except Exception as e:
+        if is_out_of_memory(e):  # the trial fails with a reason that says so (trials.parquet, MLflow tag)
+            raise out_of_memory(e, f"{stage} trial {study or ''}".strip()) from None
+        raise
     finally:
         # Free CUDA memory promptly when ASHA stops a trial or it ends (the worker process may be reused).
         del ctx
