@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -31,6 +32,8 @@ STATE_FILE = "tracking.json"
 PENDING_PREFIX = "pending-"
 """Run ids handed out while the server is unreachable; the journal replay maps them to the real ids."""
 RETRY_AFTER_S = 15.0
+DRAIN_S = 120.0
+"""At the end of a study, how long the driver waits for an unreachable server to replay the journal."""
 """After a failed call, later calls go straight to the journal for this long (no network wait per call)."""
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
@@ -61,6 +64,16 @@ def redact(params: dict[str, Any]) -> dict[str, Any]:
     params, e.g. through the job's ``tracking_uri``)."""
     return {k: ("***" if any(w in k.lower() for w in SECRET_WORDS) else
                 safe_uri(v) if isinstance(v, str) and "://" in v else v) for k, v in params.items()}
+
+
+_URI_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@'\"]+@")
+_SECRET_LINE = re.compile(r"^(\s*-?\s*[\w.-]*(?:" + "|".join(SECRET_WORDS) + r")[\w.-]*\s*[:=]\s*)\S.*$",
+                          re.IGNORECASE | re.MULTILINE)
+
+
+def redact_text(text: str) -> str:
+    """A YAML file's text without credentials: user:password@ of URIs and the values of keys naming a secret."""
+    return _SECRET_LINE.sub(r"\1'***'", _URI_USERINFO.sub(r"\1***@", text))
 
 
 def git_commit() -> str | None:
@@ -205,6 +218,20 @@ class Tracker:
         else:
             self.journal.unlink()
         return len(rest)
+
+    def drain(self, timeout: float = 120.0, poll: float = 3.0) -> int:
+        """Replay the journal, retrying for up to ``timeout`` seconds while the server is away; returns how many
+        calls are still pending (0: everything reached the server)."""
+        if not self.journal.is_file():
+            return 0
+        deadline = time.monotonic() + timeout
+        print(f"mlfd: MLflow calls are waiting in {self.journal}; replaying them (waiting up to {timeout:.0f} s for "
+              f"{safe_uri(self.uri)})", file=sys.stderr, flush=True)
+        while True:
+            left = self.flush()
+            if not left or time.monotonic() >= deadline:
+                return left
+            time.sleep(poll)
 
     # -- run ids handed out while the server was away ------------------------------------------------------------
 
@@ -427,7 +454,12 @@ class SearchTracking:
             rid = t.start_run(f"search-{key}", tags)
             t.log_params(rid, {f"job.{k}": v for k, v in flatten(plan["job"]).items()})
             for f in (plan["job_file"], plan["space_file"], plan["pipeline_file"]):
-                t.log_artifact(rid, Path(f), "inputs")
+                # Logged as redacted copies: a job file may hold a tracking URI with user:password@.
+                from mlfd.store import atomic_write_text
+
+                copy = self.out / "inputs" / Path(f).name
+                atomic_write_text(copy, redact_text(Path(f).read_text()))
+                t.log_artifact(rid, copy, "inputs")
             state.setdefault("parents", {})[key] = rid
             _save_state(self.out, state)
         self.parents[key] = rid
@@ -467,7 +499,7 @@ class SearchTracking:
                 try:
                     # The model goes through MLflow's own client, not the journal: only once the journal is empty
                     # (calls in order) and the parent run exists on the server.
-                    if t.flush() or t.resolve_id(rid).startswith(PENDING_PREFIX):
+                    if t.drain(DRAIN_S) or t.resolve_id(rid).startswith(PENDING_PREFIX):
                         raise ConnectionError("earlier tracking calls are still waiting in the journal")
                     log_best_model(t, t.resolve_id(rid), best_yaml, art, study, self.register)
                 except Exception as e:  # noqa: BLE001 - the search is done; a model upload must not undo it

@@ -177,6 +177,7 @@ class SearchScenario:
     finished_before_interrupt: list[str] = field(default_factory=list)
     after_interrupt: dict[str, str] = field(default_factory=dict)
     parent_before: str | None = None
+    outage: bool = False
     error: BaseException | None = None
     _proc: subprocess.Popen | None = None
     _thread: threading.Thread | None = None
@@ -236,8 +237,17 @@ class SearchScenario:
             self.after_interrupt = statuses(all_runs(c, "quickstart"))
             state = self.out / STATE_FILE
             self.parent_before = json.loads(state.read_text())["parents"]["digits"] if state.is_file() else None
-            # 2. Resume it.
-            self.rc.append(self._wait(self._popen("search2.log", "--resume"), "resumed search"))
+            # 2. Resume it, and take the server away as the resumed study starts: its calls wait in the journal and
+            # reach the server once it is back (it takes 15-40 s to answer again).
+            proc = self._popen("search2.log", "--resume")
+            deadline = time.monotonic() + PHASE_S
+            while proc.poll() is None and "mlfd tune: study digits" not in (self.root / "search2.log").read_text():
+                assert time.monotonic() < deadline, f"resumed study did not start\n{self.log('search2.log')}"
+                time.sleep(0.2)
+            self.server.stop()
+            self.outage = True
+            self.server.start()
+            self.rc.append(self._wait(proc, "resumed search"))
         except BaseException as e:  # noqa: BLE001 - reported by result()
             self.error = e
 
@@ -479,6 +489,14 @@ def test_search_run_hierarchy(search: SearchScenario) -> None:
         assert run.data.metrics["val/acc1"] == pytest.approx(float(row["final/val/acc1"]))
 
 
+def test_search_survives_the_server_going_away(search: SearchScenario) -> None:
+    """The server was stopped as the resumed study started: the search finished, said so, and every call it kept
+    in the journal reached the server once it was back (the other tests check those runs and metrics)."""
+    assert search.outage and search.rc[-1] == 0, search.log("search2.log")
+    assert "mlfd: warning: MLflow unreachable; tracking calls kept in" in (search.root / "search2.log").read_text()
+    assert not (search.out / "mlflow_pending.jsonl").exists()
+
+
 def test_search_resume_continues_the_same_runs(search: SearchScenario) -> None:
     assert search.rc[0] == 130, f"the first run was not interrupted (exit {search.rc[0]})\n{search.log('search1.log')}"
     assert search.finished_before_interrupt, "interrupted before any trial finished"
@@ -551,3 +569,16 @@ def test_search_best_model_logged_under_parent(search: SearchScenario) -> None:
     # --register NAME: one version, from this run (a resumed search does not register the study again).
     versions = c.search_model_versions(f"name='{REGISTERED}'")
     assert [v.run_id for v in versions] == [parent.info.run_id]
+
+
+def test_input_files_are_logged_without_credentials() -> None:
+    """The job, space and pipeline files go to MLflow as redacted copies (mlfd.tracking.redact_text)."""
+    from mlfd.tracking import redact_text
+
+    text = ("name: q\ntracking_uri: http://alice:s3cr3t@mlflow.example:5000\nstorage_path: s3://AKIA:k3y@bucket/ray\n"
+            "set: [pipeline.student.recipe.lr=0.1]\napi_token: abc123\nextra:\n  - password = hunter2\n")
+    red = redact_text(text)
+    for secret in ("s3cr3t", "alice", "AKIA", "k3y", "abc123", "hunter2"):
+        assert secret not in red, red
+    assert "http://***@mlflow.example:5000" in red and "s3://***@bucket/ray" in red
+    assert "pipeline.student.recipe.lr=0.1" in red and red.count("\n") == text.count("\n")

@@ -340,6 +340,10 @@ def write_trials(out: Path, rows: list[dict]) -> None:
     import io
 
     df = pd.DataFrame(rows)
+    # The same columns in the same order whatever order Ray returns the trials in (conditional params appear only in
+    # some rows): the trial's own columns, then its sampled params sorted by name.
+    df = df[[c for c in df.columns if not c.startswith("config/")] + sorted(c for c in df.columns
+                                                                            if c.startswith("config/"))]
     for c in df.columns:  # parquet wants one type per column; sampled categoricals may mix int/str
         if df[c].dtype == object and c.startswith("config/"):
             df[c] = df[c].map(lambda v: v if v is None or isinstance(v, str) else json.dumps(v))
