@@ -168,3 +168,30 @@ def test_stage_weights_do_not_depend_on_what_ran_before(tmp_path: Path) -> None:
         for k in keys:
             assert (tmp_path / "a" / kind / k / "model.pt").read_bytes() == \
                 (tmp_path / "b" / kind / k / "model.pt").read_bytes(), (kind, k)
+
+
+def test_failed_write_of_the_outputs_keeps_the_earlier_ones(smoke_run: Path, tmp_path: Path) -> None:
+    """`mlfd run` again over an earlier output directory, on a "full disk" (a real write(2) failure: a 16 KiB file
+    size limit, EFBIG): one-line error, exit 1, and the earlier results are still there, byte for byte."""
+    import resource
+    import shutil
+    import signal
+
+    out = tmp_path / "out"
+    shutil.copytree(smoke_run, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def limit() -> None:  # in the child: writes past 16 KiB fail with EFBIG (SIGXFSZ ignored, as a full disk fails)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, resource.RLIM_INFINITY))
+
+    proc = subprocess.run([sys.executable, "-m", "mlfd.cli", "run", str(DEFAULT), "--smoke", "--out", str(out),
+                           "--quiet", "--no-tracking"], capture_output=True, text=True, timeout=600,
+                          preexec_fn=limit)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("mlfd: error: ") and "file too large" in lines[0], proc.stderr
+    assert str(out) in lines[0]  # names the file it could not write
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert {k: v for k, v in after.items() if k in before} == before  # nothing earlier destroyed
+    assert not [k for k in after if k not in before], "temp files left behind"

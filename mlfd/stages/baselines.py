@@ -17,6 +17,9 @@ from mlfd.stages.common import (Context, dataset_key_spec, eval_model, loader, s
 from mlfd.store import Artifact, ArtifactStore
 
 KIND = "baseline"
+VERSION = 2
+"""Part of the artifact key; bumped when the training code changes what an artifact of this kind holds, so a
+store written by an older mlfd is not reused for it (2: the model is built right after seeding)."""
 MODES = ("multi_head", "joint_head")
 
 
@@ -118,7 +121,7 @@ def baseline_model(ctx: Context) -> tuple[ModelSpec, RecipeSpec]:
 
 def baseline_key(ctx: Context, mode: str) -> str:
     model, recipe = baseline_model(ctx)
-    return ArtifactStore.key(KIND, {"mode": mode, "model": to_dict(model), "recipe": to_dict(recipe),
+    return ArtifactStore.key(KIND, {"v": VERSION, "mode": mode, "model": to_dict(model), "recipe": to_dict(recipe),
                                     "data": [dataset_key_spec(d) for d in ctx.spec.datasets]})
 
 

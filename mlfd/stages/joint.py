@@ -24,6 +24,9 @@ from mlfd.stages.common import EVAL_BATCH, SPLITS, Context, dataset_key_spec, sa
 from mlfd.store import Artifact, ArtifactStore, load_torch, read_features, write_features
 
 KIND = "joint"
+VERSION = 2
+"""Part of the artifact key; bumped when the training code changes what an artifact of this kind holds, so a
+store written by an older mlfd is not reused for it (2: the model is built right after seeding)."""
 TARGETS_KIND = "joint_targets"
 
 
@@ -53,7 +56,8 @@ def plan_for(ctx: Context, level: int, target: str | None = None, own: bool = Fa
 
 def joint_key(ctx: Context, plan: JointPlan) -> str:
     inputs = {f"features/{t}/{d}": cache_key(ctx, t, d, plan.level) for t in plan.teachers for d in plan.datasets}
-    return ArtifactStore.key(KIND, {"joint": to_dict(ctx.spec.joint), "level": plan.level, "teachers": plan.teachers,
+    return ArtifactStore.key(KIND, {"v": VERSION, "joint": to_dict(ctx.spec.joint), "level": plan.level,
+                                    "teachers": plan.teachers,
                                     "datasets": plan.datasets,
                                     "data": [dataset_key_spec(ctx.spec.dataset(d)) for d in plan.datasets]}, inputs)
 

@@ -20,6 +20,9 @@ from mlfd.stages.teachers import train_teacher
 from mlfd.store import Artifact, ArtifactStore
 
 KIND = "student"
+VERSION = 2
+"""Part of the artifact key; bumped when the training code changes what an artifact of this kind holds, so a
+store written by an older mlfd is not reused for it (2: the model is built right after seeding)."""
 
 
 def _to_view(x: torch.Tensor, src_mean, src_std, dst_size: int, dst_mean, dst_std) -> torch.Tensor:
@@ -100,7 +103,7 @@ def student_variant(ctx: Context, control: str | None) -> StudentSpec:
 
 def student_key(ctx: Context, name: str, plan: JointPlan, sspec: StudentSpec) -> str:
     ds = ctx.spec.dataset(name)
-    return ArtifactStore.key(KIND, {"data": dataset_key_spec(ds), "model": to_dict(ds.student),
+    return ArtifactStore.key(KIND, {"v": VERSION, "data": dataset_key_spec(ds), "model": to_dict(ds.student),
                                     "student": to_dict(sspec), "level": plan.level}, {"joint": joint_key(ctx, plan)})
 
 
