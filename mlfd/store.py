@@ -166,7 +166,11 @@ class ArtifactStore:
 
     @staticmethod
     def key(kind: str, spec: Any, inputs: dict[str, str] | None = None) -> str:
-        """Key of an artifact: a hash of its kind, its spec and the keys of its inputs."""
+        """Key of an artifact: a hash of its kind, its spec and the keys of its inputs.
+
+        Stages put a ``"v": VERSION`` of their own in ``spec``, bumped when the training code changes what an artifact
+        of that kind holds, so a store written by an older mlfd is not reused for it.
+        """
         return spec_hash({"kind": kind, "spec": to_dict(spec), "inputs": dict(sorted((inputs or {}).items()))})
 
     def path(self, kind: str, key: str) -> Path:

@@ -32,9 +32,9 @@ STATE_FILE = "tracking.json"
 PENDING_PREFIX = "pending-"
 """Run ids handed out while the server is unreachable; the journal replay maps them to the real ids."""
 RETRY_AFTER_S = 15.0
+"""After a failed call, later calls go straight to the journal for this long (no network wait per call)."""
 DRAIN_S = 120.0
 """At the end of a study, how long the driver waits for an unreachable server to replay the journal."""
-"""After a failed call, later calls go straight to the journal for this long (no network wait per call)."""
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 """MLflow's own defaults (7 retries, backoff factor 2, 120 s timeout) block each call for minutes when a server is

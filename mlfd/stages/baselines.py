@@ -17,9 +17,7 @@ from mlfd.stages.common import (Context, dataset_key_spec, eval_model, loader, s
 from mlfd.store import Artifact, ArtifactStore
 
 KIND = "baseline"
-VERSION = 2
-"""Part of the artifact key; bumped when the training code changes what an artifact of this kind holds, so a
-store written by an older mlfd is not reused for it (2: the model is built right after seeding)."""
+VERSION = 2  # in the artifact key: see mlfd.store.ArtifactStore.key
 MODES = ("multi_head", "joint_head")
 
 

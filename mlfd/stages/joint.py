@@ -24,9 +24,7 @@ from mlfd.stages.common import EVAL_BATCH, SPLITS, Context, dataset_key_spec, sa
 from mlfd.store import Artifact, ArtifactStore, load_torch, read_features, write_features
 
 KIND = "joint"
-VERSION = 2
-"""Part of the artifact key; bumped when the training code changes what an artifact of this kind holds, so a
-store written by an older mlfd is not reused for it (2: the model is built right after seeding)."""
+VERSION = 2  # in the artifact key: see mlfd.store.ArtifactStore.key
 TARGETS_KIND = "joint_targets"
 
 

@@ -20,9 +20,7 @@ from mlfd.stages.teachers import train_teacher
 from mlfd.store import Artifact, ArtifactStore
 
 KIND = "student"
-VERSION = 2
-"""Part of the artifact key; bumped when the training code changes what an artifact of this kind holds, so a
-store written by an older mlfd is not reused for it (2: the model is built right after seeding)."""
+VERSION = 2  # in the artifact key: see mlfd.store.ArtifactStore.key
 
 
 def _to_view(x: torch.Tensor, src_mean, src_std, dst_size: int, dst_mean, dst_std) -> torch.Tensor:
