@@ -9,10 +9,11 @@
    other through the stage functions (mlfd.stages: joint teacher targets, then train_student), no Ray, no Optuna, no
    MLflow; its wall time and each trial's time.
 
-Overhead per trial = (search wall - plain wall) / N: Ray start-up, Optuna, trial actors, per-epoch checkpoints and
-reports, MLflow runs, the summary files; the search's fixed start-up is spread over its N trials, so the figure falls
-as N grows. Printed as seconds and as % of the mean plain trial time, and extrapolated to a 60 s trial (the per-epoch
-part of the overhead grows with epochs, so this extrapolation holds for a trial of a similar number of epochs).
+Overhead of a search of N trials = search wall - plain wall: Ray start-up, Optuna, trial actors, per-epoch
+checkpoints and reports, MLflow runs, the summary files. Steps 2-3 run at two sizes N1 < N2, which splits it into a
+fixed part paid once per search and a part per trial: per trial = (overhead(N2) - overhead(N1)) / (N2 - N1). The
+per-trial part is the headline, as % of a 60 s trial (the per-epoch part grows with epochs, so this holds for a trial
+of a similar number of epochs); the fixed part and the all-included overhead per trial at N2 are printed beside it.
 
 Target (design.md section 6): small against the trial; <= 5% of a 60 s trial.
 """
@@ -102,55 +103,80 @@ def plain_loop(search_out: Path, store: Path, result: Path) -> None:
     result.write_text(json.dumps({"trial_s": times}))
 
 
+def measure(n: int, tmp: Path, warm: Path, env: dict, reuse: bool, gpu: float) -> dict:
+    """One search of ``n`` trials through `mlfd tune` and the same trials as a plain loop, both from a copy of the
+    warm store; their wall times, the plain loop's trial times and the time Ray measured inside the trainables."""
+    run = tmp / f"n{n}"
+    shutil.copytree(warm, run / "store-search")
+    shutil.copytree(warm, run / "store-plain")
+    cmd = [sys.executable, "-m", "mlfd.cli", "tune", str(JOB), "--smoke", "--out", str(run / "search")]
+    for o in search_overrides(n, run / "store-search", gpu) + [f"reuse_actors={str(reuse).lower()}"]:
+        cmd += ["--set", o]
+    print(f"overhead: search of {n} trials through mlfd tune ...", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    search_s = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"mlfd tune failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    print(f"overhead: the same {n} trials as a plain loop ...", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--plain-child", str(run / "search"),
+                           str(run / "store-plain"), str(run / "plain.json")], env=env, capture_output=True, text=True)
+    plain_s = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"plain loop failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    trial_s = json.loads((run / "plain.json").read_text())["trial_s"]
+    return {"search_s": search_s, "plain_s": plain_s, "trial_s": trial_s,
+            "inside_s": in_trainable_seconds(run / "search")}
+
+
+def split_overhead(small: dict, large: dict) -> dict:
+    """Overhead = fixed start-up + n x per-trial cost: both from two searches of different sizes."""
+    n1, n2 = len(small["trial_s"]), len(large["trial_s"])
+    ov1, ov2 = small["search_s"] - small["plain_s"], large["search_s"] - large["plain_s"]
+    per_trial = (ov2 - ov1) / (n2 - n1)
+    return {"marginal_overhead_per_trial_s": per_trial, "fixed_overhead_s": ov1 - n1 * per_trial,
+            "marginal_fraction_60s_trial": per_trial / REFERENCE_TRIAL_S}
+
+
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(__doc__, argv, extra=lambda p: p.add_argument("--trials", type=int, default=None))
+    def extra(p) -> None:
+        p.add_argument("--trials", type=int, nargs=2, default=None, metavar=("N1", "N2"),
+                       help="sizes of the two searches (default: 2 4 with --quick, 3 6 otherwise)")
+        p.add_argument("--no-reuse", action="store_true", help="run the searches with reuse_actors=false")
+
+    args = parse_args(__doc__, argv, extra=extra)
     device = setup(args)
-    n = args.trials or (2 if args.quick else 3)
-    gpu = 1.0 if device.type == "cuda" else 0.0
+    n1, n2 = args.trials or ((2, 4) if args.quick else (3, 6))
     with tmpdir("overhead") as tmp:
         tmp = Path(tmp)
         from mlfd.tune.launch import prepare
 
-        overrides = search_overrides(n, tmp / "store-search", gpu)
         # Only the pipeline is needed here: gpu 0 skips the packing dry run, which the search itself does run.
-        plan = prepare(str(JOB), tmp / "search", smoke=True, overrides=search_overrides(n, tmp / "store-search", 0.0))
+        plan = prepare(str(JOB), tmp / "plan", smoke=True, overrides=search_overrides(n1, tmp / "store-warm", 0.0))
         print("overhead: warm store (the search's teachers, once) ...", flush=True)
         warm_store(plan, tmp / "store-warm")
-        shutil.copytree(tmp / "store-warm", tmp / "store-search")
-        shutil.copytree(tmp / "store-warm", tmp / "store-plain")
         env = {**__import__("os").environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled",
                "OMP_NUM_THREADS": str(args.threads or 1) if device.type == "cpu" else "4"}
-        cmd = [sys.executable, "-m", "mlfd.cli", "tune", str(JOB), "--smoke", "--out", str(tmp / "search")]
-        for o in overrides:
-            cmd += ["--set", o]
-        print(f"overhead: search of {n} trials through mlfd tune ...", flush=True)
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        search_s = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise SystemExit(f"mlfd tune failed ({proc.returncode}): {proc.stderr[-2000:]}")
-        print(f"overhead: the same {n} trials as a plain loop ...", flush=True)
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--plain-child", str(tmp / "search"),
-                               str(tmp / "store-plain"), str(tmp / "plain.json")], env=env, capture_output=True,
-                              text=True)
-        plain_s = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise SystemExit(f"plain loop failed ({proc.returncode}): {proc.stderr[-2000:]}")
-        trial_s = json.loads((tmp / "plain.json").read_text())["trial_s"]
-        inside_s = in_trainable_seconds(tmp / "search")
-    fig = overhead_figures(search_s, plain_s, trial_s)
-    # Of the overhead, the part inside the trainables (per-epoch reports and checkpoints, Ray's session) grows with a
-    # trial's epochs; the rest (Ray and MLflow start-up, trial actors, teacher prebuild tasks, summaries) does not.
-    fig["in_trainable_overhead_per_trial_s"] = (inside_s - sum(trial_s)) / len(trial_s)
-    print(table([fig]))
-    summary = (f"{fig['overhead_per_trial_s']:.1f} s overhead per trial = {fig['overhead_fraction']:.0%} of a "
-               f"{fig['mean_trial_s']:.1f} s trial here; {fig['overhead_fraction_60s_trial']:.1%} of a 60 s trial "
-               f"(target <= {TARGET:.0%}); of it {fig['in_trainable_overhead_per_trial_s']:.1f} s inside the "
-               f"trainable (worker imports, per-epoch reports and checkpoints); {n} sequential smoke trials, search "
-               "start-up included")
-    return emit("overhead", args, device, {**fig, "ratio": fig["overhead_fraction_60s_trial"], "target": TARGET,
-                                            "trial_s": trial_s}, summary)
+        gpu = 1.0 if device.type == "cuda" else 0.0
+        runs = [measure(n, tmp, tmp / "store-warm", env, not args.no_reuse, gpu) for n in (n1, n2)]
+    rows = []
+    for r in runs:
+        fig = overhead_figures(r["search_s"], r["plain_s"], r["trial_s"])
+        # Of the overhead, the part inside the trainables (per-epoch reports and checkpoints, Ray's session) grows
+        # with a trial's epochs; the rest (Ray and MLflow start-up, trial actors, summaries) does not.
+        fig["in_trainable_overhead_per_trial_s"] = (r["inside_s"] - sum(r["trial_s"])) / len(r["trial_s"])
+        rows.append(fig)
+    print(table(rows))
+    split = split_overhead(*runs)
+    last = rows[-1]
+    summary = (f"{split['marginal_overhead_per_trial_s']:.1f} s overhead per additional trial = "
+               f"{split['marginal_fraction_60s_trial']:.1%} of a 60 s trial (target <= {TARGET:.0%}), plus "
+               f"{split['fixed_overhead_s']:.0f} s once per search (Ray, MLflow, teacher check, summaries); "
+               f"a search of {len(runs[-1]['trial_s'])} {last['mean_trial_s']:.1f} s trials: "
+               f"{last['overhead_per_trial_s']:.1f} s per trial all included; reuse_actors={not args.no_reuse}")
+    return emit("overhead", args, device, {**split, "runs": rows, "ratio": split["marginal_fraction_60s_trial"],
+                                            "target": TARGET, "reuse_actors": not args.no_reuse}, summary)
 
 
 if __name__ == "__main__":

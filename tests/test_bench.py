@@ -76,6 +76,10 @@ def test_overhead_figures():
     fig = overhead.overhead_figures(search_s=130.0, plain_s=100.0, trial_s=[20.0, 30.0, 25.0])
     assert fig["overhead_per_trial_s"] == 10.0 and fig["mean_trial_s"] == 25.0
     assert fig["overhead_fraction"] == 0.4 and fig["overhead_fraction_60s_trial"] == pytest.approx(10 / 60)
+    split = overhead.split_overhead({"search_s": 50.0, "plain_s": 20.0, "trial_s": [10.0, 10.0]},
+                                    {"search_s": 86.0, "plain_s": 40.0, "trial_s": [10.0] * 4})
+    assert split["marginal_overhead_per_trial_s"] == 8.0 and split["fixed_overhead_s"] == 14.0  # 30 = 14 + 2 x 8
+    assert split["marginal_fraction_60s_trial"] == pytest.approx(8 / 60)
     over = overhead.search_overrides(3, Path("/tmp/s"), 0.0)
     assert "num_samples=3" in over and "max_concurrent_trials=1" in over and "scheduler={type: none}" in over
 

@@ -68,6 +68,9 @@ class JobSpec:
     max_concurrent_trials: int = 2
     max_failures: int = 1
     """Retries of a trial whose worker died (from its last checkpoint)."""
+    reuse_actors: bool = True
+    """Run later trials in the worker processes of finished ones (Ray Tune's ``reuse_actors``): no new process, no
+    new imports, datasets already in memory. Trials of one study have the same resources, so every worker fits."""
     storage_path: Optional[str] = None
     """Ray Tune storage (absolute; default OUT/ray). Must be shared storage on a multi-node cluster."""
     tracking_uri: Optional[str] = None
