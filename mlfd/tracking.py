@@ -483,6 +483,16 @@ class SearchTracking:
             except Exception as e:  # noqa: BLE001
                 print(f"mlfd: warning: could not mark the MLflow run of study {key!r} {status}: {e}", file=sys.stderr)
 
+    def close(self) -> None:
+        """At the end of a search: replay what waits in the journal (waiting up to DRAIN_S for the server); say
+        where the rest is kept if the server is still away."""
+        if self.tracker is None:
+            return
+        left = self.tracker.drain(DRAIN_S)
+        if left:
+            print(f"mlfd: warning: {left} MLflow calls are still in {self.tracker.journal}; the next mlfd tune --resume "
+                  f"--out {self.out} replays them", file=sys.stderr, flush=True)
+
     def finish_study(self, plan: dict, study: str | None, best_yaml: Path | None) -> None:
         """Log the study's best trial under the parent: test metrics, weights, a loadable model, the YAML."""
         key = study or plan["job"]["stage"]

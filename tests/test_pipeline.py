@@ -141,6 +141,7 @@ def test_student_deploys_without_adaptors(smoke_run: Path) -> None:
         state = load_torch(p / "model.pt")
         net = timm.create_model(ds.student.arch, num_classes=10)
         net.load_state_dict(state)  # strict: exactly the timm model's keys
+        net.eval()
         assert sum(v.numel() for v in state.values()) == sum(v.numel() for v in net.state_dict().values())
         with torch.no_grad():
             assert net(torch.zeros(1, 3, 32, 32)).shape == (1, 10)

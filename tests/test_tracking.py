@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_tune import snapshot_status
 
 from mlfd.tracking import (PENDING_PREFIX, STATE_FILE, TAG_DATASET, TAG_LEVEL, TAG_PARENT, TAG_STAGE, TAG_TRIAL,
                            Tracker, best_artifact)
@@ -221,16 +222,14 @@ class SearchScenario:
             # 1. Start, and interrupt (Ctrl-C) as soon as one trial's run is FINISHED on the server.
             proc = self._popen("search1.log")
             deadline = time.monotonic() + PHASE_S
+            # Ray's own state snapshot, polled on disk: the server is too slow to poll for a trial of seconds.
+            exp = self.out / "ray" / "quickstart-digits"
             while proc.poll() is None and not self.finished_before_interrupt:
                 if self._stop.is_set():
                     raise RuntimeError("stopped")
                 assert time.monotonic() < deadline, f"no trial finished in {PHASE_S:.0f} s\n{self.log('search1.log')}"
-                exp = c.get_experiment_by_name("quickstart")
-                if exp is not None:
-                    self.finished_before_interrupt = [
-                        r.data.tags[TAG_TRIAL] for r in c.search_runs([exp.experiment_id], max_results=100)
-                        if TAG_TRIAL in r.data.tags and r.info.status == "FINISHED"]
-                time.sleep(1)
+                self.finished_before_interrupt = [t for t, st in snapshot_status(exp).items() if st == "TERMINATED"]
+                time.sleep(0.2)
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)  # the driver only, as a terminal's Ctrl-C would reach it
             self.rc.append(self._wait(proc, "interrupted search"))
@@ -248,6 +247,7 @@ class SearchScenario:
             self.outage = True
             self.server.start()
             self.rc.append(self._wait(proc, "resumed search"))
+            self.server.wait_ready()
         except BaseException as e:  # noqa: BLE001 - reported by result()
             self.error = e
 

@@ -235,6 +235,8 @@ def run_search(job_path: str, out: Path, smoke: bool = False, resume: bool = Fal
                 best_yaml = export_best(out, study or job.stage, out / "best" / f"{study or job.stage}.yaml")
             if tracking:
                 tracking.finish_study(plan, study, best_yaml)
+        if tracking:
+            tracking.close()
     except BaseException as e:  # Ctrl-C -> KILLED, any other error -> FAILED: no parent run is left RUNNING
         if tracking is not None:
             tracking.interrupted("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
