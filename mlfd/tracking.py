@@ -34,7 +34,7 @@ PENDING_PREFIX = "pending-"
 RETRY_AFTER_S = 15.0
 """After a failed call, later calls go straight to the journal for this long (no network wait per call)."""
 DRAIN_S = 120.0
-"""At the end of a study, how long the driver waits for an unreachable server to replay the journal."""
+"""At the end of a study or search, how long the driver waits for an unreachable server to replay the journal."""
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 """MLflow's own defaults (7 retries, backoff factor 2, 120 s timeout) block each call for minutes when a server is
@@ -113,6 +113,7 @@ class Tracker:
         self.journal = Path(journal)
         self._warned = False
         self._down_until = 0.0
+        self._drain_gave_up = False  # a drain already waited its full time: later ones try once, without waiting
         self._ids: dict[str, str] = {}
         self.experiment_id = experiment_id or self._experiment(experiment)
 
@@ -219,17 +220,21 @@ class Tracker:
             self.journal.unlink()
         return len(rest)
 
-    def drain(self, timeout: float = 120.0, poll: float = 3.0) -> int:
+    def drain(self, timeout: float = DRAIN_S, poll: float = 3.0) -> int:
         """Replay the journal, retrying for up to ``timeout`` seconds while the server is away; returns how many
-        calls are still pending (0: everything reached the server)."""
+        calls are still pending (0: everything reached the server). Once a drain has waited its full time in vain,
+        later ones only try once: a server that stays away costs the search one wait, not one per study."""
         if not self.journal.is_file():
             return 0
+        if self._drain_gave_up:
+            timeout = 0.0
         deadline = time.monotonic() + timeout
         print(f"mlfd: MLflow calls are waiting in {self.journal}; replaying them (waiting up to {timeout:.0f} s for "
               f"{safe_uri(self.uri)})", file=sys.stderr, flush=True)
         while True:
             left = self.flush()
             if not left or time.monotonic() >= deadline:
+                self._drain_gave_up = bool(left)
                 return left
             time.sleep(poll)
 
@@ -453,10 +458,10 @@ class SearchTracking:
                 tags["mlflow.source.git.commit"] = commit
             rid = t.start_run(f"search-{key}", tags)
             t.log_params(rid, {f"job.{k}": v for k, v in flatten(plan["job"]).items()})
+            from mlfd.store import atomic_write_text
+
             for f in (plan["job_file"], plan["space_file"], plan["pipeline_file"]):
                 # Logged as redacted copies: a job file may hold a tracking URI with user:password@.
-                from mlfd.store import atomic_write_text
-
                 copy = self.out / "inputs" / Path(f).name
                 atomic_write_text(copy, redact_text(Path(f).read_text()))
                 t.log_artifact(rid, copy, "inputs")
@@ -488,7 +493,7 @@ class SearchTracking:
         where the rest is kept if the server is still away."""
         if self.tracker is None:
             return
-        left = self.tracker.drain(DRAIN_S)
+        left = self.tracker.drain()
         if left:
             print(f"mlfd: warning: {left} MLflow calls are still in {self.tracker.journal}; the next mlfd tune --resume "
                   f"--out {self.out} replays them", file=sys.stderr, flush=True)
@@ -509,7 +514,7 @@ class SearchTracking:
                 try:
                     # The model goes through MLflow's own client, not the journal: only once the journal is empty
                     # (calls in order) and the parent run exists on the server.
-                    if t.drain(DRAIN_S) or t.resolve_id(rid).startswith(PENDING_PREFIX):
+                    if t.drain() or t.resolve_id(rid).startswith(PENDING_PREFIX):
                         raise ConnectionError("earlier tracking calls are still waiting in the journal")
                     log_best_model(t, t.resolve_id(rid), best_yaml, art, study, self.register)
                 except Exception as e:  # noqa: BLE001 - the search is done; a model upload must not undo it
