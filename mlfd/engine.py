@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from mlfd.config import RecipeSpec
-from mlfd.losses import topk_correct
+from mlfd.losses import topk_hits
 
 
 class DivergedError(RuntimeError):
@@ -144,6 +144,65 @@ class FitResult:
     epochs_run: int = 0
 
 
+SYNC_EVERY = 32
+"""Steps between host syncs of the train loop on an accelerator (on a CPU there is nothing to wait for: every step)."""
+
+
+def sync_every(device: torch.device, setting: int | None = None) -> int:
+    """How often :func:`fit` reads the loss back to the host: ``setting`` if given, else every step on a CPU and every
+    :data:`SYNC_EVERY` steps on an accelerator, so that the host queues the next steps while the device runs."""
+    if setting is not None:
+        if setting < 1:
+            raise ValueError(f"sync_every must be >= 1, got {setting}")
+        return setting
+    return 1 if device.type == "cpu" else SYNC_EVERY
+
+
+class _StepStats:
+    """One epoch's loss sums and its first non-finite loss, accumulated on the loss's device.
+
+    Each step adds a few tiny device ops and no host sync; :meth:`check` (one sync) raises :class:`DivergedError`
+    naming the first step whose loss was NaN or infinite, whenever it is called. Sums are float64, added in step
+    order: the same numbers as summing ``float(loss)`` on the host.
+    """
+
+    def __init__(self) -> None:
+        self.keys: list[str] | None = None
+        self.sums: torch.Tensor | None = None
+        self.bad_step: torch.Tensor | None = None
+        self.bad_value: torch.Tensor | None = None
+        self.last: torch.Tensor | None = None
+        self.n = 0
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        loss = losses["loss"].detach()
+        if self.keys is None:
+            self.keys = list(losses)
+            self.sums = torch.zeros(len(self.keys), dtype=torch.float64, device=loss.device)
+            self.bad_step = torch.full((), -1, dtype=torch.int64, device=loss.device)
+            self.bad_value = torch.zeros((), dtype=torch.float32, device=loss.device)
+        elif list(losses) != self.keys:
+            raise RuntimeError(f"train_step returned losses {list(losses)} after {self.keys}; keep the same names")
+        self.sums += torch.stack([losses[k].detach().to(torch.float64) for k in self.keys])
+        first = (self.bad_step < 0) & ~torch.isfinite(loss)
+        self.bad_step = torch.where(first, self.n, self.bad_step)
+        self.bad_value = torch.where(first, loss.float(), self.bad_value)
+        self.last = loss
+        self.n += 1
+
+    def check(self, desc: str, epoch: int) -> None:
+        """Raise if a loss of this epoch so far was not finite (``epoch`` counted from 1 in the message)."""
+        if self.bad_step is not None:
+            step = int(self.bad_step)
+            if step >= 0:
+                raise DivergedError(f"{desc}: loss became {float(self.bad_value)} at epoch {epoch}, step {step + 1}")
+
+    def means(self) -> dict[str, float]:
+        if self.sums is None:
+            return {}
+        return {k: v / self.n for k, v in zip(self.keys, self.sums.tolist())}
+
+
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
@@ -187,6 +246,7 @@ def fit(
     desc: str = "train",
     progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
+    sync: int | None = None,
 ) -> FitResult:
     """Train ``task`` for ``recipe.epochs``, evaluating on val after every epoch; keep the best state by val/acc1.
 
@@ -195,6 +255,8 @@ def fit(
             state dict (pass it back as ``resume``). Raising inside it stops training (e.g. Ray Tune's stop).
         resume: a state from ``get_state`` to continue from.
         should_stop: polled between epochs.
+        sync: read the loss back to the host every this many steps (default :func:`sync_every`): a NaN or infinite
+            loss raises :class:`DivergedError` naming its step at the next read, and the epoch's end always reads.
 
     At return the module holds the best epoch's weights.
     """
@@ -205,6 +267,7 @@ def fit(
     steps = task.steps_per_epoch()
     total = max(1, recipe.epochs * math.ceil(steps / recipe.grad_accum))
     dtype = amp_dtype(device, recipe.amp)
+    every = sync_every(device, sync)
     scaler = torch.amp.GradScaler("cuda") if dtype is torch.float16 else None
     history: list[dict[str, float]] = []
     best_state, best_metrics, best_epoch, start_epoch, opt_step = None, {}, -1, 0, 0
@@ -220,16 +283,17 @@ def fit(
     try:
         for epoch in range(start_epoch, recipe.epochs):
             module.train()
-            sums: dict[str, float] = {}
-            n_batches = 0
+            stats = _StepStats()
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             for i, batch in enumerate(task.train_batches(epoch)):
                 with autocast(device, dtype):
                     losses = task.train_step(batch)
                 loss = losses["loss"]
-                if not torch.isfinite(loss):
-                    raise DivergedError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}")
+                stats.add(losses)
+                if (i + 1) % every == 0:
+                    stats.check(desc, epoch + 1)
+                    bar.update(every, {"loss": f"{float(stats.last):.3f}"})
                 scaled = loss / recipe.grad_accum
                 (scaler.scale(scaled) if scaler else scaled).backward()
                 if (i + 1) % recipe.grad_accum == 0 or i + 1 == steps:
@@ -246,14 +310,14 @@ def fit(
                         opt.step()
                     opt.zero_grad(set_to_none=True)
                     opt_step += 1
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
-                n_batches += 1
-                bar.update(1, {"loss": f"{float(loss.detach()):.3f}"})
+            stats.check(desc, epoch + 1)
+            bar.update(stats.n % every)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the epoch's time includes its last queued kernels
             train_time = time.perf_counter() - t0
             metrics: dict[str, float] = {"epoch": epoch + 1}
-            for k, v in sums.items():
-                metrics["train/loss" if k == "loss" else f"train/loss/{k}"] = v / max(1, n_batches)
+            for k, v in stats.means().items():
+                metrics["train/loss" if k == "loss" else f"train/loss/{k}"] = v
             metrics["train/time_s"] = train_time
             with torch.inference_mode(), autocast(device, dtype):
                 module.eval()
@@ -284,14 +348,19 @@ def fit(
 
 @torch.inference_mode()
 def evaluate_logits(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-    """Top-1/top-5 accuracy (percent) and mean CE over (logits, target) pairs."""
-    n, c1, c5, loss = 0, 0, 0, 0.0
+    """Top-1/top-5 accuracy (percent) and mean CE over (logits, target) pairs.
+
+    Counts and the CE sum stay on the logits' device until the end (one host sync, not one per batch).
+    """
+    n, hits, loss = 0, None, None
     for logits, y in batches:
         logits = logits.float()
-        correct = topk_correct(logits, y, ks=(1, 5))
-        c1 += correct[1]
-        c5 += correct[5]
-        loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        h = topk_hits(logits, y, ks=(1, 5))
+        ce = nn.functional.cross_entropy(logits, y, reduction="sum").to(torch.float64)
+        hits, loss = (h, ce) if hits is None else (hits + h, loss + ce)
         n += y.numel()
+    if hits is None:
+        return {"acc1": 0.0, "acc5": 0.0, "loss": 0.0}
+    (c1, c5), total = hits.tolist(), float(loss)
     n = max(n, 1)
-    return {"acc1": 100.0 * c1 / n, "acc5": 100.0 * c5 / n, "loss": loss / n}
+    return {"acc1": 100.0 * c1 / n, "acc5": 100.0 * c5 / n, "loss": total / n}

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ce_loss", "feature_mse", "kd_loss", "mlfd_loss", "topk_correct"]
+__all__ = ["ce_loss", "feature_mse", "kd_loss", "mlfd_loss", "topk_correct", "topk_hits"]
 
 
 def ce_loss(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
@@ -109,18 +109,26 @@ def mlfd_loss(student_logits: Tensor, target: Tensor, teacher_logits: Optional[T
     return {"loss": total, **out}
 
 
-def topk_correct(logits: Tensor, target: Tensor, ks: Iterable[int] = (1, 5)) -> dict[int, int]:
-    """Number of samples whose label is among the top-k logits, for each k (k clipped to the number of classes).
-
-    Keys are the requested k, so ``acc5`` exists (and is 100%) for a 3-class problem.
-    """
+def topk_hits(logits: Tensor, target: Tensor, ks: Iterable[int] = (1, 5)) -> Tensor:
+    """Number of samples whose label is among the top-k logits, for each k (k clipped to the number of classes), as
+    an int64 tensor ``[len(ks)]`` on the logits' device (no host sync)."""
     ks = list(ks)
     if not ks or len(target) == 0:
-        return {k: 0 for k in ks}
+        return torch.zeros(len(ks), dtype=torch.int64, device=logits.device)
     num_classes = logits.shape[-1]
     kmax = min(max(ks), num_classes)
     top = logits.topk(kmax, dim=-1).indices  # [B, kmax], best first
     hits = top.eq(target.view(-1, 1))
     # Cumulative hit along rank: hit_at[:, j] says "label within the top j + 1".
     hit_at = hits.cumsum(dim=1) > 0
-    return {k: int(hit_at[:, min(k, num_classes) - 1].sum().item()) for k in ks}
+    cols = torch.tensor([min(k, num_classes) - 1 for k in ks], device=logits.device)
+    return hit_at.index_select(1, cols).sum(dim=0)
+
+
+def topk_correct(logits: Tensor, target: Tensor, ks: Iterable[int] = (1, 5)) -> dict[int, int]:
+    """Number of samples whose label is among the top-k logits, for each k (k clipped to the number of classes).
+
+    Keys are the requested k, so ``acc5`` exists (and is 100%) for a 3-class problem.
+    """
+    ks = list(ks)
+    return dict(zip(ks, topk_hits(logits, target, ks).tolist()))
