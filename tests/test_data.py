@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from mlfd.config import AugmentSpec, DatasetSpec, ModelSpec, SpecError
-from mlfd.data import SOURCES, BatchTransform, DatasetSplits, TensorLoader, load_dataset
+from mlfd.data import (SOURCES, BatchTransform, DatasetSplits, FileImages, StreamLoader, TensorLoader, load_dataset,
+                       make_loader)
 from mlfd.data.sources import FASHION_MNIST_CLASSES
 from mlfd.data.splits import build_splits, stratified_split
 
@@ -205,6 +206,95 @@ def test_folder_split_layout(tmp_path):
     ds = build_splits(spec("folder", options={"root": str(tmp_path)}, val_fraction=0.25))
     check_splits(ds, 3, (6, 6))
     assert ds.classes == ["cat", "dog"] and (len(ds.train), len(ds.val), len(ds.test)) == (18, 6, 6)
+
+
+def _digit_tree(root: Path, n: int = 23) -> None:
+    """``n`` real 8x8 digits (of classes 0-2) as PNG files in root/<class>/, and 6 more in root/test/."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits(n_class=3)
+    images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)
+    for i in range(n + 6):
+        split = "test" if i >= n else "train"
+        d = root / split / str(bunch.target[i])
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i], "L").save(d / f"{i:03d}.png")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streamed_folder_reads_the_same_images(tmp_path, workers):
+    """`stream: true` leaves the images in their files (FileImages) and reads back exactly the in-memory images,
+    labels, splits and statistics."""
+    make_tree(tmp_path)
+    mem = SOURCES["folder"]({"root": str(tmp_path)}, "opts")
+    st = SOURCES["folder"]({"root": str(tmp_path), "stream": True, "workers": workers}, "opts")
+    assert isinstance(st.train.images, FileImages) and st.train.images.workers == workers
+    assert st.train.images.shape == mem.train.images.shape == (6, 3, 10, 12) and st.train.images.dtype == torch.uint8
+    assert torch.equal(torch.cat(list(st.train.images.split(4))), mem.train.images)
+    assert [len(c) for c in st.train.images.split(4)] == [4, 2]
+    assert torch.equal(st.train.labels, mem.train.labels) and st.classes == mem.classes
+    assert torch.equal(torch.cat(list(st.train.images[torch.tensor([5, 0])].split(8))), mem.train.images[[5, 0]])
+
+    _digit_tree(tmp_path / "digits")
+    opts = {"root": str(tmp_path / "digits"), "mode": "L"}
+    a = build_splits(spec("folder", options=opts, val_fraction=0.25))
+    b = build_splits(spec("folder", options={**opts, "stream": True, "workers": workers}, val_fraction=0.25))
+    assert (len(a.train), len(a.val), len(a.test)) == (len(b.train), len(b.val), len(b.test)) == (17, 6, 6)
+    for name in ("train", "val", "test"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert isinstance(y.images, FileImages) and torch.equal(x.labels, y.labels)
+        assert torch.equal(torch.cat(list(y.images.split(5))), x.images)
+    assert b.mean == a.mean and b.std == a.std and a.mean[0] == pytest.approx(0.29934, abs=1e-5)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stream_loader_gives_the_tensor_loaders_batches(tmp_path, workers):
+    """Batch for batch, epoch after epoch (and from a resumed epoch), the streamed loader yields what the in-memory
+    loader yields: same indices, same pixels, same labels; its decoding workers persist across epochs."""
+    _digit_tree(tmp_path)
+    mem = SOURCES["folder"]({"root": str(tmp_path), "mode": "L"}, "opts").train
+    st = SOURCES["folder"]({"root": str(tmp_path), "mode": "L", "stream": True, "workers": workers}, "opts").train
+    for shuffle, drop_last in ((True, False), (False, False), (True, True)):
+        ref = TensorLoader(mem.images, mem.labels, 5, shuffle, seed=3, drop_last=drop_last)
+        got = make_loader(st.images, st.labels, 5, shuffle, seed=3, drop_last=drop_last)
+        assert isinstance(got, StreamLoader) and len(got) == len(ref) == (4 if drop_last else 5)
+        for epoch in range(2):
+            pairs = list(zip(ref, got, strict=True))
+            for (i, x, y), (j, u, v) in pairs:
+                assert torch.equal(i, j) and torch.equal(x, u) and torch.equal(y, v) and u.dtype == torch.uint8
+            if epoch == 0 and workers:
+                first = got._loader._iterator
+        if workers:
+            assert got._loader._iterator is first  # the same worker processes served both epochs
+        ref.epoch = got.epoch = 7  # a resumed run: permutation seed + 7
+        assert all(torch.equal(a[1], b[1]) for a, b in zip(ref, got, strict=True))
+
+
+def test_streamed_folder_errors(tmp_path):
+    """A non-image file fails at load (its header is checked); a truncated image in train fails at load too (the
+    statistics pass decodes train), in test at its first read; each as one line naming the file."""
+    _digit_tree(tmp_path)
+    opts = {"root": str(tmp_path), "mode": "L", "stream": True, "workers": 2}
+    with pytest.raises(SpecError, match=r"^opts\.stream: expected true/false, got 'yes'$"):
+        SOURCES["folder"]({**opts, "stream": "yes"}, "opts")
+    with pytest.raises(SpecError, match=r"^opts\.workers: expected an integer >= 0, got -1$"):
+        SOURCES["folder"]({**opts, "workers": -1}, "opts")
+    bad = tmp_path / "train" / "1" / "notes.txt"
+    bad.write_text("hello")
+    with pytest.raises(SpecError, match=rf"^{bad}: not a readable image \(UnidentifiedImageError"):
+        SOURCES["folder"](opts, "opts")
+    bad.unlink()
+    good = sorted((tmp_path / "test" / "2").iterdir())[0]
+    whole = good.read_bytes()
+    good.write_bytes(whole[:60])  # the header parses, the pixels are cut
+    ds = build_splits(spec("folder", options=opts, val_fraction=0.25))  # test is not decoded at load
+    with pytest.raises(SpecError) as err:
+        list(make_loader(ds.test.images, ds.test.labels, 4, False))
+    assert str(err.value).startswith(f"{good}: not a readable image (") and "\n" not in str(err.value)
+    train_file = sorted((tmp_path / "train" / "0").iterdir())[0]
+    train_file.write_bytes(train_file.read_bytes()[:60])
+    with pytest.raises(SpecError, match=rf"^{train_file}: not a readable image \([^\n]*$"):
+        build_splits(spec("folder", options=opts, val_fraction=0.25))
 
 
 # ------------------------------------------------------------------------------------------------------------------

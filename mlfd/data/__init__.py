@@ -1,10 +1,11 @@
-"""Datasets as in-memory uint8 tensors: sources, deterministic splits, batched transforms and a device loader."""
+"""Datasets as uint8 tensors (in memory, or decoded from image files batch by batch): sources, deterministic splits,
+batched transforms and device loaders."""
 
-from mlfd.data.base import DatasetSplits, ImageSet, RawData
-from mlfd.data.loader import TensorLoader
+from mlfd.data.base import DatasetSplits, FileImages, ImageSet, RawData
+from mlfd.data.loader import StreamLoader, TensorLoader, make_loader
 from mlfd.data.sources import SOURCES
 from mlfd.data.splits import clear_dataset_cache, load_dataset
 from mlfd.data.transforms import BatchTransform
 
-__all__ = ["SOURCES", "BatchTransform", "DatasetSplits", "ImageSet", "RawData", "TensorLoader", "clear_dataset_cache",
-           "load_dataset"]
+__all__ = ["SOURCES", "BatchTransform", "DatasetSplits", "FileImages", "ImageSet", "RawData", "StreamLoader",
+           "TensorLoader", "clear_dataset_cache", "load_dataset", "make_loader"]

@@ -1,4 +1,5 @@
-"""Mini-batches over in-memory tensors, resident on the training device."""
+"""Mini-batches for the training device: over in-memory tensors resident there, or decoded from image files by
+DataLoader workers (pinned memory, persistent workers), in the same order either way."""
 
 from __future__ import annotations
 
@@ -6,8 +7,39 @@ from collections.abc import Iterator
 
 import torch
 
+from mlfd.data.base import FileImages, _Decoded, worker_errors
 
-class TensorLoader:
+
+class _EpochLoader:
+    """What both loaders share: batch count, and a per-epoch sample order drawn from ``seed + epoch``."""
+
+    def __init__(self, n: int, labels: torch.Tensor, batch_size: int, shuffle: bool, seed: int,
+                 device: str | torch.device, drop_last: bool, name: str):
+        if batch_size < 1:
+            raise ValueError(f"{name}: batch_size must be >= 1, got {batch_size}")
+        if n != labels.shape[0]:
+            raise ValueError(f"{name}: {n} images but {labels.shape[0]} labels")
+        self.device = torch.device(device)
+        self.labels = labels.to(self.device)
+        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        n = self.labels.shape[0]
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def _next_batches(self, device: torch.device) -> list[torch.Tensor]:
+        """This epoch's batches of sample indices (int64 on ``device``, one copy there), and start the next epoch."""
+        n = self.labels.shape[0]
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).to(device)
+        else:
+            order = torch.arange(n, device=device)
+        self.epoch += 1
+        return [order[b * self.batch_size:(b + 1) * self.batch_size] for b in range(len(self))]
+
+
+class TensorLoader(_EpochLoader):
     """Batches over in-memory tensors on a device, yielding ``(idx, images_uint8, labels)``.
 
     ``idx`` holds the int64 indices of the batch's samples in the source tensors (on ``device``), used to look up cached
@@ -30,27 +62,64 @@ class TensorLoader:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0,
                  device: str | torch.device = "cpu", drop_last: bool = False):
-        if batch_size < 1:
-            raise ValueError(f"TensorLoader: batch_size must be >= 1, got {batch_size}")
-        if images.shape[0] != labels.shape[0]:
-            raise ValueError(f"TensorLoader: {images.shape[0]} images but {labels.shape[0]} labels")
-        self.device = torch.device(device)
+        super().__init__(images.shape[0], labels, batch_size, shuffle, seed, device, drop_last, "TensorLoader")
         self.images = images.to(self.device)
-        self.labels = labels.to(self.device)
-        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        n = self.labels.shape[0]
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        n = self.labels.shape[0]
-        if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).to(self.device)
-        else:
-            order = torch.arange(n, device=self.device)
-        self.epoch += 1
-        for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+        for idx in self._next_batches(self.device):
             yield idx, self.images[idx], self.labels[idx]
+
+
+class _Batches:
+    """A batch sampler whose batches are replaced every epoch (a persistent DataLoader asks it anew each epoch)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class StreamLoader(_EpochLoader):
+    """Batches of images decoded from their files (:class:`FileImages`), yielding ``(idx, images_uint8, labels)`` on
+    ``device`` exactly as :class:`TensorLoader` would for the same images held in memory.
+
+    A ``torch.utils.data.DataLoader`` decodes in ``images.workers`` processes, kept alive across epochs (persistent
+    workers) and prefetching ahead; batches land in pinned memory when ``device`` is CUDA and are copied to it
+    without blocking. Arguments and attributes: as :class:`TensorLoader`.
+    """
+
+    PREFETCH = 4
+    """Batches each worker decodes ahead."""
+
+    def __init__(self, images: FileImages, labels: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0,
+                 device: str | torch.device = "cpu", drop_last: bool = False):
+        super().__init__(len(images), labels, batch_size, shuffle, seed, device, drop_last, "StreamLoader")
+        self.images = images
+        self._sampler = _Batches()
+        self._loader = None
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        batches = self._next_batches(torch.device("cpu"))
+        self._sampler.batches = [b.tolist() for b in batches]
+        if self._loader is None:
+            from torch.utils.data import DataLoader  # local: keeps torch.utils.data out of in-memory runs
+
+            workers = self.images.workers
+            self._loader = DataLoader(_Decoded(self.images), batch_sampler=self._sampler, num_workers=workers,
+                                      pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+                                      prefetch_factor=self.PREFETCH if workers > 0 else None)
+        for x, b in zip(worker_errors(self._loader), batches):
+            idx = b.to(self.device, non_blocking=True)
+            yield idx, x.to(self.device, non_blocking=True), self.labels[idx]
+
+
+def make_loader(images: torch.Tensor | FileImages, labels: torch.Tensor, batch_size: int, shuffle: bool,
+                seed: int = 0, device: str | torch.device = "cpu",
+                drop_last: bool = False) -> TensorLoader | StreamLoader:
+    """The loader for a split's images: :class:`StreamLoader` for images left in files, else :class:`TensorLoader`."""
+    cls = StreamLoader if isinstance(images, FileImages) else TensorLoader
+    return cls(images, labels, batch_size=batch_size, shuffle=shuffle, seed=seed, device=device, drop_last=drop_last)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import gzip
 import importlib.resources
 import inspect
-import io
 import json
 import math
 import struct
@@ -23,7 +22,8 @@ import torch
 from PIL import Image
 
 from mlfd.config import SpecError
-from mlfd.data.base import ImageSet, RawData
+from mlfd.data.base import DECODE_WORKERS, FileImages, ImageSet, RawData
+from mlfd.data.decode import CHANNELS, check_image_header, decode_image, image_to_array, one_line
 
 Loader = Callable[[dict, str], RawData]
 
@@ -37,12 +37,6 @@ TABLE_SUFFIXES = (".parquet", ".arrow", ".feather", ".ipc")
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                "test": "test", "testing": "test"}
 _IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-_CHANNELS = {"L": 1, "RGB": 3}
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -88,6 +82,13 @@ class _Options:
             raise SpecError(f"{self.path}.{key}: got {value!r}; allowed: {', '.join(allowed)}")
         return value
 
+    def count(self, key: str, default: int) -> int:
+        """A non-negative integer."""
+        value = self.options.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise SpecError(f"{self.path}.{key}: expected an integer >= 0, got {value!r}")
+        return value
+
     def mapping(self, key: str) -> dict:
         value = self.options.get(key, {})
         if not isinstance(value, dict):
@@ -120,43 +121,6 @@ class _Options:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _to_8bit(img: Image.Image) -> Image.Image:
-    """Grayscale 16/32-bit integer or float images as 8-bit "L".
-
-    16-bit images (and any with values above 255) are scaled by 1/257, float images in [0, 1] by 255.
-    """
-    a = np.asarray(img).astype(np.float64)
-    top = a.max(initial=0.0)
-    if img.mode.startswith("I;16") or top > 255:
-        a = a / 257.0
-    elif img.mode == "F" and top <= 1:
-        a = a * 255.0
-    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
-
-
-def image_to_array(img: Image.Image, mode: str, size: tuple[int, int] | None = None) -> np.ndarray:
-    """A PIL image as uint8 ``[C, H, W]`` in ``mode`` ("RGB" or "L"), resized (bilinear) to ``size`` = (H, W).
-
-    Handles 1, L, LA, P, RGB, RGBA, CMYK and 16-bit ("I;16", "I") or float ("F") grayscale inputs; alpha is dropped.
-    """
-    if img.mode.startswith("I") or img.mode == "F":
-        img = _to_8bit(img)
-    img = img.convert(mode)
-    if size is not None and img.size != (size[1], size[0]):
-        img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-    a = np.asarray(img, dtype=np.uint8)
-    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
-
-
-def _decode(src: Path | bytes, where: str, mode: str, size: tuple[int, int] | None) -> np.ndarray:
-    try:
-        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as img:
-            img.load()
-            return image_to_array(img, mode, size)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise SpecError(f"{where}: not a readable image ({_one_line(e)})") from None
-
-
 def _decode_all(items: Iterable[tuple[str, Path | bytes]], mode: str,
                 size: tuple[int, int] | None) -> tuple[np.ndarray, tuple[int, int] | None]:
     """Decode ``(where, file or bytes)`` items to uint8 ``[N, C, H, W]``; ``size`` None: the first image's size.
@@ -166,11 +130,11 @@ def _decode_all(items: Iterable[tuple[str, Path | bytes]], mode: str,
     """
     arrays = []
     for where, src in items:
-        arr = _decode(src, where, mode, size)
+        arr = decode_image(src, where, mode, size)
         size = size or (arr.shape[1], arr.shape[2])
         arrays.append(arr)
     if not arrays:
-        return np.zeros((0, _CHANNELS[mode], *(size or (1, 1))), np.uint8), size
+        return np.zeros((0, CHANNELS[mode], *(size or (1, 1))), np.uint8), size
     return np.stack(arrays), size
 
 
@@ -214,7 +178,7 @@ def read_idx(file: Path) -> np.ndarray:
         with (gzip.open(file, "rb") if file.suffix == ".gz" else open(file, "rb")) as f:
             data = f.read()
     except (OSError, EOFError) as e:
-        raise SpecError(f"{file}: cannot read IDX file ({_one_line(e)})") from None
+        raise SpecError(f"{file}: cannot read IDX file ({one_line(e)})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise SpecError(f"{file}: not an IDX file (bad magic number)")
     ndim, header = data[3], 4 + 4 * data[3]
@@ -286,7 +250,7 @@ def _torchvision_arrays(ds: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
         try:
             img = img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img))
         except (TypeError, ValueError) as e:
-            raise SpecError(f"{where}: item {i} is not an image ({_one_line(e)})") from None
+            raise SpecError(f"{where}: item {i} is not an image ({one_line(e)})") from None
         mode = mode or ("L" if img.mode in ("1", "L", "LA", "F") or img.mode.startswith("I") else "RGB")
         images.append(image_to_array(img, mode, size))
         size = size or images[0].shape[1:]
@@ -323,9 +287,9 @@ def load_torchvision(options: dict, path: str) -> RawData:
             return cls(**base, **split)
         except (TypeError, ValueError) as e:
             raise SpecError(f"{path}.kwargs: torchvision {name}({args}) rejected its arguments: "
-                            f"{_one_line(e)}") from None
+                            f"{one_line(e)}") from None
         except (RuntimeError, OSError) as e:
-            raise SpecError(f"{path}.root: cannot load torchvision {name}({args}) from {root}: {_one_line(e)}; set "
+            raise SpecError(f"{path}.root: cannot load torchvision {name}({args}) from {root}: {one_line(e)}; set "
                             f"download: true (needs network access) or put the files there") from None
 
     if "train" in params and "train" not in kwargs:
@@ -363,14 +327,20 @@ def load_folder(options: dict, path: str) -> RawData:
     """Images in ``root/<class>/...`` or ``root/{train,val,test}/<class>/...``; classes sorted by folder name.
 
     Options: ``root`` (required), ``mode`` ("RGB" default, or "L"), ``image_size`` (int or [H, W]; default: the first
-    image's size, every image is resized to it) and ``test_fraction`` (used when there is no test folder). Files
-    directly in ``root`` (e.g. a README) are ignored; every file inside a class folder must be an image.
+    image's size, every image is resized to it), ``test_fraction`` (used when there is no test folder), ``stream``
+    (default false: decode every image into memory at load; true: leave them in their files and decode batch by
+    batch with DataLoader workers, for folders too large to hold in memory) and ``workers`` (decoding worker
+    processes when streaming, default :data:`DECODE_WORKERS`; 0 decodes in the training process). Files directly in
+    ``root`` (e.g. a README) are ignored; every file inside a class folder must be an image (when streaming, each
+    file's header is checked at load, so a non-image fails before any training).
     """
-    opts = _Options("folder", options, path, ("root", "mode", "image_size", "test_fraction"))
+    opts = _Options("folder", options, path, ("root", "mode", "image_size", "test_fraction", "stream", "workers"))
     root = opts.directory("root")
-    mode = opts.choice("mode", "RGB", tuple(_CHANNELS))
+    mode = opts.choice("mode", "RGB", tuple(CHANNELS))
     size = opts.size("image_size")
     test_fraction = opts.fraction("test_fraction", 0.2)
+    stream = opts.boolean("stream", False)
+    workers = opts.count("workers", DECODE_WORKERS)
     subdirs = {p.name for p in root.iterdir() if p.is_dir() and _visible(p)}
     split_layout = "train" in subdirs and subdirs <= {"train", "val", "test"}
     split_dirs = {s: root / s for s in ("train", "val", "test") if s in subdirs} if split_layout else {"train": root}
@@ -389,9 +359,16 @@ def load_folder(options: dict, path: str) -> RawData:
             raise SpecError(f"{split_dirs[split] / unknown[0]}: class {unknown[0]!r} is not in {split_dirs['train']};"
                             f" allowed: {classes}")
         items = [(str(f), f) for c in classes for f in per_class.get(c, [])]
-        labels = [i for i, c in enumerate(classes) for _ in per_class.get(c, [])]
-        images, size = _decode_all(items, mode, size)
-        sets[split] = ImageSet.from_numpy(images, np.asarray(labels, dtype=np.int64))
+        labels = np.asarray([i for i, c in enumerate(classes) for _ in per_class.get(c, [])], dtype=np.int64)
+        if stream:
+            for where, f in items:
+                check_image_header(f, where)
+            size = size or (decode_image(items[0][1], items[0][0], mode, None).shape[1:] if items else None)
+            sets[split] = ImageSet(FileImages([w for w, _ in items], mode, size or (1, 1), workers),
+                                   torch.from_numpy(labels))
+        else:
+            images, size = _decode_all(items, mode, size)
+            sets[split] = ImageSet.from_numpy(images, labels)
     return RawData(classes=classes, train=sets["train"], val=sets.get("val"), test=sets.get("test"),
                    test_fraction=test_fraction)
 
@@ -426,7 +403,7 @@ def _read_table(file: Path, columns: dict[str, str], path: str) -> Any:
             except pa.ArrowInvalid:  # Hugging Face datasets write the IPC stream format
                 table = pa.ipc.open_stream(file).read_all()
     except (pa.ArrowException, OSError) as e:
-        raise SpecError(f"{file}: cannot read as Parquet/Arrow ({_one_line(e)})") from None
+        raise SpecError(f"{file}: cannot read as Parquet/Arrow ({one_line(e)})") from None
     for option, column in columns.items():
         if column not in table.column_names:
             raise SpecError(f"{path}.{option}: column {column!r} not in {file}; columns: {table.column_names}")
@@ -469,7 +446,7 @@ def load_parquet(options: dict, path: str) -> RawData:
     opts = _Options("parquet", options, path, ("path", "image_column", "label_column", "split_column", "mode",
                                                  "image_size", "test_fraction"))
     location = opts.required("path")
-    mode = opts.choice("mode", "RGB", tuple(_CHANNELS))
+    mode = opts.choice("mode", "RGB", tuple(CHANNELS))
     size = opts.size("image_size")
     test_fraction = opts.fraction("test_fraction", 0.2)
     columns = {"image_column": opts.string("image_column", "image"),

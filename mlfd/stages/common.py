@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from mlfd.config import DatasetSpec, ModelSpec, PipelineSpec, RecipeSpec, to_dict
-from mlfd.data import BatchTransform, DatasetSplits, TensorLoader, load_dataset
+from mlfd.data import (BatchTransform, DatasetSplits, FileImages, StreamLoader, TensorLoader, load_dataset,
+                       make_loader)
 from mlfd.engine import amp_dtype, autocast, evaluate_logits, resolve_device, use_channels_last
 from mlfd.models import LevelModel, create_model
 from mlfd.store import Artifact, ArtifactStore, atomic_write_text, load_torch, save_torch
@@ -58,11 +59,16 @@ class Context:
         return amp_dtype(self.device, recipe.amp)
 
 
+READ_ONLY_OPTIONS = {"folder": ("stream", "workers")}
+"""Source options that change how the images are read, not which images or their pixels: not part of store keys."""
+
+
 def dataset_key_spec(ds: DatasetSpec) -> dict:
-    """The part of a dataset spec that defines its data (not the models trained on it)."""
+    """The part of a dataset spec that defines its data (not the models trained on it, nor how its files are read)."""
     d = to_dict(ds)
     d.pop("model")
     d.pop("student_model")
+    d["options"] = {k: v for k, v in d["options"].items() if k not in READ_ONLY_OPTIONS.get(ds.source, ())}
     return d
 
 
@@ -87,9 +93,9 @@ def load_frozen(art: Artifact, model: ModelSpec, num_classes: int, device: torch
     return net
 
 
-def loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool, seed: int,
-           device: torch.device) -> TensorLoader:
-    return TensorLoader(images, labels, batch_size=batch_size, shuffle=shuffle, seed=seed, device=device)
+def loader(images: torch.Tensor | FileImages, labels: torch.Tensor, batch_size: int, shuffle: bool, seed: int,
+           device: torch.device) -> TensorLoader | StreamLoader:
+    return make_loader(images, labels, batch_size=batch_size, shuffle=shuffle, seed=seed, device=device)
 
 
 @torch.inference_mode()
