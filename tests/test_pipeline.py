@@ -196,3 +196,46 @@ def test_failed_write_of_the_outputs_keeps_the_earlier_ones(smoke_run: Path, tmp
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert {k: v for k, v in after.items() if k in before} == before  # nothing earlier destroyed
     assert not [k for k in after if k not in before], "temp files left behind"
+
+
+def _png_folder(root: Path, source: str, n: int) -> None:
+    """The first ``n`` train and n // 2 test images of an offline source as PNG files in root/{train,test}/<class>/."""
+    from PIL import Image
+
+    from mlfd.data import SOURCES
+
+    raw = SOURCES[source]({}, "opts")
+    for split, part, count in (("train", raw.train, n), ("test", raw.test or raw.train, n // 2)):
+        offset = 0 if split == "train" or raw.test is not None else n
+        for i in range(offset, offset + count):
+            d = root / split / f"c{int(part.labels[i])}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(part.images[i, 0].numpy(), "L").save(d / f"{i:05d}.png")
+
+
+def test_streamed_folders_train_the_same_weights_as_in_memory(tmp_path: Path) -> None:
+    """Two image-folder datasets, read into memory or streamed from their files by DataLoader workers: the same
+    store keys (how files are read is not part of them) and byte-identical teacher, T* and student weights."""
+    for name, source in (("mnist", "mnist5k"), ("digits", "sklearn_digits")):
+        _png_folder(tmp_path / name, source, 150)
+    stores = {}
+    for stream in (False, True):
+        data = to_dict(_tiny(tmp_path))
+        for d in data["datasets"]:
+            d.update(source="folder", classes=None,
+                     options={"root": str(tmp_path / d["name"]), "mode": "L", "stream": stream, "workers": 2})
+        store = tmp_path / f"store-{stream}"
+        ctx = Context(spec=from_dict(PipelineSpec, data), store=ArtifactStore(store), progress=False)
+        if stream:
+            assert type(ctx.data("digits").train.images).__name__ == "FileImages"
+        m = read_metrics(train_student(ctx, "digits", 2))
+        assert m["val"]["acc1"] > 10 + 20  # learned (chance is 10%)
+        stores[stream] = store
+    for kind in ("teacher", "features", "joint", "joint_targets", "student"):
+        keys = sorted(p.name for p in (stores[False] / kind).iterdir() if not p.name.startswith("."))
+        assert keys and keys == sorted(p.name for p in (stores[True] / kind).iterdir() if not p.name.startswith("."))
+        for k in keys:
+            files = [f for f in (stores[False] / kind / k).iterdir() if f.suffix in (".pt", ".arrow")]
+            assert files
+            for f in files:
+                assert f.read_bytes() == (stores[True] / kind / k / f.name).read_bytes(), (kind, k, f.name)
