@@ -13,8 +13,8 @@
 #      It unpacks the tree, checks the imports, then, each step bounded and skipped once the deadline (DEADLINE_S,
 #      default 540 s after the start) is near: the CUDA tests (tests/test_device.py, tests/test_packing.py), the GPU
 #      smoke search (`mlfd tune tune_jobs/quickstart.yaml --smoke --set resources.gpu=0.25`), then the benchmarks at
-#      full size on the GPU (trial_throughput, cache, packing, memory, overhead; scaling is a CPU benchmark). Results
-#      go to $OUT (at most 8 files): gpu_check.log, bench-results.json, bench-logs.tgz, RESULTS.md (the GPU section
+#      full size on the GPU (trial_throughput, input_pipeline, packing, cache, overhead, memory; scaling is a CPU
+#      benchmark). Results go to $OUT (at most 8 files): gpu_check.log, bench-results.json, bench-logs.tgz, RESULTS.md (the GPU section
 #      appended: copy it into bench/RESULTS.md), pytest.log, smoke_search.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -97,7 +97,8 @@ EOF
 
 run() {
   local t0 out deadline
-  declare -A LIMITS=([trial_throughput]=120 [packing]=240 [cache]=100 [overhead]=200 [memory]=100 [scaling]=120)
+  declare -A LIMITS=([trial_throughput]=120 [input_pipeline]=90 [packing]=240 [cache]=100 [overhead]=200 [memory]=100
+                     [scaling]=120)
   t0=$(date +%s)
   deadline=${DEADLINE_S:-540}
   out=${OUT:-/tmp/gpu-check-out}
@@ -123,7 +124,7 @@ print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')
 print('timm', timm.__version__, 'ray', ray.__version__, 'optuna', optuna.__version__, 'mlflow', mlflow.__version__)" \
     || { echo "imports failed: see above"; exit 1; }
-  local steps=${STEPS:-"tests smoke_search trial_throughput packing cache overhead memory"}
+  local steps=${STEPS:-"tests smoke_search trial_throughput input_pipeline packing cache overhead memory"}
   local run="bench/results/$(hostname)-gpu-$(date -u +%Y%m%dT%H%MZ)"
   mkdir -p "$run"
   for s in $steps; do

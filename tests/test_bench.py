@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import cache, collect, common, memory, overhead, packing, scaling, trial_throughput  # noqa: E402
+from bench import (cache, collect, common, input_pipeline, memory, overhead, packing, scaling,  # noqa: E402
+                   trial_throughput)
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
        "RAY_AUTH_MODE": "disabled"}
@@ -127,6 +128,27 @@ def test_collect_writes_json_and_appends_markdown(tmp_path):
     assert text.startswith("# Benchmark results\n\nearlier\n") and "## CPU, --quick" in text
     assert "`python bench/cache.py --quick`" in text and "| joint_batch | speedup |" in text
     assert "FAILED" in text and "1-min load average at start: 1.0" in text
+
+
+def test_input_pipelines_deliver_every_image_as_the_same_batches(tmp_path):
+    """The three pipelines input_pipeline.py times each deliver a whole epoch of normalized float batches of one
+    shape; mlfd's streamed and in-memory ones give the very same tensors."""
+    assert input_pipeline.write_tree(tmp_path, 37).endswith(", 37 images")
+    assert len(list(tmp_path.rglob("*.png"))) == 37
+    cpu = torch.device("cpu")
+    for make in (lambda: input_pipeline.ours(tmp_path, 32, 8, 2, cpu, stream=True),
+                 lambda: input_pipeline.ours(tmp_path, 32, 8, 0, cpu, stream=False),
+                 lambda: input_pipeline.raw_pipeline(tmp_path, 32, 8, 2, cpu)):
+        epoch = make()
+        assert epoch() == 37 and epoch() == 37
+    batches = {}
+    for stream in (True, False):
+        raw = input_pipeline.SOURCES["folder"]({"root": str(tmp_path), "mode": "L", "stream": stream, "workers": 2}, "t")
+        loader = input_pipeline.make_loader(raw.train.images, raw.train.labels, 8, True, seed=0, device=cpu)
+        tf = input_pipeline.BatchTransform(32, input_pipeline.MEAN, input_pipeline.STD)
+        batches[stream] = [tf(x, train=False) for _, x, _ in loader]
+    assert [b.shape for b in batches[True]] == [(8, 3, 32, 32)] * 4 + [(5, 3, 32, 32)]
+    assert all(torch.equal(a, b) for a, b in zip(batches[True], batches[False], strict=True))
 
 
 @pytest.mark.slow
