@@ -378,6 +378,9 @@ def check_resumed(out: Path, args: list, saved: dict, lines_before: dict) -> Sea
             assert len(now) > len(lines_before[t]) or epochs[t] == EPOCHS, \
                 f"trial {t} ({status} when interrupted, {len(lines_before[t])} epochs) was not continued"
     assert (out / "best" / "digits.yaml").is_file()
+    # Ray wrote its state through mlfd's whole-file-or-nothing filesystem (mlfd/tune/atomic_fs.py)
+    assert b"AtomicLocalHandler" in (exp / "tuner.pkl").read_bytes()
+    assert not [p for p in exp.rglob("*") if ".mlfd-tmp-" in p.name]  # swept on --resume, none left by the end
     # MLflow: one run per trial (none twice after the resumes), one parent, nothing left RUNNING.
     from mlflow.tracking import MlflowClient
 

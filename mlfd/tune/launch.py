@@ -136,6 +136,7 @@ def trial_context(plan: dict, job: JobSpec, study: str | None) -> dict:
 def _tuner(plan: dict, study: str | None, index: int, callbacks: list, resume: bool):
     from ray import tune
 
+    from mlfd.tune.atomic_fs import storage_filesystem, sweep_partial
     from mlfd.tune.spaces import load_space, make_searcher
 
     job = from_dict(JobSpec, plan["job"], path="job")
@@ -145,9 +146,11 @@ def _tuner(plan: dict, study: str | None, index: int, callbacks: list, resume: b
     context = trial_context(plan, job, study)
     trainable = tune.with_resources(tune.with_parameters(run_stage, context=context),
                                     {"cpu": job.resources.cpu, "gpu": trial_gpu(plan, job)})
-    if resume and tune.Tuner.can_restore(exp_path):
+    fs = storage_filesystem(plan["storage_path"])
+    if resume and tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
+        sweep_partial(exp_path)
         return tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=False,
-                                  restart_errored=False)
+                                  restart_errored=False, storage_filesystem=fs)
     space = load_space(plan["space_file"])
     searcher = make_searcher(space, job.metric, job.mode, seed=job.seed + index,
                              points_to_evaluate=job.points_to_evaluate or None)
@@ -157,8 +160,8 @@ def _tuner(plan: dict, study: str | None, index: int, callbacks: list, resume: b
                                     scheduler=_scheduler(job, stage_epochs(spec, job.stage)),
                                     num_samples=job.num_samples, max_concurrent_trials=job.max_concurrent_trials,
                                     reuse_actors=job.reuse_actors),
-        run_config=tune.RunConfig(name=name, storage_path=plan["storage_path"], callbacks=callbacks,
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        run_config=tune.RunConfig(name=name, storage_path=plan["storage_path"], storage_filesystem=fs,
+                                  callbacks=callbacks, checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   failure_config=tune.FailureConfig(max_failures=job.max_failures),
                                   verbose=1),
     )
