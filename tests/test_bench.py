@@ -143,7 +143,8 @@ def test_input_pipelines_deliver_every_image_as_the_same_batches(tmp_path):
         assert epoch() == 37 and epoch() == 37
     batches = {}
     for stream in (True, False):
-        raw = input_pipeline.SOURCES["folder"]({"root": str(tmp_path), "mode": "L", "stream": stream, "workers": 2}, "t")
+        opts = {"root": str(tmp_path), "mode": "L", "stream": stream, "workers": 2}
+        raw = input_pipeline.SOURCES["folder"](opts, "t")
         loader = input_pipeline.make_loader(raw.train.images, raw.train.labels, 8, True, seed=0, device=cpu)
         tf = input_pipeline.BatchTransform(32, input_pipeline.MEAN, input_pipeline.STD)
         batches[stream] = [tf(x, train=False) for _, x, _ in loader]

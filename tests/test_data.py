@@ -437,3 +437,24 @@ def test_tensor_loader_covers_every_index_once():
     assert [i.tolist() for i, _, _ in TensorLoader(images, labels, 4, True, seed=1)] == [orders[0][:4], orders[0][4:8],
                                                                                          orders[0][8:]]
     assert [i.tolist() for i, _, _ in TensorLoader(images, labels, 4, False)][0] == [0, 1, 2, 3]
+
+
+def test_stream_loader_inside_a_ray_worker(tmp_path):
+    """Trials run in Ray worker processes: the streamed loader's DataLoader workers start there and deliver the same
+    batches as in this process (a real local Ray cluster)."""
+    import ray
+
+    _digit_tree(tmp_path)
+    opts = {"root": str(tmp_path), "mode": "L", "stream": True, "workers": 2}
+
+    def batches() -> list[tuple[list[int], int]]:
+        raw = SOURCES["folder"](opts, "opts").train
+        loader = make_loader(raw.images, raw.labels, 4, True)
+        return [(i.tolist(), int(x.sum())) for _ in range(2) for i, x, _ in loader]
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        remote = ray.get(ray.remote(batches).remote(), timeout=300)
+    finally:
+        ray.shutdown()
+    assert remote == batches() and len(remote) == 12
