@@ -120,3 +120,50 @@ def test_compile_off_leaves_the_module_eager():
     task = _TinyTask()
     fit(task, RecipeSpec(epochs=1, compile=False), CPU, progress=False)
     assert getattr(task.module, "_compiled_call_impl", None) is None
+
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+@needs_gpu
+def test_cuda_fit_reads_the_loss_every_32_steps_and_still_names_the_nan_step():
+    """On CUDA the loop reads the loss back every SYNC_EVERY steps: the epoch means equal those of reading every
+    step (to float tolerance: GPU reductions), and a NaN from step 3 is still reported as step 3."""
+    from tests.test_engine import _Task, _without_time
+
+    from mlfd.engine import DivergedError
+
+    dev = torch.device("cuda")
+
+    def on_gpu(task):
+        task.module.to(dev)
+        task.x, task.y = task.x.to(dev), task.y.to(dev)
+        return task
+
+    recipe = RecipeSpec(epochs=2, lr=0.05, amp="off")
+    every = fit(on_gpu(_Task()), recipe, dev, progress=False, sync=1)
+    periodic = fit(on_gpu(_Task()), recipe, dev, progress=False)
+    for a, b in zip(_without_time(every.history), _without_time(periodic.history), strict=True):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6) for k in a)
+    with pytest.raises(DivergedError, match=r"loss became nan at epoch 1, step 3$"):
+        fit(on_gpu(_Task(nan_at=3)), recipe, dev, progress=False)
+
+
+@needs_gpu
+def test_cuda_stream_loader_pins_and_matches_memory(tmp_path):
+    """A streamed folder on CUDA: batches through pinned memory and non-blocking copies equal the in-memory ones."""
+    from tests.test_data import _digit_tree
+
+    from mlfd.data import SOURCES
+    from mlfd.data.loader import make_loader
+
+    _digit_tree(tmp_path)
+    dev = torch.device("cuda")
+    mem = SOURCES["folder"]({"root": str(tmp_path), "mode": "L"}, "o").train
+    st = SOURCES["folder"]({"root": str(tmp_path), "mode": "L", "stream": True, "workers": 2}, "o").train
+    got = make_loader(st.images, st.labels, 5, True, seed=1, device=dev)
+    assert got._loader is None
+    pairs = list(zip(make_loader(mem.images, mem.labels, 5, True, seed=1, device=dev), got, strict=True))
+    assert got._loader.pin_memory
+    for (i, x, y), (j, u, v) in pairs:
+        assert u.device.type == "cuda" and torch.equal(i, j) and torch.equal(x, u) and torch.equal(y, v)
