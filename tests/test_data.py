@@ -247,6 +247,22 @@ def test_streamed_folder_reads_the_same_images(tmp_path, workers):
     assert b.mean == a.mean and b.std == a.std and a.mean[0] == pytest.approx(0.29934, abs=1e-5)
 
 
+def test_large_streamed_split_takes_its_statistics_from_a_seeded_sample(tmp_path, monkeypatch):
+    """Over STREAM_STATS_IMAGES train images, a streamed split's mean/std are those of a seeded sample of that many
+    (the same sample every load), not of all of them: every process loading the dataset decodes them."""
+    import mlfd.data.splits as splits
+
+    _digit_tree(tmp_path)
+    opts = {"root": str(tmp_path), "mode": "L"}
+    mem = build_splits(spec("folder", options=opts, val_fraction=0.25))
+    monkeypatch.setattr(splits, "STREAM_STATS_IMAGES", 5)
+    a = build_splits(spec("folder", options={**opts, "stream": True}, val_fraction=0.25))
+    b = build_splits(spec("folder", options={**opts, "stream": True}, val_fraction=0.25))
+    assert a.mean == b.mean and a.mean != mem.mean and len(a.train) == 17
+    pick = np.sort(splits._rng(0, "stream_stats").choice(17, 5, replace=False))
+    assert a.mean == splits.channel_stats(mem.train.images[torch.from_numpy(pick)])[0]
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_stream_loader_gives_the_tensor_loaders_batches(tmp_path, workers):
     """Batch for batch, epoch after epoch (and from a resumed epoch), the streamed loader yields what the in-memory

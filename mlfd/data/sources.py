@@ -332,7 +332,8 @@ def load_folder(options: dict, path: str) -> RawData:
     batch with DataLoader workers, for folders too large to hold in memory) and ``workers`` (decoding worker
     processes when streaming, default :data:`DECODE_WORKERS`; 0 decodes in the training process). Files directly in
     ``root`` (e.g. a README) are ignored; every file inside a class folder must be an image (when streaming, each
-    file's header is checked at load, so a non-image fails before any training).
+    file's header is checked at load, so a non-image fails before any training; an image cut short after its header
+    fails at load if it is among the train images decoded for the statistics, else when first read).
     """
     opts = _Options("folder", options, path, ("root", "mode", "image_size", "test_fraction", "stream", "workers"))
     root = opts.directory("root")

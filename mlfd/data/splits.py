@@ -6,12 +6,16 @@ import numpy as np
 import torch
 
 from mlfd.config import DatasetSpec, SpecError, spec_hash, to_dict
-from mlfd.data.base import DatasetSplits, ImageSet, RawData
+from mlfd.data.base import DatasetSplits, FileImages, ImageSet, RawData
 from mlfd.data.sources import SOURCES
 
 # Independent random streams of one split_seed, one per use, so that e.g. max_train does not move the val carve.
-_STREAM = {"test": 1, "val": 2, "max_train": 3, "max_val": 4, "max_test": 5}
+_STREAM = {"test": 1, "val": 2, "max_train": 3, "max_val": 4, "max_test": 5, "stream_stats": 6}
 _CACHE: dict[str, DatasetSplits] = {}
+
+STREAM_STATS_IMAGES = 10_000
+"""A streamed split's normalization statistics come from at most this many of its train images (a seeded sample;
+all of them when there are fewer): every process that loads the dataset computes them, by decoding."""
 
 
 def stratified_split(labels: np.ndarray, n: int, rng: np.random.Generator,
@@ -102,11 +106,20 @@ def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[tuple[float,
     return tuple(mean.tolist()), tuple(std.tolist())
 
 
+def _stats_images(train: ImageSet, seed: int) -> torch.Tensor | FileImages:
+    """The images the train statistics are computed on: all of them, or a sample of a large streamed split."""
+    if isinstance(train.images, FileImages) and len(train) > STREAM_STATS_IMAGES:
+        pick = np.sort(_rng(seed, "stream_stats").choice(len(train), STREAM_STATS_IMAGES, replace=False))
+        return train.images[pick]
+    return train.images
+
+
 def build_splits(spec: DatasetSpec, path: str | None = None) -> DatasetSplits:
     """Load ``spec``'s source and derive its splits (no memoisation; see :func:`load_dataset`).
 
     Order: class filter, test carve (if the source has no test), val carve (``val_fraction``, if the source has no
-    val), stratified ``max_*`` subsets, then train statistics. Every random choice is seeded by ``spec.split_seed``.
+    val), stratified ``max_*`` subsets, then train statistics (of a streamed split: of at most
+    :data:`STREAM_STATS_IMAGES` of its images). Every random choice is seeded by ``spec.split_seed``.
 
     Args:
         spec: The dataset spec.
@@ -139,7 +152,7 @@ def build_splits(spec: DatasetSpec, path: str | None = None) -> DatasetSplits:
             elif name == "test" and raw.test is None:
                 cause = f"{path}.options.test_fraction"
             raise SpecError(f"{cause}: the {name} split of dataset {spec.name!r} is empty; it needs at least one image")
-    mean, std = channel_stats(parts["train"].images)
+    mean, std = channel_stats(_stats_images(parts["train"], spec.split_seed))
     return DatasetSplits(name=spec.name, classes=list(raw.classes), mean=mean, std=std, **parts)
 
 
