@@ -11,6 +11,8 @@ from PIL import Image
 from mlfd.config import SpecError
 
 CHANNELS = {"L": 1, "RGB": 3}
+_UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+"""What PIL raises for a file that is not a readable image."""
 
 
 def one_line(err: BaseException) -> str:
@@ -56,7 +58,7 @@ def decode_image(src: Path | bytes, where: str, mode: str, size: tuple[int, int]
         with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as img:
             img.load()
             return image_to_array(img, mode, size)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except _UNREADABLE as e:
         raise SpecError(f"{where}: not a readable image ({one_line(e)})") from None
 
 
@@ -65,5 +67,5 @@ def check_image_header(file: Path, where: str) -> None:
     try:
         with Image.open(file):  # parses the header, decodes nothing
             pass
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except _UNREADABLE as e:
         raise SpecError(f"{where}: not a readable image ({one_line(e)})") from None
