@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 from mlfd.config import ModelSpec, RecipeSpec, to_dict
+from mlfd.data import make_loader
 from mlfd.engine import fit, use_channels_last
 from mlfd.losses import ce_loss
 from mlfd.models import create_model
-from mlfd.stages.common import (Context, dataset_key_spec, eval_model, loader, save_module, seed_everything,
+from mlfd.stages.common import (Context, dataset_key_spec, eval_model, save_module, seed_everything,
                                 write_metrics)
 from mlfd.store import Artifact, ArtifactStore
 
@@ -59,7 +60,7 @@ class SharedTask:
         if use_channels_last(ctx.device, recipe.channels_last):
             self.module = self.module.to(memory_format=torch.channels_last)
         self.tfs = [ctx.transform(d, model, recipe) for d in self.data]
-        self.loaders = [loader(d.train.images, d.train.labels, recipe.batch_size, True, recipe.seed + i, ctx.device)
+        self.loaders = [make_loader(d.train.images, d.train.labels, recipe.batch_size, True, recipe.seed + i, ctx.device)
                         for i, d in enumerate(self.data)]
 
     def steps_per_epoch(self) -> int:

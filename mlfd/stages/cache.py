@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mlfd.data import make_loader
 from mlfd.engine import autocast
-from mlfd.stages.common import EVAL_BATCH, SPLITS, Context, dataset_key_spec, load_frozen, loader
+from mlfd.stages.common import EVAL_BATCH, SPLITS, Context, dataset_key_spec, load_frozen
 from mlfd.stages.teachers import teacher_key, train_teacher
 from mlfd.store import Artifact, ArtifactStore, read_features, write_features
 
@@ -41,7 +42,7 @@ def build_cache(ctx: Context, teacher: str, data: str, level: int) -> Artifact:
             for split in SPLITS:
                 s = getattr(ds, split)
                 chunks = []
-                for _, x, _ in loader(s.images, s.labels, EVAL_BATCH, False, 0, ctx.device):
+                for _, x, _ in make_loader(s.images, s.labels, EVAL_BATCH, False, 0, ctx.device):
                     with autocast(ctx.device, dtype):
                         chunks.append(net.forward_level(tf(x, train=False), level).float().cpu())
                 arr = torch.cat(chunks).numpy()

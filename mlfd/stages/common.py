@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 from mlfd.config import DatasetSpec, ModelSpec, PipelineSpec, RecipeSpec, to_dict
-from mlfd.data import (BatchTransform, DatasetSplits, FileImages, StreamLoader, TensorLoader, load_dataset,
-                       make_loader)
+from mlfd.data import BatchTransform, DatasetSplits, load_dataset, make_loader
 from mlfd.engine import amp_dtype, autocast, evaluate_logits, resolve_device, use_channels_last
 from mlfd.models import LevelModel, create_model
 from mlfd.store import Artifact, ArtifactStore, atomic_write_text, load_torch, save_torch
@@ -93,11 +92,6 @@ def load_frozen(art: Artifact, model: ModelSpec, num_classes: int, device: torch
     return net
 
 
-def loader(images: torch.Tensor | FileImages, labels: torch.Tensor, batch_size: int, shuffle: bool, seed: int,
-           device: torch.device) -> TensorLoader | StreamLoader:
-    return make_loader(images, labels, batch_size=batch_size, shuffle=shuffle, seed=seed, device=device)
-
-
 @torch.inference_mode()
 def eval_model(net: nn.Module, ds: DatasetSplits, split: str, tf: BatchTransform, device: torch.device,
                dtype: torch.dtype | None, head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
@@ -107,7 +101,7 @@ def eval_model(net: nn.Module, ds: DatasetSplits, split: str, tf: BatchTransform
     s = getattr(ds, split)
 
     def batches():
-        for _, x, y in loader(s.images, s.labels, EVAL_BATCH, False, 0, device):
+        for _, x, y in make_loader(s.images, s.labels, EVAL_BATCH, False, 0, device):
             with autocast(device, dtype):
                 out = net(tf(x, train=False))
                 logits = out[0] if isinstance(out, tuple) else out

@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from mlfd.config import StudentSpec, to_dict
+from mlfd.data import make_loader
 from mlfd.engine import fit, use_channels_last
 from mlfd.losses import mlfd_loss
 from mlfd.models import Student
-from mlfd.stages.common import (Context, build_level_model, dataset_key_spec, eval_model, load_frozen, loader,
+from mlfd.stages.common import (Context, build_level_model, dataset_key_spec, eval_model, load_frozen,
                                 save_module, seed_everything, write_metrics)
 from mlfd.stages.joint import JointPlan, joint_key, joint_targets, plan_for, read_targets
 from mlfd.stages.teachers import train_teacher
@@ -55,7 +56,7 @@ class StudentTask:
                 t_spec, t_data = ctx.spec.dataset(t), ctx.data(t)
                 self.teachers.append((load_frozen(train_teacher(ctx, t), t_spec.model, t_data.num_classes,
                                                   ctx.device), t_spec.model.input_size, t_data.mean, t_data.std))
-        self.train_loader = loader(self.ds.train.images, self.ds.train.labels, self.recipe.batch_size, True,
+        self.train_loader = make_loader(self.ds.train.images, self.ds.train.labels, self.recipe.batch_size, True,
                                    self.recipe.seed, ctx.device)
 
     def steps_per_epoch(self) -> int:

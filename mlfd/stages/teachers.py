@@ -8,10 +8,11 @@ from typing import Iterator
 import torch
 
 from mlfd.config import to_dict
+from mlfd.data import make_loader
 from mlfd.engine import fit, use_channels_last
 from mlfd.losses import ce_loss
 from mlfd.models import create_model
-from mlfd.stages.common import (Context, build_level_model, dataset_key_spec, eval_model, loader, save_module,
+from mlfd.stages.common import (Context, build_level_model, dataset_key_spec, eval_model, save_module,
                                 seed_everything, write_metrics)
 from mlfd.store import Artifact, ArtifactStore
 
@@ -28,7 +29,7 @@ class ClassifierTask:
         self.tf = ctx.transform(self.ds, model_spec, recipe)
         self.module = build_level_model(model_spec, self.ds.num_classes, ctx.device,
                                         use_channels_last(ctx.device, recipe.channels_last))
-        self.train_loader = loader(self.ds.train.images, self.ds.train.labels, recipe.batch_size, True, recipe.seed,
+        self.train_loader = make_loader(self.ds.train.images, self.ds.train.labels, recipe.batch_size, True, recipe.seed,
                                    ctx.device)
 
     def steps_per_epoch(self) -> int:
