@@ -167,3 +167,19 @@ def test_cuda_stream_loader_pins_and_matches_memory(tmp_path):
     assert got._loader.pin_memory
     for (i, x, y), (j, u, v) in pairs:
         assert u.device.type == "cuda" and torch.equal(i, j) and torch.equal(x, u) and torch.equal(y, v)
+
+
+@needs_gpu
+def test_cuda_evaluations_keep_one_copy_of_the_split_on_the_gpu():
+    """Every evaluation of a task reads the same CUDA copy of the split's images (copied once, not every epoch)."""
+    from mlfd.data import DatasetSplits, ImageSet
+    from mlfd.stages.common import EvalLoaders
+
+    split = ImageSet(torch.randint(0, 256, (20, 1, 8, 8), dtype=torch.uint8), torch.arange(20) % 3)
+    ds = DatasetSplits(name="d", classes=["a", "b", "c"], train=split, val=split, test=split, mean=(0.5,), std=(0.2,))
+    loaders = EvalLoaders(ds, torch.device("cuda"))
+    val = loaders("val")
+    ptr = val.images.data_ptr()
+    batches = [torch.cat([x for _, x, _ in loaders("val")]) for _ in range(2)]
+    assert val.images.device.type == "cuda" and loaders("val") is val and val.images.data_ptr() == ptr
+    assert torch.equal(batches[0].cpu(), split.images) and torch.equal(batches[1].cpu(), split.images)

@@ -239,3 +239,30 @@ def test_streamed_folders_train_the_same_weights_as_in_memory(tmp_path: Path) ->
             assert files
             for f in files:
                 assert f.read_bytes() == (stores[True] / kind / k / f.name).read_bytes(), (kind, k, f.name)
+
+
+def test_a_tasks_evaluations_reuse_their_loaders(tmp_path: Path) -> None:
+    """Every evaluation of a task reads a split through the same loader (stages/common.py EvalLoaders): a streamed
+    split keeps its decode worker processes from one evaluation to the next, and gives the in-memory numbers."""
+    from mlfd.stages.teachers import ClassifierTask
+
+    _png_folder(tmp_path / "digits", "sklearn_digits", 80)
+    results = {}
+    for stream in (False, True):
+        data = to_dict(_tiny(tmp_path))
+        digits = next(d for d in data["datasets"] if d["name"] == "digits")
+        digits.update(source="folder", classes=None, options={
+            "root": str(tmp_path / "digits"), "mode": "L", "stream": stream, "workers": 2})
+        ctx = Context(spec=from_dict(PipelineSpec, data), store=ArtifactStore(tmp_path / "store"), progress=False)
+        task = ClassifierTask(ctx, "digits", ctx.spec.dataset("digits").model, ctx.spec.teacher)
+        first = [task.evaluate("val"), task.evaluate("test")]
+        loader = task.eval_loaders("val")
+        assert task.eval_loaders("val") is loader and task.eval_loaders("test") is not loader
+        if stream:
+            workers = loader._loader._iterator
+            assert workers is not None and len(workers._workers) == 2
+            assert [task.evaluate("val"), task.evaluate("test")] == first
+            assert loader._loader._iterator is workers  # the same worker processes served the second evaluation
+        results[stream] = first
+    assert results[True] == results[False]
+    assert results[False][0]["loss"] > 0 and set(results[False][0]) == {"acc1", "acc5", "loss"}

@@ -13,7 +13,7 @@ from mlfd.data import make_loader
 from mlfd.engine import fit, use_channels_last
 from mlfd.losses import ce_loss
 from mlfd.models import create_model
-from mlfd.stages.common import (Context, dataset_key_spec, eval_model, save_module, seed_everything,
+from mlfd.stages.common import (Context, EvalLoaders, dataset_key_spec, eval_model, save_module, seed_everything,
                                 write_metrics)
 from mlfd.store import Artifact, ArtifactStore
 
@@ -60,8 +60,9 @@ class SharedTask:
         if use_channels_last(ctx.device, recipe.channels_last):
             self.module = self.module.to(memory_format=torch.channels_last)
         self.tfs = [ctx.transform(d, model, recipe) for d in self.data]
-        self.loaders = [make_loader(d.train.images, d.train.labels, recipe.batch_size, True, recipe.seed + i, ctx.device)
-                        for i, d in enumerate(self.data)]
+        self.loaders = [make_loader(d.train.images, d.train.labels, recipe.batch_size, True, recipe.seed + i,
+                                    ctx.device) for i, d in enumerate(self.data)]
+        self.eval_loaders = [EvalLoaders(d, ctx.device) for d in self.data]
 
     def steps_per_epoch(self) -> int:
         return max(len(ld) for ld in self.loaders)
@@ -102,7 +103,7 @@ class SharedTask:
         return lambda f: self.module.heads[0](f)[:, lo:hi]
 
     def evaluate_dataset(self, i: int, split: str) -> dict[str, float]:
-        return eval_model(self.module, self.data[i], split, self.tfs[i], self.ctx.device, self.ctx.dtype(self.recipe),
+        return eval_model(self.module, self.eval_loaders[i](split), self.tfs[i], self.ctx.dtype(self.recipe),
                           head=self._dataset_logits(i))
 
     def evaluate(self, split: str) -> dict[str, float]:

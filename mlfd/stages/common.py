@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mlfd.config import DatasetSpec, ModelSpec, PipelineSpec, RecipeSpec, to_dict
-from mlfd.data import BatchTransform, DatasetSplits, load_dataset, make_loader
+from mlfd.data import BatchTransform, DatasetSplits, StreamLoader, TensorLoader, load_dataset, make_loader
 from mlfd.engine import amp_dtype, autocast, evaluate_logits, resolve_device, use_channels_last
 from mlfd.models import LevelModel, create_model
 from mlfd.store import Artifact, ArtifactStore, atomic_write_text, load_torch, save_torch
@@ -92,17 +92,36 @@ def load_frozen(art: Artifact, model: ModelSpec, num_classes: int, device: torch
     return net
 
 
+class EvalLoaders:
+    """Un-shuffled loaders over a dataset's splits, each built on first use and kept for the life of the task that
+    owns it: between evaluations a streamed split keeps its decode workers and a GPU keeps its copy of the images.
+
+    Args:
+        ds: The dataset.
+        device: Where the batches go.
+    """
+
+    def __init__(self, ds: DatasetSplits, device: torch.device):
+        self.ds, self.device = ds, device
+        self._loaders: dict[str, TensorLoader | StreamLoader] = {}
+
+    def __call__(self, split: str) -> TensorLoader | StreamLoader:
+        if split not in self._loaders:
+            s = getattr(self.ds, split)
+            self._loaders[split] = make_loader(s.images, s.labels, EVAL_BATCH, False, 0, self.device)
+        return self._loaders[split]
+
+
 @torch.inference_mode()
-def eval_model(net: nn.Module, ds: DatasetSplits, split: str, tf: BatchTransform, device: torch.device,
-               dtype: torch.dtype | None, head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
-    """Top-1/top-5 of a classifier on one split (un-augmented)."""
+def eval_model(net: nn.Module, loader: TensorLoader | StreamLoader, tf: BatchTransform, dtype: torch.dtype | None,
+               head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
+    """Top-1/top-5 of a classifier over one un-shuffled loader of a split (un-augmented)."""
     was = net.training
     net.eval()
-    s = getattr(ds, split)
 
     def batches():
-        for _, x, y in make_loader(s.images, s.labels, EVAL_BATCH, False, 0, device):
-            with autocast(device, dtype):
+        for _, x, y in loader:
+            with autocast(loader.device, dtype):
                 out = net(tf(x, train=False))
                 logits = out[0] if isinstance(out, tuple) else out
                 if head is not None:

@@ -20,7 +20,8 @@ from mlfd.engine import evaluate_logits, fit
 from mlfd.losses import ce_loss
 from mlfd.models import JointTeacher
 from mlfd.stages.cache import build_cache, cache_key, load_cache
-from mlfd.stages.common import EVAL_BATCH, SPLITS, Context, dataset_key_spec, save_module, seed_everything, write_metrics
+from mlfd.stages.common import (EVAL_BATCH, SPLITS, Context, dataset_key_spec, save_module, seed_everything,
+                                write_metrics)
 from mlfd.store import Artifact, ArtifactStore, load_torch, read_features, write_features
 
 KIND = "joint"
@@ -114,8 +115,8 @@ class JointTask:
         ds_id, sample = batch
         groups = [(i, sample[ds_id == i]) for i in range(len(self.plan.datasets)) if (ds_id == i).any()]
         # One forward over the whole mixed batch: every teacher's features have one shape whatever the dataset.
-        inputs = [torch.cat(parts) for parts in zip(*[self._inputs(self.plan.datasets[i], "train", idx)
-                                                        for i, idx in groups])]
+        inputs = [torch.cat(parts)
+                  for parts in zip(*[self._inputs(self.plan.datasets[i], "train", idx) for i, idx in groups])]
         z, _ = self.module(inputs)
         total, start = 0.0, 0
         for i, idx in groups:

@@ -14,7 +14,7 @@ from mlfd.data import make_loader
 from mlfd.engine import fit, use_channels_last
 from mlfd.losses import mlfd_loss
 from mlfd.models import Student
-from mlfd.stages.common import (Context, build_level_model, dataset_key_spec, eval_model, load_frozen,
+from mlfd.stages.common import (Context, EvalLoaders, build_level_model, dataset_key_spec, eval_model, load_frozen,
                                 save_module, seed_everything, write_metrics)
 from mlfd.stages.joint import JointPlan, joint_key, joint_targets, plan_for, read_targets
 from mlfd.stages.teachers import train_teacher
@@ -57,7 +57,8 @@ class StudentTask:
                 self.teachers.append((load_frozen(train_teacher(ctx, t), t_spec.model, t_data.num_classes,
                                                   ctx.device), t_spec.model.input_size, t_data.mean, t_data.std))
         self.train_loader = make_loader(self.ds.train.images, self.ds.train.labels, self.recipe.batch_size, True,
-                                   self.recipe.seed, ctx.device)
+                                        self.recipe.seed, ctx.device)
+        self.eval_loaders = EvalLoaders(self.ds, ctx.device)
 
     def steps_per_epoch(self) -> int:
         return len(self.train_loader)
@@ -91,7 +92,7 @@ class StudentTask:
                          label_smoothing=self.recipe.label_smoothing)
 
     def evaluate(self, split: str) -> dict[str, float]:
-        return eval_model(self.module.backbone, self.ds, split, self.tf, self.ctx.device, self.ctx.dtype(self.recipe))
+        return eval_model(self.module.backbone, self.eval_loaders(split), self.tf, self.ctx.dtype(self.recipe))
 
 
 def student_variant(ctx: Context, control: str | None) -> StudentSpec:

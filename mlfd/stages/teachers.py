@@ -12,7 +12,7 @@ from mlfd.data import make_loader
 from mlfd.engine import fit, use_channels_last
 from mlfd.losses import ce_loss
 from mlfd.models import create_model
-from mlfd.stages.common import (Context, build_level_model, dataset_key_spec, eval_model, save_module,
+from mlfd.stages.common import (Context, EvalLoaders, build_level_model, dataset_key_spec, eval_model, save_module,
                                 seed_everything, write_metrics)
 from mlfd.store import Artifact, ArtifactStore
 
@@ -29,8 +29,9 @@ class ClassifierTask:
         self.tf = ctx.transform(self.ds, model_spec, recipe)
         self.module = build_level_model(model_spec, self.ds.num_classes, ctx.device,
                                         use_channels_last(ctx.device, recipe.channels_last))
-        self.train_loader = make_loader(self.ds.train.images, self.ds.train.labels, recipe.batch_size, True, recipe.seed,
-                                   ctx.device)
+        self.train_loader = make_loader(self.ds.train.images, self.ds.train.labels, recipe.batch_size, True,
+                                        recipe.seed, ctx.device)
+        self.eval_loaders = EvalLoaders(self.ds, ctx.device)
 
     def steps_per_epoch(self) -> int:
         return len(self.train_loader)
@@ -48,7 +49,7 @@ class ClassifierTask:
         return {"loss": ce, "ce": ce}
 
     def evaluate(self, split: str) -> dict[str, float]:
-        return eval_model(self.module, self.ds, split, self.tf, self.ctx.device, self.ctx.dtype(self.recipe))
+        return eval_model(self.module, self.eval_loaders(split), self.tf, self.ctx.dtype(self.recipe))
 
 
 def teacher_key(ctx: Context, name: str) -> str:
@@ -88,8 +89,9 @@ def _load_given(ctx: Context, name: str, tmp: Path) -> dict:
     lm.model.load_state_dict(net.state_dict())
     tf = ctx.transform(ds, ds_spec.model, None)
     dtype = ctx.dtype(ctx.spec.teacher)
-    val = eval_model(lm, ds, "val", tf, ctx.device, dtype)
-    test = eval_model(lm, ds, "test", tf, ctx.device, dtype)
+    loaders = EvalLoaders(ds, ctx.device)
+    val = eval_model(lm, loaders("val"), tf, dtype)
+    test = eval_model(lm, loaders("test"), tf, dtype)
     write_metrics(tmp, role="dataset_specific", dataset=name, val=val, test=test, best_epoch=0, epochs=0,
                   seed=ctx.spec.teacher.seed, history=[])
     return {"dataset": name, "arch": ds_spec.model.arch, "loaded": True}
