@@ -3,8 +3,8 @@
 * every job in ``tune_jobs/`` validates (everything short of starting Ray);
 * the quickstart smoke search (two studies, tiny data) writes one row per trial, ASHA stops trials early, conditional
   betas follow the sampled fusion level, and each study's best trial is exported;
-* a search interrupted by SIGINT or by SIGKILL of its driver continues with ``--resume``: every trial exactly once,
-  and a trial that had finished is not run again;
+* a search whose driver is interrupted (SIGINT) or killed (SIGKILL) at four points continues with ``--resume`` each
+  time: every trial exactly once, and a trial that had finished is not run again;
 * misuse of ``--out`` / ``--resume`` exits 2 with a one-line error;
 * ``mlfd export`` then ``mlfd run`` (fresh store) retrains the best trial's student bit for bit.
 
@@ -59,13 +59,6 @@ RESUME_SAMPLES = 3
 RESUME_ARGS = ["--smoke", "--set=studies=[digits]", f"--set=num_samples={RESUME_SAMPLES}",
                "--set=points_to_evaluate=[]", "--set=max_concurrent_trials=2", "--set=scheduler.grace_period=1",
                *tiny(100)]
-
-
-@pytest.fixture(scope="module")
-def shared_store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """One artifact store for the searches of this module (job field ``store``): the teachers (same data, same
-    recipe) and their feature caches are built once; trials never share a config, so nothing else is reused."""
-    return f"--set=store={tmp_path_factory.mktemp('store')}"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -199,9 +192,9 @@ def test_bad_overrides_are_rejected_before_ray(override: str, field: str, tmp_pa
 
 
 @pytest.fixture(scope="module")
-def search(mlfd_cli, shared_store: str, tmp_path_factory: pytest.TempPathFactory) -> Search:
+def search(mlfd_cli, tmp_path_factory: pytest.TempPathFactory) -> Search:
     out = tmp_path_factory.mktemp("search") / "out"
-    args = ["tune", str(JOB), "--out", str(out), *SMOKE_ARGS, shared_store]
+    args = ["tune", str(JOB), "--out", str(out), *SMOKE_ARGS, f"--set=store={tmp_path_factory.mktemp('store')}"]
     run = mlfd_cli(*args, timeout=900)
     assert run.proc.returncode == 0, run.output[-5000:]
     left = run.cleanup(grace=30)
@@ -350,13 +343,15 @@ def stop_driver(run: CliRun, sig: signal.Signals) -> None:
         assert not core, f"Ray processes outlived their SIGKILLed driver: {core}"
 
 
-def interrupt_after_a_finished_trial(mlfd_cli, args: list, sig: signal.Signals, env: dict | None = None):
-    """Start (or --resume) a search and stop its driver with ``sig`` once Ray has recorded a finished trial.
-    Returns what Tuner.restore will start from (trial id -> status) and each trial's reported epochs then."""
+def interrupt_after_a_finished_trial(mlfd_cli, args: list, sig: signal.Signals, env: dict | None = None,
+                                     finished_before: frozenset[str] = frozenset()):
+    """Start (or --resume) a search and stop its driver with ``sig`` once Ray has recorded a finished trial (one not
+    in ``finished_before``). Returns what Tuner.restore will start from (trial id -> status) and each trial's
+    reported epochs then."""
     exp = experiment_dir(Path(args[args.index("--out") + 1]), "digits")
     first: CliRun = mlfd_cli.start(*args, env=env)
-    finished = wait_for(first, lambda: [t for t, st in snapshot_status(exp).items() if st == "TERMINATED"],
-                        "a trial finished")
+    finished = wait_for(first, lambda: [t for t, st in snapshot_status(exp).items()
+                                        if st == "TERMINATED" and t not in finished_before], "a trial finished")
     stop_driver(first, sig)
     saved = snapshot_status(exp)
     assert set(finished) <= {t for t, status in saved.items() if status == "TERMINATED"}
@@ -393,21 +388,11 @@ def check_resumed(out: Path, args: list, saved: dict, lines_before: dict) -> Sea
     return s
 
 
-def test_resume_after_sigint(mlfd_cli, shared_store: str, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    args = ["tune", JOB, "--out", out, *RESUME_ARGS, "--set=seed=10", shared_store]
-    saved, lines_before = interrupt_after_a_finished_trial(mlfd_cli, args, signal.SIGINT)
-    assert not (out / "trials.parquet").exists()
-    second = mlfd_cli(*args, "--resume", timeout=600)
-    assert second.proc.returncode == 0, second.output[-5000:]
-    assert not second.cleanup(grace=30)
-    check_resumed(out, args, saved, lines_before)
-
-
-def test_driver_sigkilled_during_teachers_trials_and_results_then_resumed(mlfd_cli, tmp_path: Path) -> None:
-    """SIGKILL of the driver at three points of one search, each followed by --resume: while the teacher tasks
-    train (fresh store), once a student trial has finished, and between writing trials.parquet and the best YAML
-    (``MLFD_PAUSE_AT``, mlfd/tune/launch.py). The last --resume completes: no trial lost, none twice."""
+def test_driver_interrupted_at_four_points_then_resumed(mlfd_cli, tmp_path: Path) -> None:
+    """The driver of one search stopped at four points, each followed by --resume: SIGKILL while the teacher tasks
+    train (fresh store); Ctrl-C (SIGINT) once a student trial has finished; SIGKILL once another one has finished;
+    SIGKILL between writing trials.parquet and the best YAML (``MLFD_PAUSE_AT``, mlfd/tune/launch.py). The last
+    --resume completes: no trial lost, none twice."""
     from mlfd.store import ArtifactStore
     from mlfd.tune.launch import PAUSE_ENV
 
@@ -424,24 +409,31 @@ def test_driver_sigkilled_during_teachers_trials_and_results_then_resumed(mlfd_c
         if not p.name.startswith("."):
             assert arts.get("teacher", p.name) is not None, f"incomplete teacher artifact left at {p}"
 
-    # 2. During the student study, once a trial has finished (Ray's state snapshot has it).
-    saved, lines_before = interrupt_after_a_finished_trial(mlfd_cli, [*args, "--resume"], signal.SIGKILL)
+    # 2. Ctrl-C during the student study, once a trial has finished: exit 130 naming --resume, no Ray process left.
+    saved, lines_before = interrupt_after_a_finished_trial(mlfd_cli, [*args, "--resume"], signal.SIGINT)
     assert not (out / "trials.parquet").exists()
     teachers = {p.name for p in (store / "teacher").iterdir() if not p.name.startswith(".")}
     assert len(teachers) == len(DATASETS)
 
-    # 3. While writing the results: trials.parquet is written, best/ is not.
-    third = mlfd_cli.start(*args, "--resume", env={PAUSE_ENV: "results"})
-    wait_for(third, lambda: "paused at results" in third.output, "the results were being written")
-    assert "teachers for" not in third.output  # all teachers were in the store: no teacher task on --resume
+    # 3. SIGKILL once another trial has finished (Ray's state snapshot has it).
+    done = frozenset(t for t, status in saved.items() if status == "TERMINATED")
+    saved, lines_now = interrupt_after_a_finished_trial(mlfd_cli, [*args, "--resume"], signal.SIGKILL,
+                                                        finished_before=done)
+    assert {t: lines_now[t] for t in done} == {t: lines_before[t] for t in done}  # not run again after the Ctrl-C
+    assert not (out / "trials.parquet").exists()
+
+    # 4. While writing the results: trials.parquet is written, best/ is not.
+    fourth = mlfd_cli.start(*args, "--resume", env={PAUSE_ENV: "results"})
+    wait_for(fourth, lambda: "paused at results" in fourth.output, "the results were being written")
+    assert "teachers for" not in fourth.output  # all teachers were in the store: no teacher task on --resume
     table = pd.read_parquet(out / "trials.parquet")
-    stop_driver(third, signal.SIGKILL)
+    stop_driver(fourth, signal.SIGKILL)
     assert not (out / "best" / "digits.yaml").exists()
 
     last = mlfd_cli(*args, "--resume", timeout=600)
     assert last.proc.returncode == 0, last.output[-5000:]
     assert not last.cleanup(grace=30)
-    s = check_resumed(out, args, saved, lines_before)
+    s = check_resumed(out, args, saved, lines_now)
     same = [s.trials, table]
     same = [df.drop(columns="path").sort_values("trial_id").reset_index(drop=True) for df in same]
     pd.testing.assert_frame_equal(*same)  # the last --resume re-ran nothing and wrote the same table
