@@ -13,11 +13,12 @@ EXIT_BAD_INPUT = 2
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from mlfd.config import load_pipeline, smoke_pipeline
-    from mlfd.stages.pipeline import preflight, results_table, run_pipeline
 
-    spec = load_pipeline(args.pipeline, args.set)
+    spec = load_pipeline(args.pipeline, args.set)  # before importing torch: a bad file fails in a fraction of a second
     if args.smoke:
         spec = smoke_pipeline(spec)
+    from mlfd.stages.pipeline import preflight, results_table, run_pipeline
+
     out = Path(args.out).resolve()
     uri = None
     if not args.no_tracking:
@@ -50,6 +51,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
+    from mlfd.tune.job import load_job
+
+    load_job(args.job, smoke=args.smoke, overrides=args.set)  # before importing Ray and torch: a bad file fails fast
     from mlfd.tracking import SearchTracking
     from mlfd.tune.launch import run_search
 

@@ -372,3 +372,16 @@ def test_good_folder_and_parquet_inputs_pass_the_checks(tmp_path: Path, dirs: di
     with pytest.raises(AssertionError, match="training started"):
         cli.main(["run", str(f), "--out", str(tmp_path / "out")])
     assert len(no_training) == 1
+
+
+@pytest.mark.parametrize("command", ["run", "tune"])
+def test_a_malformed_file_fails_before_torch_is_imported(command: str, tmp_path: Path) -> None:
+    """A file that does not parse is refused before the heavy imports (torch, timm, Ray): in about a second."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("datasets: [1\n")
+    code = ("import sys; from mlfd.cli import main; rc = main([sys.argv[1], sys.argv[2], '--out', sys.argv[3]]); "
+            "print(rc, sorted(m for m in ('torch', 'timm', 'ray') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code, command, str(bad), str(tmp_path / "out")], env=ENV,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "2 []", (proc.stdout, proc.stderr)
+    assert proc.stderr.startswith(f"mlfd: error: {bad}: malformed YAML") and proc.stderr.count("\n") == 1
