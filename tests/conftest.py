@@ -141,6 +141,16 @@ class CliRun:
         return left
 
 
+@pytest.fixture(scope="session")
+def offline_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One artifact store for the searches of the offline default pipeline's smoke variant with 100 train images per
+    dataset (test_faults.py, test_tune.py): the teachers and their feature caches are built by the first search and
+    read by the others, as a user's searches on one store would. Their trials must not share a configuration (a
+    student found in the store is not trained again), so the fault-injection search avoids the quickstart's first
+    point (the paper's alpha 0.6)."""
+    return tmp_path_factory.mktemp("offline-store")
+
+
 @pytest.fixture(scope="module")
 def mlfd_cli(tmp_path_factory: pytest.TempPathFactory):
     """``mlfd_cli(*args, timeout=...)`` runs ``python -m mlfd.cli ARGS`` to the end and returns the finished CliRun;

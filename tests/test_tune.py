@@ -192,9 +192,9 @@ def test_bad_overrides_are_rejected_before_ray(override: str, field: str, tmp_pa
 
 
 @pytest.fixture(scope="module")
-def search(mlfd_cli, tmp_path_factory: pytest.TempPathFactory) -> Search:
+def search(mlfd_cli, offline_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Search:
     out = tmp_path_factory.mktemp("search") / "out"
-    args = ["tune", str(JOB), "--out", str(out), *SMOKE_ARGS, f"--set=store={tmp_path_factory.mktemp('store')}"]
+    args = ["tune", str(JOB), "--out", str(out), *SMOKE_ARGS, f"--set=store={offline_store}"]
     run = mlfd_cli(*args, timeout=900)
     assert run.proc.returncode == 0, run.output[-5000:]
     left = run.cleanup(grace=30)
