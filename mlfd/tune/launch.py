@@ -50,10 +50,11 @@ def _experiment_name(job: JobSpec, study: str | None) -> str:
 
 def prepare(job_path: str, out: Path, smoke: bool, overrides: list[str] | None) -> dict:
     """Everything a search needs, validated before any compute: job, pipeline, space, studies, paths."""
-    from mlfd.data import load_dataset
     from mlfd.tune.spaces import apply_config, load_space
 
     job, base = load_job(job_path, smoke=smoke, overrides=overrides)
+    check_resources(job)  # before the datasets are read: the answer does not depend on them
+    from mlfd.data import load_dataset
     pipe_path = resolve(base, job.pipeline)
     pipeline = apply_overrides(read_yaml(pipe_path), job.set)
     spec = from_dict(PipelineSpec, pipeline, path=str(pipe_path))
@@ -67,7 +68,6 @@ def prepare(job_path: str, out: Path, smoke: bool, overrides: list[str] | None) 
     studies = study_names(job, spec)
     for d in spec.datasets:
         load_dataset(d)
-    check_resources(job)
     # Memory-aware packing (packing.py): dry-run one trial, refuse a fraction that does not fit, resolve 'auto'.
     gpu = plan_gpu(job, pipeline, space, studies)
     out = out.resolve()
