@@ -121,8 +121,8 @@ def topk_hits(logits: Tensor, target: Tensor, ks: Iterable[int] = (1, 5)) -> Ten
     hits = top.eq(target.view(-1, 1))
     # Cumulative hit along rank: hit_at[:, j] says "label within the top j + 1".
     hit_at = hits.cumsum(dim=1) > 0
-    cols = torch.tensor([min(k, num_classes) - 1 for k in ks], device=logits.device)
-    return hit_at.index_select(1, cols).sum(dim=0)
+    # Columns picked by plain indexing (views): an index tensor built from a list would be a copy to the GPU per batch
+    return torch.stack([hit_at[:, min(k, num_classes) - 1] for k in ks], dim=1).sum(dim=0)
 
 
 def topk_correct(logits: Tensor, target: Tensor, ks: Iterable[int] = (1, 5)) -> dict[int, int]:

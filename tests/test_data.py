@@ -474,3 +474,12 @@ def test_stream_loader_inside_a_ray_worker(tmp_path):
     finally:
         ray.shutdown()
     assert remote == batches() and len(remote) == 12
+
+
+def test_to_device_keeps_a_tensor_already_there():
+    """``to_device`` (the non-blocking host-to-GPU copy of a step's indices and random draws) is the identity on the
+    tensor's own device; on CUDA it goes through pinned memory (tests/test_device.py, GPU only)."""
+    from mlfd.data import to_device
+
+    t = torch.arange(5)
+    assert to_device(t, torch.device("cpu")) is t

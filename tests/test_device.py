@@ -183,3 +183,32 @@ def test_cuda_evaluations_keep_one_copy_of_the_split_on_the_gpu():
     batches = [torch.cat([x for _, x, _ in loaders("val")]) for _ in range(2)]
     assert val.images.device.type == "cuda" and loaders("val") is val and val.images.data_ptr() == ptr
     assert torch.equal(batches[0].cpu(), split.images) and torch.equal(batches[1].cpu(), split.images)
+
+
+@needs_gpu
+def test_cuda_training_step_inputs_never_wait_for_the_gpu():
+    """What the host does for a training step never waits for the GPU's queued work (torch's sync debug mode set to
+    raise): batches gathered from the device-resident split, crop/flip drawn from a CPU generator, indices sliced on
+    the CPU (the joint teacher's), top-k counts. Only the epoch's permutation is copied at the epoch's start."""
+    from mlfd.data import TensorLoader, to_device
+    from mlfd.losses import topk_hits
+
+    dev = torch.device("cuda")
+    loader = TensorLoader(torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8), torch.arange(40) % 10, 8, True,
+                          seed=0, device=dev)
+    tf = BatchTransform(32, (0.5,) * 3, (0.25,) * 3, AugmentSpec(crop_padding=2, flip=True), channels_last=True)
+    gen = torch.Generator().manual_seed(0)
+    it = iter(loader)
+    first = next(it)  # the epoch's permutation goes to the GPU here, once
+    tf(first[1], train=True, generator=gen)  # the transform's mean/std go to the GPU once
+    hits = torch.zeros(2, dtype=torch.int64, device=dev)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for idx, x, y in it:
+            out = tf(x, train=True, generator=gen)
+            hits += topk_hits(out.flatten(1)[:, :10], y)
+            rows = to_device(torch.arange(4), dev)
+            assert rows.device.type == "cuda" and idx.device.type == "cuda"
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert int(hits[1]) >= int(hits[0]) >= 0 and out.is_contiguous(memory_format=torch.channels_last)

@@ -10,6 +10,18 @@ import torch
 from mlfd.data.base import FileImages, _Decoded, worker_errors
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``. A CPU tensor goes to a GPU through pinned memory without blocking the host: a copy from
+    pageable memory makes the host wait for the GPU's queued work, which at every training step would leave the GPU
+    idle while the next step is prepared. Used for what a step draws or slices on the CPU (augmentation randomness,
+    sample indices)."""
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class _EpochLoader:
     """What both loaders share: batch count, and a per-epoch sample order drawn from ``seed + epoch``."""
 
@@ -113,7 +125,7 @@ class StreamLoader(_EpochLoader):
                                       pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
                                       prefetch_factor=self.PREFETCH if workers > 0 else None)
         for x, b in zip(worker_errors(self._loader), batches):
-            idx = b.to(self.device, non_blocking=True)
+            idx = to_device(b, self.device)
             yield idx, x.to(self.device, non_blocking=True), self.labels[idx]
 
 

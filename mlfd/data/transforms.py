@@ -9,13 +9,18 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from mlfd.config import AugmentSpec
+from mlfd.data.loader import to_device
 
 
 def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """U[0, 1) samples on ``device``, drawn from ``generator`` (on its own device) when given."""
+    """U[0, 1) samples on ``device``, drawn from ``generator`` (on its own device) when given.
+
+    The tasks draw from a CPU generator (the same augmentations on every device); the samples reach a GPU without
+    blocking the host (:func:`mlfd.data.loader.to_device`).
+    """
     if generator is None:
         return torch.rand(shape, device=device)
-    return torch.rand(shape, generator=generator, device=generator.device).to(device)
+    return to_device(torch.rand(shape, generator=generator, device=generator.device), device)
 
 
 class BatchTransform:

@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 
 from mlfd.config import to_dict
+from mlfd.data import to_device
 from mlfd.engine import evaluate_logits, fit
 from mlfd.losses import ce_loss
 from mlfd.models import JointTeacher
@@ -102,7 +103,8 @@ class JointTask:
         return -(-self.ds_id.numel() // self.recipe.batch_size)
 
     def _inputs(self, d: str, split: str, idx: torch.Tensor) -> list[torch.Tensor]:
-        return [self.feats.x[t, d, split][idx.to(self.feats.x[t, d, split].device)].float() for t in self.plan.teachers]
+        idx = to_device(idx, self.ctx.device)  # every cached split lives on the training device (load_cache)
+        return [self.feats.x[t, d, split][idx].float() for t in self.plan.teachers]
 
     def train_batches(self, epoch: int) -> Iterator:
         self.gen.manual_seed(self.recipe.seed * 1000 + epoch)
@@ -120,7 +122,7 @@ class JointTask:
         z, _ = self.module(inputs)
         total, start = 0.0, 0
         for i, idx in groups:
-            y = self.feats.y[self.plan.datasets[i], "train"][idx.to(self.ctx.device)]
+            y = self.feats.y[self.plan.datasets[i], "train"][to_device(idx, self.ctx.device)]
             logits = self.module.logits(z[start: start + idx.numel()], i)
             total = total + ce_loss(logits, y, self.recipe.label_smoothing) * idx.numel()
             start += idx.numel()
@@ -135,7 +137,7 @@ class JointTask:
             for s in range(0, y.numel(), EVAL_BATCH):
                 idx = torch.arange(s, min(s + EVAL_BATCH, y.numel()))
                 z, _ = self.module(self._inputs(d, split, idx))
-                yield self.module.logits(z, i), y[idx.to(y.device)]
+                yield self.module.logits(z, i), y[to_device(idx, y.device)]
 
         return evaluate_logits(batches())
 

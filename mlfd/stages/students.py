@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mlfd.config import StudentSpec, to_dict
-from mlfd.data import make_loader
+from mlfd.data import make_loader, to_device
 from mlfd.engine import fit, use_channels_last
 from mlfd.losses import mlfd_loss
 from mlfd.models import Student
@@ -26,7 +26,7 @@ VERSION = 2  # in the artifact key: see mlfd.store.ArtifactStore.key
 
 def _to_view(x: torch.Tensor, src_mean, src_std, dst_size: int, dst_mean, dst_std) -> torch.Tensor:
     """Re-express a normalized batch in another model's input convention (size, normalization): same pixels."""
-    m = lambda v: torch.tensor(v, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)  # noqa: E731
+    m = lambda v: to_device(torch.tensor(v, dtype=x.dtype).view(1, -1, 1, 1), x.device)  # noqa: E731
     img = x * m(src_std) + m(src_mean)
     if img.shape[-1] != dst_size:
         img = F.interpolate(img, size=(dst_size, dst_size), mode="bilinear", align_corners=False, antialias=True)
