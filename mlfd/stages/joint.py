@@ -115,14 +115,16 @@ class JointTask:
 
     def train_step(self, batch) -> dict[str, torch.Tensor]:
         ds_id, sample = batch
-        groups = [(i, sample[ds_id == i]) for i in range(len(self.plan.datasets)) if (ds_id == i).any()]
+        # Grouped on the CPU (no GPU sync), each group's indices copied to the device once
+        groups = [(i, to_device(sample[ds_id == i], self.ctx.device)) for i in range(len(self.plan.datasets))
+                  if (ds_id == i).any()]
         # One forward over the whole mixed batch: every teacher's features have one shape whatever the dataset.
         inputs = [torch.cat(parts)
                   for parts in zip(*[self._inputs(self.plan.datasets[i], "train", idx) for i, idx in groups])]
         z, _ = self.module(inputs)
         total, start = 0.0, 0
         for i, idx in groups:
-            y = self.feats.y[self.plan.datasets[i], "train"][to_device(idx, self.ctx.device)]
+            y = self.feats.y[self.plan.datasets[i], "train"][idx]
             logits = self.module.logits(z[start: start + idx.numel()], i)
             total = total + ce_loss(logits, y, self.recipe.label_smoothing) * idx.numel()
             start += idx.numel()
@@ -135,9 +137,9 @@ class JointTask:
 
         def batches():
             for s in range(0, y.numel(), EVAL_BATCH):
-                idx = torch.arange(s, min(s + EVAL_BATCH, y.numel()))
+                idx = torch.arange(s, min(s + EVAL_BATCH, y.numel()), device=y.device)
                 z, _ = self.module(self._inputs(d, split, idx))
-                yield self.module.logits(z, i), y[to_device(idx, y.device)]
+                yield self.module.logits(z, i), y[idx]
 
         return evaluate_logits(batches())
 
