@@ -343,19 +343,26 @@ def stop_driver(run: CliRun, sig: signal.Signals) -> None:
         assert not core, f"Ray processes outlived their SIGKILLed driver: {core}"
 
 
-def interrupt_after_a_finished_trial(mlfd_cli, args: list, sig: signal.Signals, env: dict | None = None,
-                                     finished_before: frozenset[str] = frozenset()):
-    """Start (or --resume) a search and stop its driver with ``sig`` once Ray has recorded a finished trial (one not
-    in ``finished_before``). Returns what Tuner.restore will start from (trial id -> status) and each trial's
-    reported epochs then."""
+def interrupt_when(mlfd_cli, args: list, sig: signal.Signals, ready, what: str, env: dict | None = None):
+    """Start (or --resume) a search and stop its driver with ``sig`` once ``ready(experiment dir)`` returns trial ids.
+    Returns what Tuner.restore will start from (trial id -> status) and each trial's reported epochs then."""
     exp = experiment_dir(Path(args[args.index("--out") + 1]), "digits")
-    first: CliRun = mlfd_cli.start(*args, env=env)
-    finished = wait_for(first, lambda: [t for t, st in snapshot_status(exp).items()
-                                        if st == "TERMINATED" and t not in finished_before], "a trial finished")
-    stop_driver(first, sig)
+    run: CliRun = mlfd_cli.start(*args, env=env)
+    wait_for(run, lambda: ready(exp), what)
+    stop_driver(run, sig)
     saved = snapshot_status(exp)
-    assert set(finished) <= {t for t, status in saved.items() if status == "TERMINATED"}
     return saved, {t: result_lines(exp, t) for t in saved}
+
+
+def finished_trials(exp: Path) -> list[str]:
+    """Trials that Ray's state snapshot (what Tuner.restore starts from) records as finished."""
+    return [t for t, status in snapshot_status(exp).items() if status == "TERMINATED"]
+
+
+def interrupt_after_a_finished_trial(mlfd_cli, args: list, sig: signal.Signals, env: dict | None = None):
+    saved, lines = interrupt_when(mlfd_cli, args, sig, finished_trials, "a trial finished", env)
+    assert "TERMINATED" in saved.values()
+    return saved, lines
 
 
 def check_resumed(out: Path, args: list, saved: dict, lines_before: dict) -> Search:
@@ -390,14 +397,17 @@ def check_resumed(out: Path, args: list, saved: dict, lines_before: dict) -> Sea
 
 def test_driver_interrupted_at_four_points_then_resumed(mlfd_cli, tmp_path: Path) -> None:
     """The driver of one search stopped at four points, each followed by --resume: SIGKILL while the teacher tasks
-    train (fresh store); Ctrl-C (SIGINT) once a student trial has finished; SIGKILL once another one has finished;
-    SIGKILL between writing trials.parquet and the best YAML (``MLFD_PAUSE_AT``, mlfd/tune/launch.py). The last
-    --resume completes: no trial lost, none twice."""
+    train (fresh store); Ctrl-C (SIGINT) once a student trial has finished; SIGKILL in the middle of a trial of the
+    resumed study (it has reported an epoch since the resume); SIGKILL between writing trials.parquet and the best
+    YAML (``MLFD_PAUSE_AT``, mlfd/tune/launch.py). The last --resume completes: no trial lost, none twice."""
     from mlfd.store import ArtifactStore
     from mlfd.tune.launch import PAUSE_ENV
 
     out, store = tmp_path / "out", tmp_path / "store"
-    args = ["tune", JOB, "--out", out, *RESUME_ARGS, "--set=seed=20", f"--set=store={store}"]
+    # One trial at a time, none stopped early: step 3 kills the driver while a trial is between its epochs, so the
+    # search cannot have reached its results (Ray's state snapshot, which the test reads, can lag behind the search).
+    args = ["tune", JOB, "--out", out, *RESUME_ARGS, "--set=max_concurrent_trials=1", "--set=scheduler.type=none",
+            "--set=seed=20", f"--set=store={store}"]
 
     # 1. While the teachers train: no half-written teacher is ever trusted; the resume builds what is missing.
     first = mlfd_cli.start(*args, env={PAUSE_ENV: "teachers"})
@@ -415,10 +425,12 @@ def test_driver_interrupted_at_four_points_then_resumed(mlfd_cli, tmp_path: Path
     teachers = {p.name for p in (store / "teacher").iterdir() if not p.name.startswith(".")}
     assert len(teachers) == len(DATASETS)
 
-    # 3. SIGKILL once another trial has finished (Ray's state snapshot has it).
+    # 3. SIGKILL in the middle of a trial of the resumed study: it has reported an epoch since, and not finished.
     done = frozenset(t for t, status in saved.items() if status == "TERMINATED")
-    saved, lines_now = interrupt_after_a_finished_trial(mlfd_cli, [*args, "--resume"], signal.SIGKILL,
-                                                        finished_before=done)
+    saved, lines_now = interrupt_when(
+        mlfd_cli, [*args, "--resume"], signal.SIGKILL, what="a resumed trial reported an epoch",
+        ready=lambda exp: [t for t, st in snapshot_status(exp).items() if t not in done and st != "TERMINATED"
+                           and len(lines_before.get(t, [])) < len(result_lines(exp, t)) < EPOCHS])
     assert {t: lines_now[t] for t in done} == {t: lines_before[t] for t in done}  # not run again after the Ctrl-C
     assert not (out / "trials.parquet").exists()
 
