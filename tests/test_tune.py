@@ -345,24 +345,19 @@ def stop_driver(run: CliRun, sig: signal.Signals) -> None:
 
 def interrupt_when(mlfd_cli, args: list, sig: signal.Signals, ready, what: str, env: dict | None = None):
     """Start (or --resume) a search and stop its driver with ``sig`` once ``ready(experiment dir)`` returns trial ids.
-    Returns what Tuner.restore will start from (trial id -> status) and each trial's reported epochs then."""
+    Returns those trial ids, what Tuner.restore will start from (trial id -> status) and each trial's reported epochs
+    then."""
     exp = experiment_dir(Path(args[args.index("--out") + 1]), "digits")
     run: CliRun = mlfd_cli.start(*args, env=env)
-    wait_for(run, lambda: ready(exp), what)
+    found = wait_for(run, lambda: ready(exp), what)
     stop_driver(run, sig)
     saved = snapshot_status(exp)
-    return saved, {t: result_lines(exp, t) for t in saved}
+    return found, saved, {t: result_lines(exp, t) for t in saved}
 
 
 def finished_trials(exp: Path) -> list[str]:
     """Trials that Ray's state snapshot (what Tuner.restore starts from) records as finished."""
     return [t for t, status in snapshot_status(exp).items() if status == "TERMINATED"]
-
-
-def interrupt_after_a_finished_trial(mlfd_cli, args: list, sig: signal.Signals, env: dict | None = None):
-    saved, lines = interrupt_when(mlfd_cli, args, sig, finished_trials, "a trial finished", env)
-    assert "TERMINATED" in saved.values()
-    return saved, lines
 
 
 def check_resumed(out: Path, args: list, saved: dict, lines_before: dict) -> Search:
@@ -420,14 +415,16 @@ def test_driver_interrupted_at_four_points_then_resumed(mlfd_cli, tmp_path: Path
             assert arts.get("teacher", p.name) is not None, f"incomplete teacher artifact left at {p}"
 
     # 2. Ctrl-C during the student study, once a trial has finished: exit 130 naming --resume, no Ray process left.
-    saved, lines_before = interrupt_after_a_finished_trial(mlfd_cli, [*args, "--resume"], signal.SIGINT)
+    finished, saved, lines_before = interrupt_when(mlfd_cli, [*args, "--resume"], signal.SIGINT, finished_trials,
+                                                   "a trial finished")
+    done = frozenset(t for t, status in saved.items() if status == "TERMINATED")
+    assert set(finished) <= done  # what the snapshot said had finished is what --resume starts from
     assert not (out / "trials.parquet").exists()
     teachers = {p.name for p in (store / "teacher").iterdir() if not p.name.startswith(".")}
     assert len(teachers) == len(DATASETS)
 
     # 3. SIGKILL in the middle of a trial of the resumed study: it has reported an epoch since, and not finished.
-    done = frozenset(t for t, status in saved.items() if status == "TERMINATED")
-    saved, lines_now = interrupt_when(
+    _, saved, lines_now = interrupt_when(
         mlfd_cli, [*args, "--resume"], signal.SIGKILL, what="a resumed trial reported an epoch",
         ready=lambda exp: [t for t, st in snapshot_status(exp).items() if t not in done and st != "TERMINATED"
                            and len(lines_before.get(t, [])) < len(result_lines(exp, t)) < EPOCHS])
