@@ -89,6 +89,49 @@ def test_level_shapes_and_forward(case: str) -> None:
     torch.testing.assert_close(lm.model.get_classifier()(feats[1]), ref, rtol=1e-5, atol=1e-5)
 
 
+class _Counting:
+    """Counts the calls of a model's ``forward_head`` (wraps the bound method on the instance)."""
+
+    def __init__(self, model: nn.Module):
+        self.calls, self._inner = 0, model.forward_head
+        model.forward_head = self
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self._inner(*args, **kwargs)
+
+
+@pytest.mark.parametrize("arch", ["test_resnet", "test_efficientnet", "test_convnext"])
+def test_head_dropout_one_mask_for_level1_and_logits(arch: str) -> None:
+    lm = make(arch, 32, drop_rate=0.5)
+    x = images(32, batch=4)
+    final = lm.model.forward_features(x)
+    # Eval: bit-identical to the two separate head calls the level-1 features and the logits used to come from.
+    with torch.no_grad():
+        ref_pre, ref_logits = lm.model.forward_head(final, pre_logits=True), lm.model.forward_head(final)
+        counter = _Counting(lm.model)
+        logits, feats = lm(x, levels=(1, 2))
+    assert counter.calls == 1
+    assert torch.equal(feats[1], ref_pre) and torch.equal(logits, ref_logits)
+    # Train, drop_rate 0.5: one head call; level 1 is the dropped-out vector the classifier saw.
+    lm.train()
+    with torch.no_grad():
+        counter.calls = 0
+        torch.manual_seed(3)
+        logits, feats = lm(x, levels=(1, 2))
+        assert counter.calls == 1
+        torch.testing.assert_close(lm.model.get_classifier()(feats[1]), logits, rtol=0, atol=0)
+        lm.model.drop_rate = 0.0  # the same train-mode forward without the head's dropout: the pooled features
+        if hasattr(lm.model, "head") and hasattr(lm.model.head, "drop"):
+            lm.model.head.drop.p = 0.0
+        _, clean = lm(x, levels=(1,))
+    live = clean[1] != 0  # (pooled ReLU features are often 0 already)
+    dropped = live & (feats[1] == 0)
+    assert live.sum() >= 40 and 0.3 < dropped.sum() / live.sum() < 0.7  # about half the entries were dropped ...
+    kept = live & ~dropped
+    torch.testing.assert_close(feats[1][kept], 2 * clean[1][kept])  # ... and the rest scaled by 1 / (1 - p)
+
+
 @pytest.mark.parametrize("case", ["test_resnet", "test_vit", "swin"])
 def test_hook_fallback_matches_forward_intermediates(case: str) -> None:
     arch, size, kwargs, expected = CASES[case]

@@ -2,7 +2,10 @@
 
 Levels (paper section 3, ``design.md`` section 1):
 
-- level 1: the pooled pre-logits vector ``[B, F]`` (``forward_head(x, pre_logits=True)``), the classifier's input;
+- level 1: the pooled pre-logits vector ``[B, F]``, the classifier's input (read with a hook on
+  ``get_classifier()`` during the one ``forward_head`` call that gives the logits, so with a timm ``drop_rate`` > 0
+  in train mode it is the dropped-out vector the logits come from; ``forward_head(x, pre_logits=True)`` for a model
+  without such a classifier);
 - level 2: the last feature map ``[B, C, H, W]``, i.e. the map the head pools (the model's final features; for
   EfficientNet-like models this includes the head conv, as in the authors' code: 1280 channels for B0);
 - level 3: the output of the stage before the last one;
@@ -317,9 +320,35 @@ class LevelModel(nn.Module):
                 out[2] = self._final_map(final, maps[2])
         else:
             final = self.model.forward_features(x)
-        if 1 in want:
-            out[1] = self.model.forward_head(final, pre_logits=True)
+        if 1 not in want:
+            return (self.model.forward_head(final) if logits else None), out
+        head = self._head(final)
+        if head is not None:
+            out[1], head_logits = head
+            return (head_logits if logits else None), out
+        out[1] = self.model.forward_head(final, pre_logits=True)
         return (self.model.forward_head(final) if logits else None), out
+
+    def _head(self, final: Any) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """Level 1 and the logits from one ``forward_head`` call: the classifier's input ``[B, F]`` and its output.
+
+        One call means one head-dropout mask: the level-1 features are exactly the (dropped-out, in train mode)
+        vector the logits are computed from. None when the model has no ``get_classifier()`` module or the
+        classifier does not see one ``[B, F]`` input (then the caller reads level 1 with ``pre_logits=True``).
+        """
+        get_classifier = getattr(self.model, "get_classifier", None)
+        classifier = get_classifier() if callable(get_classifier) else None
+        if not isinstance(classifier, nn.Module) or isinstance(classifier, nn.Identity):
+            return None
+        seen: list[torch.Tensor] = []
+        handle = classifier.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
+        try:
+            logits = self.model.forward_head(final)
+        finally:
+            handle.remove()
+        if len(seen) != 1 or not isinstance(seen[0], torch.Tensor) or seen[0].ndim != 2:
+            return None
+        return seen[0], logits
 
     def _stages(self, x: torch.Tensor, levels: list[int],
                 stop_early: bool) -> tuple[dict[int, torch.Tensor], Optional[torch.Tensor]]:
