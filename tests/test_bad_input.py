@@ -208,6 +208,19 @@ CASES = [
     Case("folder-bad-mode", first_dataset(lambda d: {"name": "imgs", "source": "folder",
                                                      "options": {"root": str(d["good"]), "mode": "CMYK"}}),
          ["datasets.imgs.options.mode", "allowed: L, RGB"]),
+    Case("folder-unknown-layout", first_dataset(lambda d: {"name": "imgs", "source": "folder",
+                                                          "options": {"root": str(d["good"]), "layout": "voc"}}),
+         ["datasets.imgs.options.layout", "got 'voc'; allowed: imagefolder, tinyimagenet"]),
+    Case("tinyimagenet-missing-annotations", first_dataset(lambda d: {"name": "tiny", "source": "folder", "options": {
+        "root": str(d["tiny_no_annotations"]), "layout": "tinyimagenet"}}),
+         ["datasets.tiny.options.root", "tiny_no_annotations/val/val_annotations.txt not found",
+          "layout 'tinyimagenet' expects"]),
+    Case("tinyimagenet-val-unknown-wnid", first_dataset(lambda d: {"name": "tiny", "source": "folder", "options": {
+        "root": str(d["tiny_unknown_wnid"]), "layout": "tinyimagenet", "stream": True}}),
+         ["tiny_unknown_wnid/val/val_annotations.txt:2", "class 'n99999999' of val_1.JPEG is not a class folder"]),
+    Case("tinyimagenet-as-imagefolder", first_dataset(lambda d: {"name": "tiny", "source": "folder",
+                                                                 "options": {"root": str(d["tiny_unknown_wnid"])}}),
+         ["tiny_unknown_wnid/val/images", "class 'images' is not in", "set layout: tinyimagenet"]),
     Case("parquet-missing-columns", first_dataset(lambda d: {"name": "tab", "source": "parquet",
                                                              "options": {"path": str(d["parquet"])}}),
          ["datasets.tab.options.image_column", "column 'image' not in", "table.parquet", "img"]),
@@ -275,6 +288,16 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                 for i in range(3):
                     (out[name] / cls_name / f"{i}.png").write_bytes(png(value=40 * i))
     out["empty"].mkdir()
+    for name in ("tiny_no_annotations", "tiny_unknown_wnid"):  # TinyImageNet replicas, each malformed in one way
+        out[name] = base / name
+        for wnid in ("n01", "n02"):
+            (out[name] / "train" / wnid / "images").mkdir(parents=True)
+            (out[name] / "train" / wnid / "images" / f"{wnid}_0.JPEG").write_bytes(png(value=90))
+        (out[name] / "val" / "images").mkdir(parents=True)
+        for i in range(2):
+            (out[name] / "val" / "images" / f"val_{i}.JPEG").write_bytes(png(value=10))
+    (out["tiny_unknown_wnid"] / "val" / "val_annotations.txt").write_text(
+        "val_0.JPEG\tn01\t0\t0\t7\t7\nval_1.JPEG\tn99999999\t0\t0\t7\t7\n")
     (out["non_image"] / "a" / "notes.txt").write_text("not an image\n")
     (out["truncated"] / "b" / "broken.png").write_bytes(png()[:30])
     out["parquet"] = base / "table.parquet"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import struct
 from pathlib import Path
 
@@ -311,6 +312,136 @@ def test_streamed_folder_errors(tmp_path):
     train_file.write_bytes(train_file.read_bytes()[:60])
     with pytest.raises(SpecError, match=rf"^{train_file}: not a readable image \([^\n]*$"):
         build_splits(spec("folder", options=opts, val_fraction=0.25))
+
+
+WNIDS = ["n02123045", "n01443537", "n09999999"]  # sorted: n01443537, n02123045, n09999999
+
+
+def _jpeg(file: Path, value: int, size: int = 16) -> None:
+    file.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size, 3), value, np.uint8), "RGB").save(file, quality=95)
+
+
+def tiny_imagenet(root: Path, per_class: int = 5) -> dict[str, str]:
+    """A TinyImageNet-200 replica with three classes: train/<wnid>/images/*.JPEG beside <wnid>_boxes.txt,
+    val/images/*.JPEG labelled by val/val_annotations.txt, an unlabelled test/images, wnids.txt and words.txt.
+
+    Returns:
+        Val file name -> its wnid (the annotation).
+    """
+    for k, wnid in enumerate(WNIDS):
+        for i in range(per_class):
+            _jpeg(root / "train" / wnid / "images" / f"{wnid}_{i}.JPEG", 40 * k + i)
+        (root / "train" / wnid / f"{wnid}_boxes.txt").write_text(
+            "".join(f"{wnid}_{i}.JPEG\t0\t0\t15\t15\n" for i in range(per_class)))
+    val = {f"val_{i}.JPEG": WNIDS[(i * 2) % 3] for i in range(7)}  # 3 x n02123045, 2 x n01443537, 2 x n09999999
+    for i, (name, wnid) in enumerate(val.items()):
+        _jpeg(root / "val" / "images" / name, 200 + i)
+    (root / "val" / "val_annotations.txt").write_text(
+        "".join(f"{name}\t{wnid}\t1\t2\t13\t14\n" for name, wnid in val.items()))
+    _jpeg(root / "test" / "images" / "test_0.JPEG", 9)
+    (root / "wnids.txt").write_text("\n".join(WNIDS) + "\n")
+    (root / "words.txt").write_text("".join(f"{w}\tthing {w}\n" for w in WNIDS))
+    return val
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tinyimagenet_layout(tmp_path, stream):
+    """TinyImageNet read as distributed: classes are the sorted wnids, val (labelled by its annotations) is the test
+    split, the val split is carved from train; streamed or not, the same images and labels."""
+    val = tiny_imagenet(tmp_path)
+    opts = {"root": str(tmp_path), "layout": "tinyimagenet", "stream": stream, "workers": 0}
+    raw = SOURCES["folder"](opts, "opts")
+    assert raw.classes == ["n01443537", "n02123045", "n09999999"] and raw.val is None
+    assert len(raw.train) == 15 and raw.train.labels.tolist() == [0] * 5 + [1] * 5 + [2] * 5
+    assert raw.train.images.shape == (15, 3, 16, 16) and raw.test.images.shape == (7, 3, 16, 16)
+    x = torch.cat(list(raw.train.images.split(4))) if stream else raw.train.images
+    # train/n01443537 holds the second wnid's images (40 * 1 + i); JPEG keeps a flat image within 1-2 levels
+    assert (x[:5].float().mean((1, 2, 3)) - torch.tensor([40.0, 41, 42, 43, 44])).abs().max() < 2
+    files = raw.test.images.files if stream else None
+    by_label = sorted(val, key=lambda name: (raw.classes.index(val[name]), name))
+    assert raw.test.labels.tolist() == [raw.classes.index(val[n]) for n in by_label] == [0, 0, 1, 1, 1, 2, 2]
+    if stream:
+        assert [Path(f).name for f in files] == by_label
+    ds = build_splits(spec("folder", options=opts, val_fraction=0.2))
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (12, 3, 7)
+    assert sorted(ds.val.labels.tolist()) == [0, 1, 2] and torch.equal(ds.test.labels, raw.test.labels)
+    if stream:
+        mem = build_splits(spec("folder", options={**opts, "stream": False}, val_fraction=0.2))
+        for name in ("train", "val", "test"):
+            a, b = getattr(mem, name), getattr(ds, name)
+            assert torch.equal(a.labels, b.labels) and torch.equal(torch.cat(list(b.images.split(5))), a.images)
+        assert mem.mean == ds.mean and mem.std == ds.std
+
+
+def test_tinyimagenet_folder_without_its_layout_says_so(tmp_path):
+    tiny_imagenet(tmp_path)
+    with pytest.raises(SpecError, match=r"^\S+/val/images: class 'images' is not in \S+/train; allowed: .*"
+                                        r"\(a TinyImageNet folder: set layout: tinyimagenet\)$"):
+        SOURCES["folder"]({"root": str(tmp_path)}, "opts")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_imagenet_sketch_folder(tmp_path, stream):
+    """ImageNet-Sketch's sketch/<wnid>/*.JPEG (images of different sizes, no splits): classes sorted by wnid, every
+    image resized to the first one's size, test carved by test_fraction."""
+    for k, wnid in enumerate(WNIDS):
+        for i in range(5):
+            _jpeg(tmp_path / "sketch" / wnid / f"sketch_{i}.JPEG", 30 * k + i, size=16 + 4 * i)
+    opts = {"root": str(tmp_path / "sketch"), "stream": stream, "workers": 0, "test_fraction": 0.2}
+    raw = SOURCES["folder"](opts, "opts")
+    assert raw.classes == sorted(WNIDS) and raw.test is None and raw.val is None
+    assert raw.train.images.shape == (15, 3, 16, 16) and raw.train.labels.tolist() == [0] * 5 + [1] * 5 + [2] * 5
+    ds = build_splits(spec("folder", options=opts, val_fraction=0.25))
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (9, 3, 3)
+    assert sorted(ds.test.labels.tolist()) == [0, 1, 2] and sorted(ds.val.labels.tolist()) == [0, 1, 2]
+    if stream:
+        mem = build_splits(spec("folder", options={**opts, "stream": False}, val_fraction=0.25))
+        for name in ("train", "val", "test"):
+            a, b = getattr(mem, name), getattr(ds, name)
+            assert torch.equal(a.labels, b.labels) and torch.equal(torch.cat(list(b.images.split(4))), a.images)
+
+
+def test_tinyimagenet_layout_errors(tmp_path):
+    """Each malformation of the TinyImageNet layout is one line naming the file or folder at fault."""
+    val = tiny_imagenet(tmp_path)
+    opts = {"root": str(tmp_path), "layout": "tinyimagenet"}
+    ann = tmp_path / "val" / "val_annotations.txt"
+    text = ann.read_text()
+
+    def fails(pattern: str) -> None:
+        with pytest.raises(SpecError) as err:
+            SOURCES["folder"](opts, "opts")
+        msg = str(err.value)
+        assert "\n" not in msg and re.match(pattern, msg), msg
+
+    with pytest.raises(SpecError, match=r"^opts\.layout: got 'imagenet'; allowed: imagefolder, tinyimagenet$"):
+        SOURCES["folder"]({**opts, "layout": "imagenet"}, "opts")
+    ann.write_text(text.replace("n01443537", "n00000001", 1))
+    fails(rf"^{ann}:\d+: class 'n00000001' of val_\d+\.JPEG is not a class folder of {tmp_path}/train$")
+    ann.write_text(text.replace("\t", " "))
+    fails(rf"^{ann}:1: expected 'file<TAB>wnid<TAB>x<TAB>y<TAB>w<TAB>h', got 'val_0.JPEG n02123045 1 2 13 14'$")
+    ann.write_text(text + text.splitlines(keepends=True)[0])
+    fails(rf"^{ann}:8: val_0\.JPEG is listed twice$")
+    ann.write_text("".join(text.splitlines(keepends=True)[1:]))
+    fails(rf"^{tmp_path}/val/images/val_0\.JPEG: not listed in {ann}$")
+    ann.write_text(text + "val_99.JPEG\tn01443537\t0\t0\t1\t1\n")
+    fails(rf"^{tmp_path}/val/images/val_99\.JPEG: listed in {ann} but not found$")
+    ann.unlink()
+    fails(rf"^opts\.root: {ann} not found; layout 'tinyimagenet' expects train/<wnid>/images/\*\.JPEG, ")
+    ann.write_text(text)
+    (tmp_path / "wnids.txt").write_text("n01443537\n")
+    fails(rf"^{tmp_path}/wnids\.txt: lists 1 classes, {tmp_path}/train has 3 class folders; 'n02123045' is in one "
+          r"only$")
+    (tmp_path / "wnids.txt").unlink()
+    images = tmp_path / "train" / "n09999999" / "images"
+    for f in images.iterdir():
+        f.unlink()
+    fails(rf"^{images}: no images; layout 'tinyimagenet' expects")
+    _jpeg(images / "a.JPEG", 1)
+    (images / "notes.txt").write_text("hello")
+    fails(rf"^{images}/notes\.txt: not a readable image")
+    assert len(val) == 7
 
 
 # ------------------------------------------------------------------------------------------------------------------
