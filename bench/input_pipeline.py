@@ -8,10 +8,15 @@ persistent workers, and deliver augmented, normalized float batches of the same 
 - raw: ``torchvision.datasets.ImageFolder`` with per-image torchvision v2 transforms in the workers (the usual
   recipe), then the float batch copied to the device;
 - also: the same images held in memory (the folder source's default; TensorLoader), the ceiling of this machine.
-Each is timed over epochs after a first, warm-up epoch (worker start-up left out), in interleaved rounds; the best
-round counts. Nothing trains: the figure is how many images per second each pipeline can feed.
+The same three again with AutoAugment (ImageNet policy) after the resize, as in the paper's T1 recipe (``_aa``): ours
+with ``augment.autoaugment: true`` (mlfd.data.BatchedAutoAugment on the resized uint8 batch, on the device, after the
+workers), raw with torchvision's ``v2.AutoAugment`` per image in the DataLoader workers. Each is timed over epochs
+after a first, warm-up epoch (worker start-up left out), in interleaved rounds; the best round counts. Nothing
+trains: the figure is how many images per second each pipeline can feed. Last, AutoAugment alone on one resized uint8
+batch in this process: batched against torchvision's transform image by image (median of rounds).
 
-Ratio printed: ours / raw img/s (>= 1 means the streamed folder keeps up with the plain pipeline).
+Ratios printed: ours / raw img/s, without and with AutoAugment (>= 1 means the streamed folder keeps up with the
+plain pipeline), and batched / per-image AutoAugment img/s.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from PIL import Image  # noqa: E402
 from bench.common import emit, parse_args, setup, sync, table, timed, tmpdir  # noqa: E402
 from mlfd.config import AugmentSpec  # noqa: E402
 from mlfd.data import SOURCES, BatchTransform, make_loader  # noqa: E402
+from mlfd.data.transforms import BatchedAutoAugment  # noqa: E402
 
 MEAN, STD = (0.286, 0.286, 0.286), (0.353, 0.353, 0.353)
 
@@ -46,13 +52,14 @@ def write_tree(root: Path, n: int) -> str:
     return f"{source}, {n} images"
 
 
-def ours(root: Path, px: int, batch: int, workers: int, device: torch.device, stream: bool):
+def ours(root: Path, px: int, batch: int, workers: int, device: torch.device, stream: bool,
+         autoaugment: bool = False):
     """A function running one epoch of mlfd's loader + batched transform; returns the images delivered."""
     raw = SOURCES["folder"]({"root": str(root), "mode": "L", "stream": stream, "workers": workers}, "bench")
     loader = make_loader(raw.train.images, raw.train.labels, batch, True, seed=0, device=device)
-    tf = BatchTransform(px, MEAN, STD, AugmentSpec(crop_padding=4, flip=True, autoaugment=False),
+    tf = BatchTransform(px, MEAN, STD, AugmentSpec(crop_padding=4, flip=True, autoaugment=autoaugment),
                         channels_last=device.type == "cuda")
-    gen = torch.Generator(device=device).manual_seed(0)
+    gen = torch.Generator().manual_seed(0)  # a CPU generator, as the tasks use (mlfd.stages.common)
 
     def epoch() -> int:
         n = 0
@@ -64,13 +71,14 @@ def ours(root: Path, px: int, batch: int, workers: int, device: torch.device, st
     return epoch
 
 
-def raw_pipeline(root: Path, px: int, batch: int, workers: int, device: torch.device):
+def raw_pipeline(root: Path, px: int, batch: int, workers: int, device: torch.device, autoaugment: bool = False):
     """One epoch of torchvision ImageFolder + per-image v2 transforms in DataLoader workers; the images delivered."""
     from torch.utils.data import DataLoader
     from torchvision import datasets
     from torchvision.transforms import v2
 
-    tf = v2.Compose([v2.PILToTensor(), v2.Grayscale(3), v2.Resize(px, antialias=True),
+    aa = [v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET)] if autoaugment else []
+    tf = v2.Compose([v2.PILToTensor(), v2.Resize(px, antialias=True), *aa, v2.Grayscale(3),
                      v2.RandomCrop(px, padding=4), v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
                      v2.Normalize(MEAN, STD)])
     ds = datasets.ImageFolder(str(root), transform=tf)
@@ -90,6 +98,36 @@ def raw_pipeline(root: Path, px: int, batch: int, workers: int, device: torch.de
     return epoch
 
 
+def autoaugment_alone(root: Path, px: int, batch: int, device: torch.device, rounds: int) -> dict[str, float]:
+    """img/s of AutoAugment alone on one resized uint8 batch: batched (ours) and torchvision's, image by image."""
+    from torchvision.transforms import v2
+
+    raw = SOURCES["folder"]({"root": str(root), "mode": "L"}, "bench")
+    images = BatchTransform(px, MEAN, STD)._resize(raw.train.images[:batch].float()).round().to(torch.uint8)
+    images = images.expand(-1, 3, -1, -1).contiguous().to(device)
+    ours_aa, tv_aa, gen = BatchedAutoAugment(), v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET), torch.Generator()
+
+    def batched() -> int:
+        ours_aa(images, gen)
+        sync(device)
+        return images.shape[0]
+
+    def per_image() -> int:
+        for img in images:
+            tv_aa(img)
+        sync(device)
+        return images.shape[0]
+
+    rates: dict[str, list[float]] = {"batched": [], "per_image": []}
+    for fn in (batched, per_image):
+        fn()
+    for _ in range(rounds):
+        for name, fn in (("batched", batched), ("per_image", per_image)):
+            count, s = timed(fn)
+            rates[name].append(count / s)
+    return {k: sorted(v)[len(v) // 2] for k, v in rates.items()}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(__doc__, argv)
     device = setup(args)
@@ -103,7 +141,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"input_pipeline: {data} at {px} px, batch {batch}, {workers} workers on {device} ...", flush=True)
         pipes = {"ours_stream": ours(root, px, batch, workers, device, stream=True),
                  "raw_imagefolder": raw_pipeline(root, px, batch, workers, device),
-                 "ours_in_memory": ours(root, px, batch, workers, device, stream=False)}
+                 "ours_in_memory": ours(root, px, batch, workers, device, stream=False),
+                 "ours_stream_aa": ours(root, px, batch, workers, device, stream=True, autoaugment=True),
+                 "raw_imagefolder_aa": raw_pipeline(root, px, batch, workers, device, autoaugment=True),
+                 "ours_in_memory_aa": ours(root, px, batch, workers, device, stream=False, autoaugment=True)}
         rates: dict[str, list[float]] = {k: [] for k in pipes}
         for name, epoch in pipes.items():
             epoch()  # warm-up: worker start-up, first decode, allocator
@@ -111,18 +152,30 @@ def main(argv: list[str] | None = None) -> dict:
             for name, epoch in pipes.items():
                 count, s = timed(epoch)
                 rates[name].append(count / s)
+        alone = autoaugment_alone(root, px, batch, device, rounds=5)
     best = {k: max(v) for k, v in rates.items()}
     ratio = best["ours_stream"] / best["raw_imagefolder"]
+    ratio_aa = best["ours_stream_aa"] / best["raw_imagefolder_aa"]
+    ratio_alone = alone["batched"] / alone["per_image"]
     rows.append({"data": data, "px": px, "batch": batch, "workers": workers,
                  **{f"{k}_img_s": v for k, v in best.items()}, "ratio_stream_vs_raw": ratio,
-                 "ratio_stream_vs_in_memory": best["ours_stream"] / best["ours_in_memory"]})
+                 "ratio_stream_vs_in_memory": best["ours_stream"] / best["ours_in_memory"],
+                 "ratio_stream_aa_vs_raw_aa": ratio_aa,
+                 "aa_alone_batched_img_s": alone["batched"], "aa_alone_per_image_img_s": alone["per_image"],
+                 "ratio_aa_alone": ratio_alone})
     print(table(rows, ["px", "batch", "workers", "ours_stream_img_s", "raw_imagefolder_img_s", "ours_in_memory_img_s",
                        "ratio_stream_vs_raw", "ratio_stream_vs_in_memory"]))
+    print(table(rows, ["px", "batch", "workers", "ours_stream_aa_img_s", "raw_imagefolder_aa_img_s",
+                       "ours_in_memory_aa_img_s", "ratio_stream_aa_vs_raw_aa", "aa_alone_batched_img_s",
+                       "aa_alone_per_image_img_s", "ratio_aa_alone"]))
     where = "GPU" if cuda else "CPU"
     summary = (f"streamed image folder / torchvision ImageFolder+DataLoader img/s = {ratio:.2f} ({px} px, batch "
                f"{batch}, {workers} workers each, {where}); held in memory it feeds "
-               f"{best['ours_in_memory'] / best['raw_imagefolder']:.1f}x the raw pipeline")
-    return emit("input_pipeline", args, device, {"rows": rows, "ratio": ratio,
+               f"{best['ours_in_memory'] / best['raw_imagefolder']:.1f}x the raw pipeline; with AutoAugment "
+               f"{ratio_aa:.2f} (batched on the {where} vs per image in the workers), AutoAugment alone batched / "
+               f"per image = {ratio_alone:.1f}")
+    return emit("input_pipeline", args, device, {"rows": rows, "ratio": ratio, "ratio_autoaugment": ratio_aa,
+                                                 "ratio_autoaugment_alone": ratio_alone,
                                                  "rounds_img_s": {k: v for k, v in rates.items()}}, summary)
 
 

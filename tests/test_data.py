@@ -19,6 +19,7 @@ from mlfd.data import (SOURCES, BatchTransform, DatasetSplits, FileImages, Strea
                        make_loader)
 from mlfd.data.sources import FASHION_MNIST_CLASSES
 from mlfd.data.splits import build_splits, stratified_split
+from mlfd.data.transforms import AUTOAUGMENT_VERSION, BatchedAutoAugment, autoaugment_key
 
 FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
 
@@ -559,12 +560,68 @@ def test_augmentation_changes_train_not_eval():
                for c in crop)
 
 
+def _reference_autoaugment(aa: BatchedAutoAugment, images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """AutoAugment image by image, as torchvision's transform does it, from the same draws (the test's oracle)."""
+    policies, space = aa._tv._policies, aa._tv._AUGMENTATION_SPACE
+    out = []
+    for img, u in zip(images, draws.tolist(), strict=True):
+        policy = policies[min(int(u[0] * len(policies)), len(policies) - 1)]
+        for slot, (name, prob, bin_) in enumerate(policy):
+            if not u[1 + slot] <= prob:
+                continue
+            values, signed = space[name][0](10, *img.shape[-2:]), space[name][1]
+            m = 0.0 if values is None else float(values[bin_])
+            m = -m if signed and u[3 + slot] <= 0.5 else m
+            img = aa.apply(img, name, m)
+        out.append(img)
+    return torch.stack(out)
+
+
+def test_batched_autoaugment_is_torchvisions_per_image_autoaugment():
+    """Batched over the images that drew the same op and magnitude, it gives, image for image, what torchvision's
+    ops give one image at a time for the same draws; uint8 in, uint8 out, same shape; most images change."""
+    aa = BatchedAutoAugment()
+    for channels in (3, 1):
+        batch = torch.from_numpy(np.random.default_rng(channels).integers(0, 256, (96, channels, 12, 14), np.uint8))
+        draws = aa.draw(96, torch.Generator().manual_seed(7))
+        plan = aa.plan(draws, 12, 14)
+        calls, ops = sum(len(slot) for slot in plan), sum(len(idx) for slot in plan for _, _, idx in slot)
+        assert ops > 96 and calls < ops / 2  # one call per group of images, not one per image
+        out = aa(batch, torch.Generator().manual_seed(7))
+        assert out.dtype == torch.uint8 and out.shape == batch.shape
+        assert torch.equal(out, _reference_autoaugment(aa, batch, draws))
+        changed = (out != batch).flatten(1).any(1).float().mean().item()
+        assert changed > 0.4, changed  # (about 0.59 for RGB and 0.57 for gray images over many draws)
+
+
 def test_autoaugment_is_reproducible():
     batch = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (8, 1, 10, 10), dtype=np.uint8))
     tf = BatchTransform(10, MEAN, STD, AugmentSpec(crop_padding=0, autoaugment=True))
+    state = torch.random.get_rng_state()
     a = tf(batch, train=True, generator=torch.Generator().manual_seed(5))
-    assert a.shape == (8, 3, 10, 10) and not torch.equal(a, tf(batch, train=False))
+    assert torch.equal(torch.random.get_rng_state(), state)  # drawn from the generator only
+    assert a.shape == (8, 3, 10, 10) and a.dtype == torch.float32 and not torch.equal(a, tf(batch, train=False))
     assert torch.equal(a, tf(batch, train=True, generator=torch.Generator().manual_seed(5)))
+    assert not torch.equal(a, tf(batch, train=True, generator=torch.Generator().manual_seed(6)))
+
+
+def test_autoaugment_runs_after_the_resize():
+    """Resize (bilinear, antialiased) to the input size, round to uint8, AutoAugment there, then normalize: the
+    authors' order (their Resize then AutoAugment); the input size, not the stored one, sets e.g. translations."""
+    batch = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (16, 3, 20, 24), dtype=np.uint8))
+    tf = BatchTransform(8, MEAN, STD, AugmentSpec(crop_padding=0, autoaugment=True))
+    got = tf(batch, train=True, generator=torch.Generator().manual_seed(9))
+    resized = torch.nn.functional.interpolate(batch.float(), size=(8, 8), mode="bilinear", align_corners=False,
+                                              antialias=True).round().clamp(0, 255).to(torch.uint8)
+    expected = BatchedAutoAugment()(resized, torch.Generator().manual_seed(9)).float() / 255
+    expected = (expected - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert BatchTransform(8, MEAN, STD)(batch, train=True).shape == got.shape
+
+
+def test_autoaugment_changes_the_artifact_keys_only_when_used():
+    assert autoaugment_key(AugmentSpec(autoaugment=True)) == {"autoaugment": AUTOAUGMENT_VERSION}
+    assert AUTOAUGMENT_VERSION >= 2 and autoaugment_key(AugmentSpec()) == {} and autoaugment_key(None) == {}
 
 
 def test_tensor_loader_covers_every_index_once():

@@ -10,6 +10,7 @@ from torch import nn
 
 from mlfd.config import ModelSpec, RecipeSpec, to_dict
 from mlfd.data import make_loader
+from mlfd.data.transforms import autoaugment_key
 from mlfd.engine import fit, use_channels_last
 from mlfd.losses import ce_loss
 from mlfd.models import create_model
@@ -122,7 +123,8 @@ def baseline_model(ctx: Context) -> tuple[ModelSpec, RecipeSpec]:
 def baseline_key(ctx: Context, mode: str) -> str:
     model, recipe = baseline_model(ctx)
     return ArtifactStore.key(KIND, {"v": VERSION, "mode": mode, "model": to_dict(model), "recipe": to_dict(recipe),
-                                    "data": [dataset_key_spec(d) for d in ctx.spec.datasets]})
+                                    "data": [dataset_key_spec(d) for d in ctx.spec.datasets],
+                                    **autoaugment_key(recipe.augment)})
 
 
 def train_baseline(ctx: Context, mode: str) -> Artifact:

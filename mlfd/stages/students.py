@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from mlfd.config import StudentSpec, to_dict
 from mlfd.data import make_loader, to_device
+from mlfd.data.transforms import autoaugment_key
 from mlfd.engine import fit, use_channels_last
 from mlfd.losses import mlfd_loss
 from mlfd.models import Student
@@ -104,7 +105,8 @@ def student_variant(ctx: Context, control: str | None) -> StudentSpec:
 def student_key(ctx: Context, name: str, plan: JointPlan, sspec: StudentSpec) -> str:
     ds = ctx.spec.dataset(name)
     return ArtifactStore.key(KIND, {"v": VERSION, "data": dataset_key_spec(ds), "model": to_dict(ds.student),
-                                    "student": to_dict(sspec), "level": plan.level}, {"joint": joint_key(ctx, plan)})
+                                    "student": to_dict(sspec), "level": plan.level,
+                                    **autoaugment_key(sspec.recipe.augment)}, {"joint": joint_key(ctx, plan)})
 
 
 def train_student(ctx: Context, name: str, level: int, control: str | None = None) -> Artifact:

@@ -9,6 +9,7 @@ import torch
 
 from mlfd.config import to_dict
 from mlfd.data import make_loader
+from mlfd.data.transforms import autoaugment_key
 from mlfd.engine import fit, use_channels_last
 from mlfd.losses import ce_loss
 from mlfd.models import create_model
@@ -55,7 +56,7 @@ class ClassifierTask:
 def teacher_key(ctx: Context, name: str) -> str:
     ds = ctx.spec.dataset(name)
     return ArtifactStore.key(KIND, {"data": dataset_key_spec(ds), "model": to_dict(ds.model),
-                                    "recipe": to_dict(ctx.spec.teacher)})
+                                    "recipe": to_dict(ctx.spec.teacher), **autoaugment_key(ctx.spec.teacher.augment)})
 
 
 def train_teacher(ctx: Context, name: str) -> Artifact:
