@@ -253,6 +253,7 @@ FEATURE_DTYPES = ("float16", "bfloat16", "float32")
 _ARROW_TYPE = {"float16": pa.float16(), "bfloat16": pa.uint16(), "float32": pa.float32()}
 _NUMPY_TYPE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
 _META = b"mlfd"
+_RELEASE_EVERY = 64 << 20
 
 
 class FeatureOverflow(SpecError):
@@ -417,8 +418,9 @@ class FeatureFile:
     """A feature file opened for reading: its record batches as read-only numpy views of one memory map.
 
     Rows are read by :meth:`take` (an index gather, in the order given) or :meth:`rows` (a contiguous range), both
-    copies; :meth:`release` drops the map's pages from this process (they stay in the OS page cache), so a reader that
-    sweeps a file larger than memory keeps its resident set bounded. bfloat16 values come back as their uint16 bit
+    copies made with positioned reads; :meth:`array` is the map itself (one batch) and :meth:`release` drops the map's
+    pages from this process (they stay in the OS page cache), so a reader that sweeps a file larger than memory
+    through the map keeps its resident set bounded. bfloat16 values come back as their uint16 bit
     patterns (:func:`features_to_torch` turns them into a bfloat16 tensor).
 
     Args:
@@ -429,9 +431,10 @@ class FeatureFile:
     def __init__(self, path: Path, verify: bool = True):
         self.path = path = Path(path)
         try:
-            with open(path, "rb") as f:
-                self._mm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
-            reader = pa.ipc.open_file(pa.py_buffer(self._mm))
+            self._fd = os.open(path, os.O_RDONLY)
+            self._mm = mmap.mmap(self._fd, 0, prot=mmap.PROT_READ)
+            whole = pa.py_buffer(self._mm)
+            reader = pa.ipc.open_file(whole)
             n_batches = reader.num_record_batches
             schema_meta = reader.schema.metadata or {}
             if _META in schema_meta:  # a file of the first format: one batch, metadata in the schema
@@ -442,7 +445,7 @@ class FeatureFile:
             self.meta: dict = meta
             self.dtype: str = meta.get("dtype", "float16")
             self.shape: tuple[int, ...] = tuple(meta["shape"])
-            parts, starts, total = [], [], 0
+            parts, starts, offsets, total = [], [], [], 0
             for i in data_batches:
                 col = reader.get_batch(i).column(0)
                 values = col.flatten() if pa.types.is_fixed_size_list(col.type) else col
@@ -450,10 +453,11 @@ class FeatureFile:
                 rows = len(col)
                 parts.append(flat.reshape((rows, *self.shape[1:])))
                 starts.append(total)
+                offsets.append(flat.ctypes.data - whole.address)  # where the batch's values start in the file
                 total += rows
             if total != self.shape[0] or (parts and parts[0].dtype != np.dtype(_NUMPY_TYPE[self.dtype])):
                 raise ValueError("rows or type do not match the metadata")
-            self._parts, self._starts = parts, np.asarray(starts, np.int64)
+            self._parts, self._starts, self._offsets = parts, np.asarray(starts, np.int64), offsets
             digest = meta["sha256"]
         except FileNotFoundError:
             raise
@@ -462,9 +466,13 @@ class FeatureFile:
             # mismatch or an empty file (mmap of 0 bytes); IndexError for a file without batches
             raise CorruptArtifact(f"{path}: unreadable feature cache ({type(e).__name__}); delete it to rebuild") from None
         if verify:
-            h = hashlib.sha256()
+            h, mapped = hashlib.sha256(), 0
             for part in self._parts:
                 h.update(np.ascontiguousarray(part).data)
+                mapped += part.nbytes
+                if mapped >= _RELEASE_EVERY:  # hashing a file larger than memory keeps the resident set bounded
+                    self.release()
+                    mapped = 0
             self.release()
             if h.hexdigest() != digest:
                 raise CorruptArtifact(f"{path}: feature cache checksum mismatch (corrupt); delete it to rebuild")
@@ -488,16 +496,36 @@ class FeatureFile:
         return self.take(np.arange(start, min(stop, len(self)), dtype=np.int64))
 
     def take(self, idx: Any) -> np.ndarray:
-        """A copy of the rows ``idx`` (any order, repeats allowed)."""
-        idx = np.asarray(idx, dtype=np.int64)
-        if len(self._parts) == 1:
-            return self._parts[0][idx]
-        out = np.empty((idx.size, *self.shape[1:]), self._parts[0].dtype if self._parts else np.float16)
+        """A copy of the rows ``idx`` (any order, repeats allowed), read with positioned reads (``preadv``), not
+        through the map: a fault on the map brings in a whole large folio of the page cache, so random rows read
+        through it would map most of the file into this process; a read copies just the row and leaves the page
+        cache to the OS."""
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        dtype = self._parts[0].dtype if self._parts else np.dtype(_NUMPY_TYPE[self.dtype])
+        out = np.empty((idx.size, *self.shape[1:]), dtype)
+        if idx.size == 0:
+            return out
+        if idx.min() < 0 or idx.max() >= len(self):
+            raise IndexError(f"{self.path}: rows out of range 0..{len(self) - 1}")
+        row = out[0].nbytes
+        flat = out.reshape(idx.size, -1).view(np.uint8).reshape(idx.size, row)
         part = np.searchsorted(self._starts, idx, side="right") - 1
-        for k in np.unique(part):
-            m = part == k
-            out[m] = self._parts[k][idx[m] - self._starts[k]]
+        pos = np.asarray(self._offsets, np.int64)[part] + (idx - self._starts[part]) * row
+        order = np.argsort(pos, kind="stable")
+        # runs of rows that follow each other in the file are read with one call
+        i = 0
+        while i < idx.size:
+            j = i + 1
+            while j < idx.size and pos[order[j]] == pos[order[j - 1]] + row and order[j] == order[j - 1] + 1:
+                j += 1
+            if os.preadv(self._fd, [flat[order[i]:order[j - 1] + 1]], int(pos[order[i]])) != (j - i) * row:
+                raise CorruptArtifact(f"{self.path}: short read (truncated?); delete it to rebuild")
+            i = j
         return out
+
+    def __del__(self) -> None:
+        with contextlib.suppress(AttributeError, OSError):
+            os.close(self._fd)
 
     def release(self) -> None:
         """Drop this process's mapping of the pages read so far (re-read from the page cache on the next access)."""

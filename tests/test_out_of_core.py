@@ -68,6 +68,30 @@ def test_streamed_file_gathers_rows_across_record_batches(tmp_path: Path) -> Non
     assert write_features(tmp_path / "g.arrow", src)["sha256"] == meta["sha256"]
 
 
+def _rss_file_kib() -> int:
+    return next(int(ln.split()[1]) for ln in Path("/proc/self/status").read_text().splitlines()
+                if ln.startswith("RssFile:"))
+
+
+def test_random_gather_does_not_map_the_file(tmp_path: Path) -> None:
+    """Rows gathered at random from a 32 MiB cache: file-backed RSS grows by far less than the file (the pages stay in
+    the OS page cache, not in this process), and the rows are the right ones."""
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs Linux /proc")
+    src = np.random.default_rng(0).standard_normal((8192, 2048), dtype=np.float32)
+    with FeatureWriter(tmp_path / "f.arrow") as w:
+        for s in range(0, 8192, 1000):
+            w.write(src[s: s + 1000])
+    f = FeatureFile(tmp_path / "f.arrow", verify=False)
+    idx = np.random.default_rng(1).integers(0, 8192, 512)
+    f.take(idx[:4])  # warm-up (code paths)
+    before = _rss_file_kib()
+    rows = f.take(idx)
+    grown = _rss_file_kib() - before
+    np.testing.assert_array_equal(rows, src[idx].astype(np.float16))
+    assert grown < 4096, grown  # KiB, against a 32 MiB file of which 512 random rows touch nearly every folio
+
+
 def test_writer_holds_one_batch_not_the_file(tmp_path: Path) -> None:
     """Streaming 64 batches of 1 MiB: the Python heap (numpy buffers) and Arrow's pool peak near one batch."""
     batch = np.ones((2048, 256), np.float32)  # 2 MiB float32, 1 MiB float16

@@ -2,8 +2,9 @@
 
 Extraction streams: each batch of features is written as one Arrow record batch as soon as it is computed, so host
 memory holds one batch, not a split. Readers either copy a cache whole to the training device (:func:`load_cache`)
-or read it out of core from its memory map (:class:`mlfd.store.FeatureFile`, batches prefetched by
-:class:`Prefetcher`); :func:`place_caches` decides which for ``joint.cache_on_device``.
+or read it out of core (:class:`mlfd.store.FeatureFile`: rows gathered by positioned reads at the offsets of the
+memory-mapped record batches, batches prefetched by :class:`Prefetcher`); :func:`place_caches` decides which for
+``joint.cache_on_device``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ VERSION = 2  # in the artifact key. 2: record batches written as extracted, stor
 RELEASE_BYTES = 64 << 20
 """An out-of-core reader drops its mapped pages after touching about this many bytes of them (bounded RSS)."""
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+FAULT_AROUND = 64 << 10  # Linux's default fault_around_bytes
 _logger = logging.getLogger(__name__)
 
 
@@ -218,7 +220,9 @@ class PageBudget:
         self.files, self.touched = list(files), 0
 
     def touch(self, rows: int, row_bytes: int) -> None:
-        self.touched += rows * max(row_bytes, _PAGE)  # a gathered row maps at least one page
+        # A page fault maps up to 64 KiB around the row (Linux's fault-around), so a random gather of a row maps that
+        # much; a contiguous read maps its own bytes.
+        self.touched += rows * max(row_bytes, FAULT_AROUND)
         if self.touched >= RELEASE_BYTES:
             self.release()
 
