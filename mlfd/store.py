@@ -464,7 +464,8 @@ class FeatureFile:
         except (pa.ArrowException, OSError, KeyError, ValueError, TypeError, IndexError, NotImplementedError) as e:
             # ArrowInvalid for a truncated file; TypeError/KeyError for missing metadata; ValueError for a shape
             # mismatch or an empty file (mmap of 0 bytes); IndexError for a file without batches
-            raise CorruptArtifact(f"{path}: unreadable feature cache ({type(e).__name__}); delete it to rebuild") from None
+            raise CorruptArtifact(f"{path}: unreadable feature cache ({type(e).__name__}); "
+                                  "delete it to rebuild") from None
         if verify:
             h, mapped = hashlib.sha256(), 0
             for part in self._parts:

@@ -27,10 +27,7 @@ from mlfd.store import Artifact, ArtifactStore, FeatureFile, FeatureWriter, feat
 
 KIND = "features"
 VERSION = 2  # in the artifact key. 2: record batches written as extracted, storage type from joint.cache_dtype
-RELEASE_BYTES = 64 << 20
-"""An out-of-core reader drops its mapped pages after touching about this many bytes of them (bounded RSS)."""
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-FAULT_AROUND = 64 << 10  # Linux's default fault_around_bytes
 _logger = logging.getLogger(__name__)
 
 
@@ -211,22 +208,3 @@ def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
-
-
-class PageBudget:
-    """Calls ``release`` on memory-mapped files once about :data:`RELEASE_BYTES` of their pages were touched."""
-
-    def __init__(self, files: Iterable[FeatureFile]):
-        self.files, self.touched = list(files), 0
-
-    def touch(self, rows: int, row_bytes: int) -> None:
-        # A page fault maps up to 64 KiB around the row (Linux's fault-around), so a random gather of a row maps that
-        # much; a contiguous read maps its own bytes.
-        self.touched += rows * max(row_bytes, FAULT_AROUND)
-        if self.touched >= RELEASE_BYTES:
-            self.release()
-
-    def release(self) -> None:
-        for f in self.files:
-            f.release()
-        self.touched = 0

@@ -21,7 +21,7 @@ from mlfd.data import to_device
 from mlfd.engine import evaluate_logits, fit
 from mlfd.losses import ce_loss
 from mlfd.models import JointTeacher
-from mlfd.stages.cache import (PageBudget, Prefetcher, build_cache, cache_key, open_cache, place_caches, resident,
+from mlfd.stages.cache import (Prefetcher, build_cache, cache_key, open_cache, place_caches, resident,
                                to_device_async)
 from mlfd.stages.common import (EVAL_BATCH, SPLITS, Context, dataset_key_spec, save_module, seed_everything,
                                 write_metrics)
@@ -100,7 +100,6 @@ class _Features:
         if self.on_device:
             self.x = {k: resident(f, ctx.device) for k, f in self.files.items()}
         self.shapes = [tuple(self.files[t, plan.datasets[0], "train"].shape[1:]) for t in plan.teachers]
-        self.pages = PageBudget(self.files.values())
 
     def gather(self, t: str, d: str, split: str, idx: torch.Tensor) -> torch.Tensor:
         """Rows ``idx`` of a cached split, in its storage type: on the device if the cache is there (``idx`` best on
@@ -108,9 +107,7 @@ class _Features:
         if self.on_device:
             return self.x[t, d, split][to_device(idx, self.device)]
         f = self.files[t, d, split]
-        rows = f.take(idx.numpy())
-        self.pages.touch(len(rows), rows[0].nbytes if len(rows) else 0)
-        return features_to_torch(rows, f.dtype)
+        return features_to_torch(f.take(idx.numpy()), f.dtype)
 
 
 def build_joint_model(ctx: Context, plan: JointPlan, in_shapes: list[tuple[int, ...]]) -> JointTeacher:
@@ -170,7 +167,6 @@ class JointTask:
                 yield groups, None
             return
         yield from Prefetcher(self._order(epoch), self._prepare, self.ctx.device)
-        self.feats.pages.release()
 
     def train_step(self, batch) -> dict[str, torch.Tensor]:
         groups, inputs = batch
@@ -202,9 +198,7 @@ class JointTask:
                 z, _ = self.module(self._inputs(d, split, idx))
                 yield self.module.logits(z, i), y[s: s + EVAL_BATCH]
 
-        res = evaluate_logits(batches())
-        self.feats.pages.release()
-        return res
+        return evaluate_logits(batches())
 
     def evaluate(self, split: str) -> dict[str, float]:
         """Mean over datasets (the selection metric) plus each dataset's own numbers."""
@@ -271,9 +265,6 @@ def joint_targets(ctx: Context, plan: JointPlan, target: str) -> tuple[Artifact,
                     w_logits.write(model.logits(z, head).float().cpu())
                     for c, w in w_embs.items():
                         w.write(e[c].float().cpu())
-                    if s // EVAL_BATCH % 64 == 63:
-                        for f in files:
-                            f.release()
         return {"target": target, "level": plan.level, "dtype": dtype}
 
     key = ArtifactStore.key(TARGETS_KIND, {"v": TARGETS_VERSION, "target": target, "dtype": dtype}, {"joint": art.key})
@@ -282,7 +273,7 @@ def joint_targets(ctx: Context, plan: JointPlan, target: str) -> tuple[Artifact,
 
 class CachedTargets:
     """T*'s cached targets for a student's training batches: whole on the device, or gathered per batch from the
-    memory-mapped files in a background thread that runs ahead of the training step (``joint.cache_on_device``).
+    Arrow files in a background thread that runs ahead of the training step (``joint.cache_on_device``).
 
     Both paths give the same float32 values for the same batch, so a student's weights do not depend on the choice.
 
@@ -305,12 +296,10 @@ class CachedTargets:
         if self.on_device:
             self.x_logits = resident(self.logits, ctx.device)
             self.x_embs = {c: resident(f, ctx.device) for c, f in self.embs.items()}
-        self.pages = PageBudget(files)
 
     def _fetch(self, batch: tuple) -> tuple:
         idx = batch[0].cpu().numpy()
         rows = [self.logits.take(idx), *(f.take(idx) for f in self.embs.values())]
-        self.pages.touch(len(idx), sum(r[0].nbytes for r in rows) if len(idx) else 0)
         t = [to_device_async(features_to_torch(r, self.logits.dtype), self.device) for r in rows]
         return (*batch, (t[0], dict(zip(self.embs, t[1:]))))
 
@@ -322,7 +311,6 @@ class CachedTargets:
                 yield (*batch, None)
             return
         yield from Prefetcher(loader, self._fetch, self.device)
-        self.pages.release()
 
     def lookup(self, idx: torch.Tensor, fetched: tuple | None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """float32 (logits, {level: embedding}) of samples ``idx`` on the device."""
