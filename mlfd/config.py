@@ -189,7 +189,7 @@ class JointSpec:
     bfloat16 (same bytes, float32's range, 8 mantissa bits) or float32 store it."""
     cache_on_device: Literal["auto", True, False] = "auto"
     """true: every cache T* reads is copied whole to the training device (host RAM on a CPU); false: read out of core
-    (batches gathered from the memory-mapped files by a background thread, copied ahead of the step that needs them);
+    (each batch's rows read from the Arrow files by a background thread, copied ahead of the step that needs them);
     auto: on the device when the caches' bytes are at most ``cache_memory_fraction`` of its free memory. Both paths
     draw the same samples in the same order and give bit-identical weights, so it is not part of any artifact key."""
     cache_memory_fraction: float = 0.5

@@ -163,6 +163,8 @@ class Prefetcher:
             try:
                 for item in self.items:
                     if cuda:
+                        # what ``items`` produced on the default stream (a loader's indices) is ready before reading it
+                        stream.wait_stream(torch.cuda.default_stream(self.device))
                         with torch.cuda.stream(stream):
                             out = self.make(item)
                             event = torch.cuda.Event()
