@@ -183,8 +183,21 @@ class JointSpec:
     width: int = 128
     """Width of the joint teacher's NN blocks (its embedding width at every level)."""
     recipe: RecipeSpec = field(default_factory=lambda: RecipeSpec(lr=1e-3, weight_decay=1e-4, epochs=10))
+    cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    """Storage type of the frozen-teacher feature cache and of T*'s cached targets (in their keys). float16 halves
+    the bytes of float32; a value beyond its range (65504) stops the build with an error naming the teacher and level:
+    bfloat16 (same bytes, float32's range, 8 mantissa bits) or float32 store it."""
+    cache_on_device: Literal["auto", True, False] = "auto"
+    """true: every cache T* reads is copied whole to the training device (host RAM on a CPU); false: read out of core
+    (each batch's rows read from the Arrow files by a background thread, copied ahead of the step that needs them);
+    auto: on the device when the caches' bytes are at most ``cache_memory_fraction`` of its free memory. Both paths
+    draw the same samples in the same order and give bit-identical weights, so it is not part of any artifact key."""
+    cache_memory_fraction: float = 0.5
+    """Share of the free device memory (MemAvailable on a CPU) that ``cache_on_device: auto`` lets the caches use."""
 
     def validate(self, path: str) -> None:
+        _check(0 < self.cache_memory_fraction <= 1, f"{path}.cache_memory_fraction",
+               f"must be in (0, 1], got {self.cache_memory_fraction}")
         _check(0 <= self.dropout < 1, f"{path}.dropout", f"must be in [0, 1), got {self.dropout}")
         _check(self.adaptor_width >= 1, f"{path}.adaptor_width", f"must be >= 1, got {self.adaptor_width}")
         _check(self.width >= 1, f"{path}.width", f"must be >= 1, got {self.width}")

@@ -14,6 +14,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import tempfile
@@ -243,65 +244,313 @@ class ArtifactStore:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Feature cache: float16 arrays in Arrow IPC files, memory-mapped on read, checksummed
+# Feature cache: float16 (or bfloat16 / float32) arrays in Arrow IPC files, written batch by batch, memory-mapped on
+# read, checksummed
 # --------------------------------------------------------------------------------------------------------------------
 
+FEATURE_DTYPES = ("float16", "bfloat16", "float32")
+"""Storage types of a feature file. Arrow has no bfloat16: its values are stored as their uint16 bit patterns."""
+_ARROW_TYPE = {"float16": pa.float16(), "bfloat16": pa.uint16(), "float32": pa.float32()}
+_NUMPY_TYPE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
+_META = b"mlfd"
+_RELEASE_EVERY = 64 << 20
 
-def write_features(path: Path, array: np.ndarray, extra: dict | None = None) -> dict:
-    """Write an [N, ...] array as float16 into an Arrow IPC file with its shape and SHA-256 in the schema metadata.
 
-    Returns the metadata written.
+class FeatureOverflow(SpecError):
+    """A value does not fit the feature cache's storage type (float16 tops out at 65504)."""
+
+
+def _as_storage(batch: Any, dtype: str, label: str) -> np.ndarray:
+    """``batch`` (numpy array or torch tensor) in the storage type ``dtype``, as a C-contiguous numpy array.
+
+    A finite value that the cast turns into an infinity raises :class:`FeatureOverflow` naming ``label``.
     """
-    arr = np.ascontiguousarray(array, dtype=np.float16)
-    if arr.ndim == 0:
-        raise ValueError("write_features needs an array of shape [N, ...], got a scalar")
-    n = arr.shape[0]
-    flat = arr.reshape(n, int(np.prod(arr.shape[1:], dtype=np.int64)))
-    digest = hashlib.sha256(flat.tobytes()).hexdigest()
-    meta = {"shape": list(arr.shape), "dtype": "float16", "sha256": digest, **(extra or {})}
-    values = pa.array(flat.reshape(-1), type=pa.float16())
-    col = pa.FixedSizeListArray.from_arrays(values, flat.shape[1]) if flat.shape[1] > 0 else values
-    table = pa.table({"features": col}).replace_schema_metadata({"mlfd": json.dumps(meta)})
-    path = Path(path)
-    tmp = None
-    try:  # temp file + rename: a crash never leaves a half-written cache file under the final name
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as e:
-        raise _storage_error(e, path) from e
-    finally:
-        if tmp is not None:
+    if dtype == "bfloat16":
+        import torch  # the store's only torch use: numpy has no bfloat16
+
+        t = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch))
+        src = t.detach().cpu().float()
+        out = src.to(torch.bfloat16)
+        bad = bool((torch.isfinite(src) & ~torch.isfinite(out)).any())
+        arr = out.view(torch.int16).numpy().view(np.uint16)
+        src_max = float(src[torch.isfinite(src)].abs().max()) if bad else 0.0
+    else:
+        src_np = batch.detach().cpu().numpy() if hasattr(batch, "detach") else np.asarray(batch)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, by name
+            arr = np.ascontiguousarray(src_np, dtype=_NUMPY_TYPE[dtype])
+        bad = False
+        if src_np.dtype != arr.dtype and src_np.size and np.issubdtype(src_np.dtype, np.floating):
+            fin = np.isfinite(src_np)
+            bad = bool((fin & ~np.isfinite(arr)).any())
+            src_max = float(np.abs(src_np[fin]).max()) if bad else 0.0
+    if bad:
+        raise FeatureOverflow(f"{label}: a value of magnitude {src_max:.4g} overflows {dtype} (max "
+                              f"{float(np.finfo(np.float16).max) if dtype == 'float16' else 3.39e38:.6g}); "
+                              "set joint.cache_dtype to bfloat16 or float32")
+    return np.ascontiguousarray(arr)
+
+
+class FeatureWriter:
+    """Stream an [N, ...] array into an Arrow IPC file, one record batch per :meth:`write`, so host memory is
+    bounded by a batch, not by N.
+
+    The schema carries the row shape; a trailing empty record batch carries the metadata known only at the end (the
+    shape with N, the storage type, the SHA-256 of the values in row order, and ``extra``). The file is written to a
+    temp name and renamed by :meth:`close`, so a crash never leaves a half-written cache under the final name. Use it
+    as a context manager: an exception inside removes the temp file.
+
+    Args:
+        path: the final file.
+        dtype: storage type, one of :data:`FEATURE_DTYPES`.
+        extra: metadata stored alongside (teacher, level, split...).
+        label: what the values are, named by an overflow error (e.g. "teacher mnist level 2 on fashion/train").
+    """
+
+    def __init__(self, path: Path, dtype: str = "float16", extra: dict | None = None, label: str | None = None):
+        if dtype not in FEATURE_DTYPES:
+            raise ValueError(f"feature dtype must be one of {FEATURE_DTYPES}, got {dtype!r}")
+        self.path, self.dtype, self.extra = Path(path), dtype, dict(extra or {})
+        self.label = label or str(self.path)
+        self.rows = 0
+        self.row_shape: tuple[int, ...] | None = None
+        self._hash = hashlib.sha256()
+        self._tmp: str | None = None
+        self._sink = self._writer = None
+        self._schema: pa.Schema | None = None
+        self.max_batch_bytes = 0  # the largest batch held at once (what bounds the writer's host memory)
+        self.meta: dict | None = None  # set by close()
+
+    def __enter__(self) -> "FeatureWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and self.meta is None:
+            self.close()
+        self.abort()
+
+    def _open(self, row_shape: tuple[int, ...]) -> None:
+        self.row_shape = row_shape
+        width = int(np.prod(row_shape, dtype=np.int64))
+        vtype = _ARROW_TYPE[self.dtype]
+        ftype = pa.list_(vtype, width) if width > 0 else vtype
+        self._width = width
+        self._schema = pa.schema([pa.field("features", ftype)])
+        try:
+            fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+            os.close(fd)
+            self._sink = pa.OSFile(self._tmp, "wb")
+            self._writer = pa.ipc.new_file(self._sink, self._schema)
+        except OSError as e:
+            self.abort()
+            raise _storage_error(e, self.path) from e
+
+    def _record_batch(self, flat: np.ndarray) -> pa.RecordBatch:
+        values = pa.array(flat.reshape(-1), type=_ARROW_TYPE[self.dtype])
+        col = pa.FixedSizeListArray.from_arrays(values, self._width) if self._width > 0 else values
+        return pa.record_batch([col], schema=self._schema)
+
+    def write(self, batch: Any) -> None:
+        """Append the rows of ``batch`` ([n, ...] numpy array or torch tensor of any float type)."""
+        arr = _as_storage(batch, self.dtype, self.label)
+        if arr.ndim == 0:
+            raise ValueError("a feature file holds an array of shape [N, ...], got a scalar")
+        if self.row_shape is None:
+            self._open(tuple(arr.shape[1:]))
+        elif tuple(arr.shape[1:]) != self.row_shape:
+            raise ValueError(f"{self.label}: rows of shape {tuple(arr.shape[1:])} after rows of {self.row_shape}")
+        n = arr.shape[0]
+        flat = arr.reshape(n, self._width) if self._width > 0 else arr.reshape(-1)
+        self._hash.update(flat.data)  # the values' bytes in row order, no copy
+        self.max_batch_bytes = max(self.max_batch_bytes, arr.nbytes)
+        try:
+            self._writer.write_batch(self._record_batch(flat))
+        except OSError as e:
+            self.abort()
+            raise _storage_error(e, self.path) from e
+        self.rows += n
+
+    def close(self) -> dict:
+        """Finish the file (trailer with the metadata, rename into place); returns the metadata."""
+        if self.row_shape is None:
+            raise ValueError(f"{self.label}: nothing was written (a feature file needs at least one batch)")
+        meta = {"shape": [self.rows, *self.row_shape], "dtype": self.dtype, "sha256": self._hash.hexdigest(),
+                **self.extra}
+        try:
+            empty = self._record_batch(np.empty((0, self._width), _NUMPY_TYPE[self.dtype]))
+            self._writer.write_batch(empty, custom_metadata={_META: json.dumps(meta).encode()})
+            self._writer.close()
+            self._sink.close()
+            os.replace(self._tmp, self.path)
+            self._tmp = None
+        except OSError as e:
+            raise _storage_error(e, self.path) from e
+        finally:
+            self.abort()
+        self.meta = meta
+        return meta
+
+    def abort(self) -> None:
+        """Drop the temp file (no-op after a successful close)."""
+        for obj in (self._writer, self._sink):
+            with contextlib.suppress(Exception):
+                if obj is not None and not getattr(obj, "closed", False):
+                    obj.close()
+        self._writer = self._sink = None
+        if self._tmp is not None:
             with contextlib.suppress(OSError):
-                os.unlink(tmp)
-    return meta
+                os.unlink(self._tmp)
+            self._tmp = None
+
+
+def write_features(path: Path, array: Any, extra: dict | None = None, dtype: str = "float16",
+                   label: str | None = None) -> dict:
+    """Write an [N, ...] array as ``dtype`` (float16 by default) into an Arrow IPC file with its shape and SHA-256
+    in the metadata (one :class:`FeatureWriter` batch). Returns the metadata written."""
+    w = FeatureWriter(path, dtype, extra, label)
+    try:
+        w.write(array)
+        return w.close()
+    finally:
+        w.abort()
+
+
+class FeatureFile:
+    """A feature file opened for reading: its record batches as read-only numpy views of one memory map.
+
+    Rows are read by :meth:`take` (an index gather, in the order given) or :meth:`rows` (a contiguous range), both
+    copies made with positioned reads; :meth:`array` is the map itself (one batch) and :meth:`release` drops the map's
+    pages from this process (they stay in the OS page cache), so a reader that sweeps a file larger than memory
+    through the map keeps its resident set bounded. bfloat16 values come back as their uint16 bit
+    patterns (:func:`features_to_torch` turns them into a bfloat16 tensor).
+
+    Args:
+        path: the file.
+        verify: re-hash the values against the recorded SHA-256 (:class:`CorruptArtifact` on a mismatch).
+    """
+
+    def __init__(self, path: Path, verify: bool = True):
+        self.path = path = Path(path)
+        try:
+            self._fd = os.open(path, os.O_RDONLY)
+            self._mm = mmap.mmap(self._fd, 0, prot=mmap.PROT_READ)
+            whole = pa.py_buffer(self._mm)
+            reader = pa.ipc.open_file(whole)
+            n_batches = reader.num_record_batches
+            schema_meta = reader.schema.metadata or {}
+            if _META in schema_meta:  # a file of the first format: one batch, metadata in the schema
+                meta, data_batches = json.loads(schema_meta[_META]), range(n_batches)
+            else:
+                _, custom = reader.get_batch_with_custom_metadata(n_batches - 1)
+                meta, data_batches = json.loads(custom[_META]), range(n_batches - 1)
+            self.meta: dict = meta
+            self.dtype: str = meta.get("dtype", "float16")
+            self.shape: tuple[int, ...] = tuple(meta["shape"])
+            parts, starts, offsets, total = [], [], [], 0
+            for i in data_batches:
+                col = reader.get_batch(i).column(0)
+                values = col.flatten() if pa.types.is_fixed_size_list(col.type) else col
+                flat = values.to_numpy(zero_copy_only=True)
+                rows = len(col)
+                parts.append(flat.reshape((rows, *self.shape[1:])))
+                starts.append(total)
+                offsets.append(flat.ctypes.data - whole.address)  # where the batch's values start in the file
+                total += rows
+            if total != self.shape[0] or (parts and parts[0].dtype != np.dtype(_NUMPY_TYPE[self.dtype])):
+                raise ValueError("rows or type do not match the metadata")
+            self._parts, self._starts, self._offsets = parts, np.asarray(starts, np.int64), offsets
+            digest = meta["sha256"]
+        except FileNotFoundError:
+            raise
+        except (pa.ArrowException, OSError, KeyError, ValueError, TypeError, IndexError, NotImplementedError) as e:
+            # ArrowInvalid for a truncated file; TypeError/KeyError for missing metadata; ValueError for a shape
+            # mismatch or an empty file (mmap of 0 bytes); IndexError for a file without batches
+            raise CorruptArtifact(f"{path}: unreadable feature cache ({type(e).__name__}); "
+                                  "delete it to rebuild") from None
+        if verify:
+            h, mapped = hashlib.sha256(), 0
+            for part in self._parts:
+                h.update(np.ascontiguousarray(part).data)
+                mapped += part.nbytes
+                if mapped >= _RELEASE_EVERY:  # hashing a file larger than memory keeps the resident set bounded
+                    self.release()
+                    mapped = 0
+            self.release()
+            if h.hexdigest() != digest:
+                raise CorruptArtifact(f"{path}: feature cache checksum mismatch (corrupt); delete it to rebuild")
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the values (what a whole copy in memory takes)."""
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(_NUMPY_TYPE[self.dtype]).itemsize
+
+    def array(self) -> np.ndarray:
+        """The whole array: a zero-copy view of the map when the file is one batch, else a copy."""
+        if len(self._parts) == 1:
+            return self._parts[0]
+        return self.rows(0, len(self))
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """A copy of rows ``start:stop``."""
+        return self.take(np.arange(start, min(stop, len(self)), dtype=np.int64))
+
+    def take(self, idx: Any) -> np.ndarray:
+        """A copy of the rows ``idx`` (any order, repeats allowed), read with positioned reads (``preadv``), not
+        through the map: a fault on the map brings in a whole large folio of the page cache, so random rows read
+        through it would map most of the file into this process; a read copies just the row and leaves the page
+        cache to the OS."""
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        dtype = self._parts[0].dtype if self._parts else np.dtype(_NUMPY_TYPE[self.dtype])
+        out = np.empty((idx.size, *self.shape[1:]), dtype)
+        if idx.size == 0:
+            return out
+        if idx.min() < 0 or idx.max() >= len(self):
+            raise IndexError(f"{self.path}: rows out of range 0..{len(self) - 1}")
+        row = out[0].nbytes
+        flat = out.reshape(idx.size, -1).view(np.uint8).reshape(idx.size, row)
+        part = np.searchsorted(self._starts, idx, side="right") - 1
+        pos = np.asarray(self._offsets, np.int64)[part] + (idx - self._starts[part]) * row
+        order = np.argsort(pos, kind="stable")
+        # runs of rows that follow each other in the file are read with one call
+        i = 0
+        while i < idx.size:
+            j = i + 1
+            while j < idx.size and pos[order[j]] == pos[order[j - 1]] + row and order[j] == order[j - 1] + 1:
+                j += 1
+            if os.preadv(self._fd, [flat[order[i]:order[j - 1] + 1]], int(pos[order[i]])) != (j - i) * row:
+                raise CorruptArtifact(f"{self.path}: short read (truncated?); delete it to rebuild")
+            i = j
+        return out
+
+    def __del__(self) -> None:
+        with contextlib.suppress(AttributeError, OSError):
+            os.close(self._fd)
+
+    def release(self) -> None:
+        """Drop this process's mapping of the pages read so far (re-read from the page cache on the next access)."""
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            self._mm.madvise(mmap.MADV_DONTNEED)
+
+
+def features_to_torch(arr: np.ndarray, dtype: str) -> "torch.Tensor":  # noqa: F821
+    """A numpy array read from a feature file as a torch tensor of its storage type (no copy)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only mmap views; never written into
+        t = torch.from_numpy(arr)
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 
 def read_features(path: Path, verify: bool = True) -> tuple[np.ndarray, dict]:
-    """Memory-map a feature file; return a read-only float16 array view and its metadata.
+    """Memory-map a feature file; return its array (a read-only view when the file is one batch, as
+    :func:`write_features` writes it; else a copy) and its metadata.
 
     With ``verify`` the data is re-hashed and a mismatch raises :class:`CorruptArtifact`.
     """
-    path = Path(path)
-    try:
-        source = pa.memory_map(str(path), "r")
-        table = pa.ipc.open_file(source).read_all()
-        meta = json.loads(table.schema.metadata[b"mlfd"])
-        chunked = table.column("features")
-        # One chunk (what write_features writes): use it as is. combine_chunks() would copy it out of the memory map.
-        col = chunked.chunk(0) if chunked.num_chunks == 1 else chunked.combine_chunks()
-        values = col.flatten() if pa.types.is_fixed_size_list(col.type) else col
-        flat = values.to_numpy(zero_copy_only=True)
-        arr = flat.reshape(meta["shape"])
-        digest = meta["sha256"]
-    except FileNotFoundError:
-        raise
-    except (pa.ArrowException, OSError, KeyError, ValueError, TypeError, NotImplementedError) as e:
-        # ArrowInvalid for a truncated file; TypeError/KeyError for missing metadata; ValueError for a shape mismatch
-        raise CorruptArtifact(f"{path}: unreadable feature cache ({type(e).__name__}); delete it to rebuild") from None
-    if verify and hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest() != digest:
-        raise CorruptArtifact(f"{path}: feature cache checksum mismatch (corrupt); delete it to rebuild")
-    return arr, meta
+    f = FeatureFile(path, verify=verify)
+    return f.array(), f.meta

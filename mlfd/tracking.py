@@ -621,6 +621,8 @@ class PipelineTracking:
         tags = {TAG_PARENT: self.parent, TAG_ROLE: stage.role, TAG_STAGE: stage.label, "mlfd.artifact": art.key}
         if stage.levels != "-":
             tags[TAG_LEVEL] = stage.levels[1:]
+        if "cache_on_device" in art.meta():  # joint teachers: were the feature caches read whole on the device?
+            tags["mlfd.cache_on_device"] = str(art.meta()["cache_on_device"]).lower()
         datasets = sorted({r["dataset"] for r in rows})
         if len(datasets) == 1:
             tags[TAG_DATASET] = datasets[0]

@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import (cache, collect, common, input_pipeline, memory, overhead, packing, scaling,  # noqa: E402
-                   trial_throughput)
+from bench import (cache, collect, common, input_pipeline, memory, out_of_core, overhead, packing,  # noqa: E402
+                   scaling, trial_throughput)
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
        "RAY_AUTH_MODE": "disabled"}
@@ -108,6 +108,17 @@ def test_cache_settings():
     gpu = cache.settings(False, torch.device("cuda"))
     assert "datasets.digits.model={arch: seresnext26d_32x4d, input_size: 224}" in gpu["overrides"]
     assert gpu["batches"] == [256, 2048]
+
+
+def test_out_of_core_spec_grows_every_split_and_ratios():
+    spec = out_of_core.bench_spec(4, 100, False)
+    assert [(d.max_train, d.max_val, d.max_test) for d in spec.datasets] == [(400, 100, 100)] * 2
+    assert spec.fusion_levels == [4] and spec.datasets[0].model.input_size == 32
+    assert out_of_core.bench_spec(1, 100, False, 64).datasets[1].model.input_size == 64
+    assert spec.joint.cache_on_device is False and out_of_core.bench_spec(1, 100, True).joint.cache_on_device is True
+    rows = [{"mode": "build", "scale": 16, "x": 3.0}, {"mode": "build", "scale": 1, "x": 2.0},
+            {"mode": "collect", "scale": 1, "x": 9.0}, {"mode": "collect", "scale": 16, "x": 18.0}]
+    assert out_of_core.ratio(rows, "build", "x") == 1.5 and out_of_core.ratio(rows, "collect", "x") == 2.0
 
 
 def test_collect_writes_json_and_appends_markdown(tmp_path):

@@ -432,6 +432,7 @@ def test_pipeline_run_logs_parent_and_one_child_per_stage(tmp_path: Path, shared
     assert student.data.metrics["test/acc1"] == pytest.approx(float(row.acc1.iloc[0]))
     joint = by_stage["joint teacher L1"]
     assert joint.data.tags[TAG_LEVEL] == "1" and TAG_DATASET not in joint.data.tags  # three datasets
+    assert joint.data.tags["mlfd.cache_on_device"] == "true"  # auto: the smoke caches fit the host's memory
     assert history_len(c, joint.info.run_id, "val/acc1/digits") == 2
 
 

@@ -9,9 +9,10 @@ Three shapes of the same thing, all built by :func:`train_joint`:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
@@ -20,14 +21,16 @@ from mlfd.data import to_device
 from mlfd.engine import evaluate_logits, fit
 from mlfd.losses import ce_loss
 from mlfd.models import JointTeacher
-from mlfd.stages.cache import build_cache, cache_key, load_cache
+from mlfd.stages.cache import (Prefetcher, build_cache, cache_key, open_cache, place_caches, resident,
+                               to_device_async)
 from mlfd.stages.common import (EVAL_BATCH, SPLITS, Context, dataset_key_spec, save_module, seed_everything,
                                 write_metrics)
-from mlfd.store import Artifact, ArtifactStore, load_torch, read_features, write_features
+from mlfd.store import Artifact, ArtifactStore, FeatureFile, FeatureWriter, features_to_torch, load_torch
 
 KIND = "joint"
-VERSION = 2  # in the artifact key: see mlfd.store.ArtifactStore.key
+VERSION = 3  # in the artifact key: see mlfd.store.ArtifactStore.key. 3: metrics say where the caches were read from
 TARGETS_KIND = "joint_targets"
+TARGETS_VERSION = 2  # 2: written batch by batch, storage type from joint.cache_dtype
 
 
 @dataclass(frozen=True)
@@ -54,20 +57,33 @@ def plan_for(ctx: Context, level: int, target: str | None = None, own: bool = Fa
     return JointPlan(level, names, names, "union")
 
 
+READ_ONLY_FIELDS = ("cache_on_device", "cache_memory_fraction")
+"""Fields of JointSpec that say how the caches are read, not what is computed: not part of artifact keys."""
+
+
 def joint_key(ctx: Context, plan: JointPlan) -> str:
     inputs = {f"features/{t}/{d}": cache_key(ctx, t, d, plan.level) for t in plan.teachers for d in plan.datasets}
-    return ArtifactStore.key(KIND, {"v": VERSION, "joint": to_dict(ctx.spec.joint), "level": plan.level,
+    joint = to_dict(ctx.spec.joint)
+    for where in READ_ONLY_FIELDS:  # where the caches are read from changes no weight (same samples, same order)
+        joint.pop(where)
+    return ArtifactStore.key(KIND, {"v": VERSION, "joint": joint, "level": plan.level,
                                     "teachers": plan.teachers,
                                     "datasets": plan.datasets,
                                     "data": [dataset_key_spec(ctx.spec.dataset(d)) for d in plan.datasets]}, inputs)
 
 
 class _Features:
-    """Cached features of every (teacher, dataset, split), with labels."""
+    """Cached features of every (teacher, dataset, split), with labels (on the device).
+
+    The features are either copied whole to the device (``on_device``: ``x[t, d, split]`` tensors) or kept out of core
+    (``files[t, d, split]``, memory-mapped, read by :meth:`gather`), as ``joint.cache_on_device`` decides
+    (:func:`mlfd.stages.cache.place_caches`). Either way a gather returns the same values in the storage type.
+    """
 
     def __init__(self, ctx: Context, plan: JointPlan):
-        self.x: dict[tuple[str, str, str], torch.Tensor] = {}
+        self.device = ctx.device
         self.y: dict[tuple[str, str], torch.Tensor] = {}
+        self.files: dict[tuple[str, str, str], FeatureFile] = {}
         for d in plan.datasets:
             data = ctx.data(d)
             for split in SPLITS:
@@ -75,8 +91,23 @@ class _Features:
             for t in plan.teachers:
                 art = build_cache(ctx, t, d, plan.level)
                 for split in SPLITS:
-                    self.x[t, d, split] = load_cache(art, split, ctx.device)
-        self.shapes = [tuple(self.x[t, plan.datasets[0], "train"].shape[1:]) for t in plan.teachers]
+                    self.files[t, d, split] = open_cache(art, split)
+        j = ctx.spec.joint
+        self.placement = place_caches(j.cache_on_device, sum(f.nbytes for f in self.files.values()), ctx.device,
+                                      j.cache_memory_fraction, f"joint teacher {plan.label}")
+        self.on_device: bool = self.placement["on_device"]
+        self.x: dict[tuple[str, str, str], torch.Tensor] = {}
+        if self.on_device:
+            self.x = {k: resident(f, ctx.device) for k, f in self.files.items()}
+        self.shapes = [tuple(self.files[t, plan.datasets[0], "train"].shape[1:]) for t in plan.teachers]
+
+    def gather(self, t: str, d: str, split: str, idx: torch.Tensor) -> torch.Tensor:
+        """Rows ``idx`` of a cached split, in its storage type: on the device if the cache is there (``idx`` best on
+        the device too), else on the host, read from the memory map (``idx`` on the CPU)."""
+        if self.on_device:
+            return self.x[t, d, split][to_device(idx, self.device)]
+        f = self.files[t, d, split]
+        return features_to_torch(f.take(idx.numpy()), f.dtype)
 
 
 def build_joint_model(ctx: Context, plan: JointPlan, in_shapes: list[tuple[int, ...]]) -> JointTeacher:
@@ -103,43 +134,69 @@ class JointTask:
         return -(-self.ds_id.numel() // self.recipe.batch_size)
 
     def _inputs(self, d: str, split: str, idx: torch.Tensor) -> list[torch.Tensor]:
-        idx = to_device(idx, self.ctx.device)  # every cached split lives on the training device (load_cache)
-        return [self.feats.x[t, d, split][idx].float() for t in self.plan.teachers]
+        """Every teacher's float32 features of samples ``idx`` of ``d``'s ``split``, on the device (``idx`` on the
+        device when the caches are there, else on the CPU)."""
+        return [to_device(self.feats.gather(t, d, split, idx), self.ctx.device).float() for t in self.plan.teachers]
 
-    def train_batches(self, epoch: int) -> Iterator:
+    def _groups(self, ds_id: torch.Tensor, sample: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """A mixed batch's (dataset id, sample indices) groups, in dataset order, indices on the CPU."""
+        return [(i, sample[ds_id == i]) for i in range(len(self.plan.datasets)) if (ds_id == i).any()]
+
+    def _order(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's mixed batches: one seeded permutation of the union (the same whichever way the caches are
+        read, so the two ways give the same weights)."""
         self.gen.manual_seed(self.recipe.seed * 1000 + epoch)
         perm = torch.randperm(self.ds_id.numel(), generator=self.gen)
         for s in range(0, perm.numel(), self.recipe.batch_size):
             b = perm[s: s + self.recipe.batch_size]
             yield self.ds_id[b], self.sample[b]
 
+    def _prepare(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple:
+        """Out of core: a step's features gathered from the memory maps and copied to the device (prefetch thread)."""
+        groups = self._groups(*batch)
+        dev = self.ctx.device
+        inputs = [to_device_async(torch.cat([self.feats.gather(t, self.plan.datasets[i], "train", idx)
+                                             for i, idx in groups]), dev) for t in self.plan.teachers]
+        return [(i, to_device_async(idx, dev)) for i, idx in groups], inputs
+
+    def train_batches(self, epoch: int) -> Iterator:
+        if self.feats.on_device:
+            # Grouped on the CPU (no GPU sync), each group's indices copied to the device once
+            for batch in self._order(epoch):
+                groups = [(i, to_device(idx, self.ctx.device)) for i, idx in self._groups(*batch)]
+                yield groups, None
+            return
+        yield from Prefetcher(self._order(epoch), self._prepare, self.ctx.device)
+
     def train_step(self, batch) -> dict[str, torch.Tensor]:
-        ds_id, sample = batch
-        # Grouped on the CPU (no GPU sync), each group's indices copied to the device once
-        groups = [(i, to_device(sample[ds_id == i], self.ctx.device)) for i in range(len(self.plan.datasets))
-                  if (ds_id == i).any()]
-        # One forward over the whole mixed batch: every teacher's features have one shape whatever the dataset.
-        inputs = [torch.cat(parts)
-                  for parts in zip(*[self._inputs(self.plan.datasets[i], "train", idx) for i, idx in groups])]
+        groups, inputs = batch
+        if inputs is None:  # the caches are on the device: gather there
+            # One forward over the whole mixed batch: every teacher's features have one shape whatever the dataset.
+            inputs = [torch.cat(parts) for parts in zip(*[self._inputs(self.plan.datasets[i], "train", idx)
+                                                          for i, idx in groups])]
+        else:
+            inputs = [x.float() for x in inputs]
         z, _ = self.module(inputs)
-        total, start = 0.0, 0
+        total, start, n = 0.0, 0, 0
         for i, idx in groups:
             y = self.feats.y[self.plan.datasets[i], "train"][idx]
             logits = self.module.logits(z[start: start + idx.numel()], i)
             total = total + ce_loss(logits, y, self.recipe.label_smoothing) * idx.numel()
             start += idx.numel()
-        loss = total / sample.numel()
+            n += idx.numel()
+        loss = total / n
         return {"loss": loss, "ce": loss}
 
     def evaluate_dataset(self, d: str, split: str) -> dict[str, float]:
         i = self.plan.datasets.index(d)
         y = self.feats.y[d, split]
+        where = y.device if self.feats.on_device else torch.device("cpu")
 
         def batches():
             for s in range(0, y.numel(), EVAL_BATCH):
-                idx = torch.arange(s, min(s + EVAL_BATCH, y.numel()), device=y.device)
+                idx = torch.arange(s, min(s + EVAL_BATCH, y.numel()), device=where)
                 z, _ = self.module(self._inputs(d, split, idx))
-                yield self.module.logits(z, i), y[idx]
+                yield self.module.logits(z, i), y[s: s + EVAL_BATCH]
 
         return evaluate_logits(batches())
 
@@ -168,8 +225,9 @@ def train_joint(ctx: Context, plan: JointPlan) -> Artifact:
         write_metrics(tmp, role="joint_teacher", level=plan.level, mode=plan.mode, datasets=list(plan.datasets),
                       teachers=list(plan.teachers), val=val, test=test, best_epoch=res.best_epoch,
                       epochs=res.epochs_run, seed=task.recipe.seed, history=res.history,
-                      in_shapes=[list(s) for s in task.feats.shapes])
-        return {"level": plan.level, "mode": plan.mode, "in_shapes": [list(s) for s in task.feats.shapes]}
+                      in_shapes=[list(s) for s in task.feats.shapes], cache=task.feats.placement)
+        return {"level": plan.level, "mode": plan.mode, "in_shapes": [list(s) for s in task.feats.shapes],
+                "cache_on_device": task.feats.on_device}
 
     return ctx.store.get_or_build(KIND, joint_key(ctx, plan), build)
 
@@ -182,31 +240,94 @@ def load_joint(ctx: Context, plan: JointPlan, art: Artifact) -> JointTeacher:
 
 
 def joint_targets(ctx: Context, plan: JointPlan, target: str) -> tuple[Artifact, JointTeacher]:
-    """T*'s logits (target's head) and embeddings e_1..e_k on the target's un-augmented train images, cached."""
+    """T*'s logits (target's head) and embeddings e_1..e_k on the target's un-augmented train images, cached.
+
+    Streamed: the target's cached features are read from their memory maps a batch at a time and each batch of
+    targets is written as it is computed (host memory bounded by a batch), in ``joint.cache_dtype``.
+    """
     art = train_joint(ctx, plan)
     model = load_joint(ctx, plan, art)
+    dtype = ctx.spec.joint.cache_dtype
 
     def build(tmp: Path) -> dict:
-        feats = [load_cache(build_cache(ctx, t, target, plan.level), "train", ctx.device) for t in plan.teachers]
+        files = [open_cache(build_cache(ctx, t, target, plan.level), "train") for t in plan.teachers]
         head = plan.datasets.index(target)
-        logits, embs = [], {c: [] for c in range(1, plan.level + 1)}
-        with torch.inference_mode():
-            for s in range(0, feats[0].shape[0], EVAL_BATCH):
-                z, e = model([f[s: s + EVAL_BATCH].float() for f in feats])
-                logits.append(model.logits(z, head).float().cpu())
-                for c in embs:
-                    embs[c].append(e[c].float().cpu())
-        write_features(tmp / "logits.arrow", torch.cat(logits).numpy())
-        for c, parts in embs.items():
-            write_features(tmp / f"emb_l{c}.arrow", torch.cat(parts).numpy())
-        return {"target": target, "level": plan.level}
+        label = f"T* {plan.label} targets on {target}"
+        with contextlib.ExitStack() as stack:
+            w_logits = stack.enter_context(FeatureWriter(tmp / "logits.arrow", dtype, label=f"{label} (logits)"))
+            w_embs = {c: stack.enter_context(FeatureWriter(tmp / f"emb_l{c}.arrow", dtype,
+                                                           label=f"{label} (embedding e_{c})"))
+                      for c in range(1, plan.level + 1)}
+            with torch.inference_mode():
+                for s in range(0, len(files[0]), EVAL_BATCH):
+                    z, e = model([to_device(features_to_torch(f.rows(s, s + EVAL_BATCH), f.dtype), ctx.device).float()
+                                  for f in files])
+                    w_logits.write(model.logits(z, head).float().cpu())
+                    for c, w in w_embs.items():
+                        w.write(e[c].float().cpu())
+        return {"target": target, "level": plan.level, "dtype": dtype}
 
-    key = ArtifactStore.key(TARGETS_KIND, {"target": target}, {"joint": art.key})
+    key = ArtifactStore.key(TARGETS_KIND, {"v": TARGETS_VERSION, "target": target, "dtype": dtype}, {"joint": art.key})
     return ctx.store.get_or_build(TARGETS_KIND, key, build), model
 
 
+class CachedTargets:
+    """T*'s cached targets for a student's training batches: whole on the device, or gathered per batch from the
+    Arrow files in a background thread that runs ahead of the training step (``joint.cache_on_device``).
+
+    Both paths give the same float32 values for the same batch, so a student's weights do not depend on the choice.
+
+    Args:
+        ctx: the run context.
+        art: the ``joint_targets`` artifact.
+        level: the plan's fusion level (files ``emb_l1..emb_l<level>``).
+        levels: the levels the student distils (the embeddings it reads).
+    """
+
+    def __init__(self, ctx: Context, art: Artifact, level: int, levels: list[int]):
+        self.device, self.levels = ctx.device, list(levels)
+        self.logits = open_cache_file(art, "logits.arrow")
+        self.embs = {c: open_cache_file(art, f"emb_l{c}.arrow") for c in self.levels}
+        files = [self.logits, *self.embs.values()]
+        j = ctx.spec.joint
+        self.placement = place_caches(j.cache_on_device, sum(f.nbytes for f in files), ctx.device,
+                                      j.cache_memory_fraction, f"student targets of {art.meta().get('target')}")
+        self.on_device: bool = self.placement["on_device"]
+        if self.on_device:
+            self.x_logits = resident(self.logits, ctx.device)
+            self.x_embs = {c: resident(f, ctx.device) for c, f in self.embs.items()}
+
+    def _fetch(self, batch: tuple) -> tuple:
+        idx = batch[0].cpu().numpy()
+        rows = [self.logits.take(idx), *(f.take(idx) for f in self.embs.values())]
+        t = [to_device_async(features_to_torch(r, self.logits.dtype), self.device) for r in rows]
+        return (*batch, (t[0], dict(zip(self.embs, t[1:]))))
+
+    def attach(self, loader: Iterable) -> Iterator[tuple]:
+        """``(idx, x, y, targets)`` for each ``(idx, x, y)`` batch of ``loader``; ``targets`` is None when they are on
+        the device (:meth:`lookup` gathers them there)."""
+        if self.on_device:
+            for batch in loader:
+                yield (*batch, None)
+            return
+        yield from Prefetcher(loader, self._fetch, self.device)
+
+    def lookup(self, idx: torch.Tensor, fetched: tuple | None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """float32 (logits, {level: embedding}) of samples ``idx`` on the device."""
+        if fetched is None:
+            idx = idx.to(self.device)
+            return self.x_logits[idx].float(), {c: self.x_embs[c][idx].float() for c in self.levels}
+        logits, embs = fetched
+        return logits.float(), {c: e.float() for c, e in embs.items()}
+
+
+def open_cache_file(art: Artifact, name: str) -> FeatureFile:
+    return FeatureFile(art.file(name))
+
+
 def read_targets(art: Artifact, level: int, device: torch.device) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    logits = torch.from_numpy(read_features(art.file("logits.arrow"))[0].astype("float32")).to(device)
-    embs = {c: torch.from_numpy(read_features(art.file(f"emb_l{c}.arrow"))[0].astype("float32")).to(device)
-            for c in range(1, level + 1)}
-    return logits, embs
+    """All of T*'s cached targets, float32, whole on ``device``."""
+    def whole(name: str) -> torch.Tensor:
+        return resident(FeatureFile(art.file(name)), device).float()
+
+    return whole("logits.arrow"), {c: whole(f"emb_l{c}.arrow") for c in range(1, level + 1)}

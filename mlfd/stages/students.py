@@ -17,7 +17,7 @@ from mlfd.losses import mlfd_loss
 from mlfd.models import Student
 from mlfd.stages.common import (Context, EvalLoaders, build_level_model, dataset_key_spec, eval_model, load_frozen,
                                 save_module, seed_everything, write_metrics)
-from mlfd.stages.joint import JointPlan, joint_key, joint_targets, plan_for, read_targets
+from mlfd.stages.joint import CachedTargets, JointPlan, joint_key, joint_targets, plan_for
 from mlfd.stages.teachers import train_teacher
 from mlfd.store import Artifact, ArtifactStore
 
@@ -50,7 +50,7 @@ class StudentTask:
                                      use_channels_last(ctx.device, self.recipe.channels_last))
         self.module = Student(backbone, {c: self.joint.embedding_shapes[c] for c in self.levels}).to(ctx.device)
         if sspec.targets == "cache":
-            self.t_logits, self.t_embs = read_targets(targets_art, plan.level, ctx.device)
+            self.targets = CachedTargets(ctx, targets_art, plan.level, self.levels)
         else:
             self.teachers = []
             for t in plan.teachers:
@@ -67,8 +67,10 @@ class StudentTask:
     def train_batches(self, epoch: int) -> Iterator:
         self.gen.manual_seed(self.recipe.seed * 1000 + epoch)
         self.train_loader.epoch = epoch  # same permutations after a resume
-        for idx, x, y in self.train_loader:
-            yield idx, self.tf(x, train=True, generator=self.gen), y
+        batches = (self.targets.attach(self.train_loader) if self.sspec.targets == "cache"
+                   else ((*b, None) for b in self.train_loader))
+        for idx, x, y, fetched in batches:
+            yield idx, self.tf(x, train=True, generator=self.gen), y, fetched
 
     @torch.no_grad()
     def _online_targets(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
@@ -79,10 +81,9 @@ class StudentTask:
         return self.joint.logits(z, self.head), embs
 
     def train_step(self, batch) -> dict[str, torch.Tensor]:
-        idx, x, y = batch
+        idx, x, y, fetched = batch
         if self.sspec.targets == "cache":
-            idx = idx.to(self.t_logits.device)
-            t_logits, t_embs = self.t_logits[idx], {c: self.t_embs[c][idx] for c in self.levels}
+            t_logits, t_embs = self.targets.lookup(idx, fetched)
         else:
             t_logits, t_embs = self._online_targets(x)
         s_logits, s_feats = self.module(x)
