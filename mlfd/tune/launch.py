@@ -220,8 +220,10 @@ def run_search(job_path: str, out: Path, smoke: bool = False, resume: bool = Fal
     import ray
 
     out = Path(out).resolve()
-    if address:  # before the datasets are read: the answer depends on the job file alone
-        check_cluster_paths(load_job(job_path, smoke, overrides)[0])
+    if address:  # before the datasets are read: the answers depend on the job file alone
+        first = load_job(job_path, smoke, overrides)[0]
+        check_resources(first)
+        check_cluster_paths(first)
     if tracking is not None:  # a remote server that does not answer fails before the datasets are even read
         from mlfd.tracking import Tracker
 
@@ -374,7 +376,9 @@ def connect(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -> None:
     if address:
         print(f"mlfd tune: joining the Ray cluster at {address} (up to {timeout:g} s)", file=sys.stderr, flush=True)
         wait_for_head(address, timeout)
-    ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    # Without --address a search starts its own local cluster ("local"): a plain ray.init() would join whatever
+    # cluster RAY_ADDRESS or /tmp/ray/ray_current_cluster names (another user's, or a dead one it then waits for).
+    ray.init(address=address or "local", include_dashboard=False, configure_logging=False, log_to_driver=False)
     handle_sigterm()  # ray.init replaced it
 
 
