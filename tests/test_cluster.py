@@ -27,7 +27,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import yaml
 
@@ -315,6 +314,7 @@ def test_sigterm_mid_search_stops_like_ctrl_c(mlfd_cli, offline_store: Path, tmp
     run.proc.send_signal(signal.SIGTERM)
     rc = run.wait(TERM_GRACE_S + 60)
     took = time.monotonic() - t0
+    print(f"stopped {took:.1f} s after SIGTERM")
     assert rc == 143, (rc, run.output[-4000:])
     assert took < TERM_GRACE_S, f"stopped {took:.0f} s after SIGTERM (stated grace {TERM_GRACE_S} s)"
     last = run.output.strip().splitlines()[-1]
@@ -323,8 +323,12 @@ def test_sigterm_mid_search_stops_like_ctrl_c(mlfd_cli, offline_store: Path, tmp
     left = run.cleanup(grace=30)
     assert not left, f"processes still alive after SIGTERM: {left}"
     c = client(f"sqlite:///{out / 'mlflow.db'}")
-    runs = all_runs(c, "quickstart")
-    assert runs and {r.info.status for r in runs} == {"KILLED"}, [(r.info.run_name, r.info.status) for r in runs]
+    parents, children = split_runs(all_runs(c, "quickstart"))
+    statuses = [(r.info.run_name, r.info.status) for r in parents + children]
+    assert [r.info.status for r in parents] == ["KILLED"], statuses
+    # The trial that was running is KILLED; one that had finished just before the signal would stay FINISHED.
+    child_status = {r.info.status for r in children}
+    assert "KILLED" in child_status and child_status <= {"KILLED", "FINISHED"}, statuses
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -224,6 +224,7 @@ def run_search(job_path: str, out: Path, smoke: bool = False, resume: bool = Fal
         first = load_job(job_path, smoke, overrides)[0]
         check_resources(first)
         check_cluster_paths(first)
+        wait_for_head(address, connect_timeout)  # an unreachable cluster fails before the datasets are read
     if tracking is not None:  # a remote server that does not answer fails before the datasets are even read
         from mlfd.tracking import Tracker
 
@@ -343,6 +344,7 @@ def wait_for_head(address: str, timeout: float, poll: float = 0.5) -> None:
     if target is None:
         return
     host, port = target
+    print(f"mlfd tune: joining the Ray cluster at {address} (up to {timeout:g} s)", file=sys.stderr, flush=True)
     deadline = time.monotonic() + timeout
     last: OSError | None = None
     while True:
@@ -374,8 +376,7 @@ def connect(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -> None:
     if ray.is_initialized():
         return
     if address:
-        print(f"mlfd tune: joining the Ray cluster at {address} (up to {timeout:g} s)", file=sys.stderr, flush=True)
-        wait_for_head(address, timeout)
+        wait_for_head(address, timeout)  # again: the head may have gone since the first check
     # Without --address a search starts its own local cluster ("local"): a plain ray.init() would join whatever
     # cluster RAY_ADDRESS or /tmp/ray/ray_current_cluster names (another user's, or a dead one it then waits for).
     ray.init(address=address or "local", include_dashboard=False, configure_logging=False, log_to_driver=False)
