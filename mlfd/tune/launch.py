@@ -297,8 +297,8 @@ def _on_sigterm(signum: int, frame) -> None:
     """SIGTERM does what Ctrl-C does at that moment: Ray Tune's handler stops the experiment and saves its state, or
     Python's raises KeyboardInterrupt."""
     _stopped_by.append(signum)
-    print(f"mlfd tune: SIGTERM received: stopping like Ctrl-C (within {TERM_GRACE_S} s)", file=sys.stderr,
-          flush=True)
+    # os.write, not print: the main thread may be inside a write to stderr (a reentrant call would raise).
+    os.write(2, f"mlfd tune: SIGTERM received: stopping like Ctrl-C (within {TERM_GRACE_S} s)\n".encode())
     handler = signal.getsignal(signal.SIGINT)
     if callable(handler):
         handler(signal.SIGINT, frame)
