@@ -9,6 +9,8 @@ from pathlib import Path
 from mlfd.config import SpecError
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM: what Kubernetes and Slurm expect of a job stopped with SIGTERM
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -53,13 +55,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_tune(args: argparse.Namespace) -> int:
     from mlfd.tune.job import load_job
 
+    if args.connect_timeout <= 0:
+        raise SpecError(f"--connect-timeout: must be > 0 seconds, got {args.connect_timeout:g}")
     load_job(args.job, smoke=args.smoke, overrides=args.set)  # before importing Ray and torch: a bad file fails fast
     from mlfd.tracking import SearchTracking
-    from mlfd.tune.launch import run_search
+    from mlfd.tune.launch import handle_sigterm, run_search
 
+    handle_sigterm()  # SIGTERM stops the search like Ctrl-C from here on (exit 143)
     out = Path(args.out).resolve()
     df = run_search(args.job, out, smoke=args.smoke, resume=args.resume, address=args.address, overrides=args.set,
-                    tracking=SearchTracking(out, register=args.register))
+                    tracking=SearchTracking(out, register=args.register), connect_timeout=args.connect_timeout)
     cols = [c for c in ("study", "trial_id", "status", "epochs", "best/val/acc1") if c in df.columns]
     if len(df):
         print(df[cols].to_string(index=False))
@@ -97,7 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="runs/search", help="output directory (default: runs/search)")
     t.add_argument("--smoke", action="store_true", help="apply the job's smoke: block (minutes on a CPU)")
     t.add_argument("--resume", action="store_true", help="continue the interrupted search in --out")
-    t.add_argument("--address", default=None, help="join an existing Ray cluster (e.g. ray://head:10001 or auto)")
+    t.add_argument("--address", default=None,
+                   help="join an existing Ray cluster: HEAD_IP:6379, ray://HEAD_IP:10001 or auto (see README, "
+                        "Running on a cluster)")
+    t.add_argument("--connect-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="give up joining the --address cluster after SECONDS (default: 60); exit 2")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a job field (num_samples=4, resources.gpu=0) or a pipeline field "
                         "(pipeline.student.recipe.epochs=3)")
@@ -138,8 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlfd: error: {out_of_memory(e, 'mlfd ' + args.command)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
-        print(f"mlfd: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
-        return 130
+        launch = sys.modules.get("mlfd.tune.launch")  # loaded by `mlfd tune`, which alone handles SIGTERM
+        term = launch is not None and launch.stopped_by_sigterm()
+        print(f"mlfd: {'stopped by SIGTERM' if term else 'interrupted'}{': ' + str(e) if str(e) else ''}",
+              file=sys.stderr)
+        return EXIT_TERMINATED if term else EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ TAG_ROLE = "mlfd.role"
 TAG_DATASET = "mlfd.dataset"
 TAG_LEVEL = "mlfd.fusion_level"
 TAG_PARENT = "mlflow.parentRunId"
+TAG_NODE = "mlfd.node"
+"""Ray node id a trial ran on (of its latest report); ``mlfd.node_ip`` and ``mlfd.hostname`` go with it."""
 SECRET_WORDS = ("password", "token", "secret", "credential", "api_key", "apikey")
 STATE_FILE = "tracking.json"
 PENDING_PREFIX = "pending-"

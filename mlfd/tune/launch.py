@@ -15,6 +15,8 @@ import copy
 import json
 import math
 import os
+import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -31,6 +33,14 @@ from mlfd.tune.trainable import run_stage, stage_epochs
 
 SEARCH_FILE = "search.json"
 DONE_SUFFIX = ".done"
+CONNECT_TIMEOUT_S = 60.0
+"""How long ``mlfd tune --address`` waits for the Ray head to answer (``--connect-timeout``)."""
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+"""Set to 0, Ray keeps a 127.0.0.1 address as it is instead of replacing it with this machine's IP."""
+TERM_GRACE_S = 60
+"""Seconds ``mlfd tune`` needs after SIGTERM to stop its trials, save their state and end its Ray processes (13 s
+measured in test_cluster.py on a loaded 2-core machine); a scheduler's grace period before SIGKILL should be at least
+this."""
 
 
 def study_names(job: JobSpec, spec: PipelineSpec) -> list[str | None]:
@@ -184,16 +194,38 @@ def trial_rows(results, study: str | None, job: JobSpec, max_epochs: int) -> lis
         rows.append({"study": study or job.stage, "trial_id": str((r.metrics or {}).get("trial_id") or
                                                                   Path(r.path).name), "status": status,
                      "epochs": epochs, f"final/{metric}": final, f"best/{metric}": best, "error": error,
-                     "path": r.path, **{f"config/{k}": v for k, v in sorted(cfg.items())}})
+                     **trial_nodes(r), "path": r.path, **{f"config/{k}": v for k, v in sorted(cfg.items())}})
     return rows
 
 
+def trial_nodes(result) -> dict:
+    """Where a trial ran: ``node`` (Ray node id of its last report), ``node_ip``, ``hostname``, and ``nodes``, every
+    node it reported from in order (two for a trial retried elsewhere after its node was lost)."""
+    from mlfd.tune.trainable import NODE_KEY
+
+    m, hist = result.metrics or {}, result.metrics_dataframe
+    seen = list(dict.fromkeys(hist[NODE_KEY].dropna())) if hist is not None and NODE_KEY in hist else []
+    last = m.get(NODE_KEY) or (seen[-1] if seen else "")
+    return {"node": str(last), "node_ip": str(m.get("node_ip") or ""), "hostname": str(m.get("hostname") or ""),
+            "nodes": ",".join(map(str, seen or ([last] if last else [])))}
+
+
 def run_search(job_path: str, out: Path, smoke: bool = False, resume: bool = False, address: str | None = None,
-               overrides: list[str] | None = None, tracking=None) -> pd.DataFrame:
-    """Run (or resume) every study of a job; write trials.parquet and best/<study>.yaml. Returns the trial table."""
+               overrides: list[str] | None = None, tracking=None,
+               connect_timeout: float = CONNECT_TIMEOUT_S) -> pd.DataFrame:
+    """Run (or resume) every study of a job; write trials.parquet and best/<study>.yaml. Returns the trial table.
+
+    With ``address`` the search joins an existing Ray cluster: the head must answer within ``connect_timeout``
+    seconds (:func:`connect`), and the cluster must have what the job asks for, before anything is written to ``out``.
+    """
     import ray
 
     out = Path(out).resolve()
+    if address:  # before the datasets are read: the answers depend on the job file alone
+        first = load_job(job_path, smoke, overrides)[0]
+        check_resources(first)
+        check_cluster_paths(first)
+        wait_for_head(address, connect_timeout)  # an unreachable cluster fails before the datasets are read
     if tracking is not None:  # a remote server that does not answer fails before the datasets are even read
         from mlfd.tracking import Tracker
 
@@ -202,21 +234,20 @@ def run_search(job_path: str, out: Path, smoke: bool = False, resume: bool = Fal
             Tracker.check_reachable(uri)
     plan = prepare(job_path, out, smoke, overrides)
     job = from_dict(JobSpec, plan["job"], path="job")
-    if address:
-        _check_cluster_paths(plan, job)
     open_output(out, plan, resume, claim=False)  # a misused --out/--resume is refused before tracking writes to OUT
-    if tracking is not None:
-        # An unreachable tracking server fails here, before any compute and before OUT is claimed by search.json
-        # (otherwise the same command, rerun once the server is up, is refused as "already holds a search").
-        tracking.open(plan)
-    open_output(out, plan, resume)
     spec = from_dict(PipelineSpec, plan["pipeline"], validate=False)
     # Snapshot experiment state often, so a killed driver loses at most the trials still running.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=False)
     rows: list[dict] = []
     try:
+        connect(address, connect_timeout)
+        if address:
+            check_cluster_resources(job, ray.cluster_resources(), address)
+        if tracking is not None:
+            # An unreachable tracking server fails here, before any compute and before OUT is claimed by search.json
+            # (otherwise the same command, rerun once the server is up, is refused as "already holds a search").
+            tracking.open(plan)
+        open_output(out, plan, resume)
         if job.stage in ("students", "joint"):
             prebuild_teachers(plan, job)
         for i, study in enumerate(plan["studies"]):
@@ -240,13 +271,128 @@ def run_search(job_path: str, out: Path, smoke: bool = False, resume: bool = Fal
                 tracking.finish_study(plan, study, best_yaml)
         if tracking:
             tracking.close()
-    except BaseException as e:  # Ctrl-C -> KILLED, any other error -> FAILED: no parent run is left RUNNING
+    except BaseException as e:  # Ctrl-C/SIGTERM -> KILLED, any other error -> FAILED: no parent run is left RUNNING
         if tracking is not None:
             tracking.interrupted("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        if isinstance(e, KeyboardInterrupt) and not str(e) and (out / SEARCH_FILE).is_file():
+            raise KeyboardInterrupt(f"search interrupted; continue with --resume --out {out}") from None
         raise
     finally:
         ray.shutdown()
     return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Joining a cluster; stopping on SIGTERM
+# --------------------------------------------------------------------------------------------------------------------
+
+_stopped_by: list[int] = []
+
+
+def stopped_by_sigterm() -> bool:
+    """Whether the search was stopped by SIGTERM (the CLI then exits 143 instead of Ctrl-C's 130)."""
+    return signal.SIGTERM in _stopped_by
+
+
+def _on_sigterm(signum: int, frame) -> None:
+    """SIGTERM does what Ctrl-C does at that moment: Ray Tune's handler stops the experiment and saves its state, or
+    Python's raises KeyboardInterrupt."""
+    _stopped_by.append(signum)
+    # os.write, not print: the main thread may be inside a write to stderr (a reentrant call would raise).
+    os.write(2, f"mlfd tune: SIGTERM received: stopping like Ctrl-C (within {TERM_GRACE_S} s)\n".encode())
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:
+        raise KeyboardInterrupt
+
+
+def handle_sigterm() -> None:
+    """Make SIGTERM (Kubernetes, Slurm, ``kill``) stop the search like Ctrl-C. Called before Ray starts and again
+    after ``ray.init``, which installs its own handler (a driver that exits at once, leaving MLflow runs RUNNING)."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _gcs_target(address: str) -> tuple[str, int] | None:
+    """(host, port) that ``ray.init(address)`` will connect to; None when Ray finds the address itself."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    if address.startswith("ray://"):  # Ray Client: the proxy on the head (port 10001 by default)
+        host, _, port = address[len("ray://"):].partition("/")[0].rpartition(":")
+        return (host or address[len("ray://"):], int(port) if port.isdigit() else 10001)
+    try:
+        # Ray's own reading of the address: "auto" (RAY_ADDRESS, the latest local cluster), and 127.0.0.1 replaced
+        # by this machine's IP unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0.
+        canon = canonicalize_bootstrap_address(address)
+    except (ConnectionError, ValueError) as e:
+        raise SpecError(f"--address {address}: {str(e).strip().splitlines()[0]}") from None
+    if canon is None:
+        return None
+    host, _, port = canon.rpartition(":")
+    if not port.isdigit():
+        raise SpecError(f"--address {address}: expected host:port (e.g. 10.0.0.1:6379), ray://host:10001 or auto")
+    return host, int(port)
+
+
+def wait_for_head(address: str, timeout: float, poll: float = 0.5) -> None:
+    """Wait until the Ray head at ``address`` accepts a connection; SpecError naming the likely cause after
+    ``timeout`` seconds. A plain socket probe in Python: Ctrl-C and SIGTERM stop it at once (``ray.init`` retries a
+    head it cannot reach in C++ for many minutes and ignores both meanwhile)."""
+    target = _gcs_target(address)
+    if target is None:
+        return
+    host, port = target
+    print(f"mlfd tune: joining the Ray cluster at {address} (up to {timeout:g} s)", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + timeout
+    last: OSError | None = None
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(0.1, min(2.0, deadline - time.monotonic()))):
+                return
+        except OSError as e:
+            last = e
+        if time.monotonic() + poll > deadline:
+            break
+        time.sleep(poll)
+    given = address.rpartition(":")[0]
+    if given in ("127.0.0.1", "localhost", "::1") and host != given:
+        cause = (f"Ray replaced {given} with this machine's IP {host}; a cluster started on 127.0.0.1 listens only "
+                 f"on 127.0.0.1: set {LOOPBACK_ENV}=0 for the cluster and for mlfd tune")
+    else:
+        cause = ("is the head running (ray status --address ADDRESS), is the port open from this machine, is the "
+                 "address the head's GCS port (6379 by default)? Or raise --connect-timeout")
+    reason = f"{type(last).__name__}: {last}" if last else "no answer"
+    raise SpecError(f"--address {address}: no Ray cluster answered at {host}:{port} within {timeout:g} s "
+                    f"({reason}); {cause}")
+
+
+def connect(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Start a local Ray cluster (``address`` None) or join an existing one, within ``timeout`` seconds."""
+    import ray
+
+    handle_sigterm()
+    if ray.is_initialized():
+        return
+    if address:
+        wait_for_head(address, timeout)  # again: the head may have gone since the first check
+    # Without --address a search starts its own local cluster ("local"): a plain ray.init() would join whatever
+    # cluster RAY_ADDRESS or /tmp/ray/ray_current_cluster names (another user's, or a dead one it then waits for).
+    ray.init(address=address or "local", include_dashboard=False, configure_logging=False, log_to_driver=False)
+    handle_sigterm()  # ray.init replaced it
+
+
+def check_cluster_resources(job: JobSpec, resources: dict, address: str) -> None:
+    """Refuse a job the cluster cannot run: GPU trials on a cluster without GPUs, a trial larger than the cluster."""
+    gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 0))
+    if job.resources.gpu not in (0, 0.0) and gpus == 0:
+        raise SpecError(f"resources.gpu: {job.resources.gpu!r} asks for GPUs but the cluster at {address} has none "
+                        f"({cpus:g} CPUs); run with --set resources.gpu=0 or add GPU nodes")
+    if job.resources.cpu > cpus:
+        raise SpecError(f"resources.cpu: a trial asks for {job.resources.cpu:g} CPUs but the cluster at {address} "
+                        f"has {cpus:g} in all")
 
 
 def _build_teacher(pipeline: dict, store: str, name: str, threads: int) -> str:
@@ -331,15 +477,21 @@ def _unfinished_in_saved_state(results) -> list[str]:
         return []
 
 
-def _check_cluster_paths(plan: dict, job: JobSpec) -> None:
+def check_cluster_paths(job: JobSpec) -> None:
     """Joining an existing cluster needs storage every node sees and a tracking server every node reaches."""
     if job.storage_path is None:
         raise SpecError("storage_path: --address needs a shared storage_path in the job (NFS path or s3:// URI) so "
                         "every node writes trial state to the same place")
-    uri = plan["tracking_uri"]
+    if job.store is None:
+        raise SpecError("store: --address needs a shared store directory in the job (the same path on every node, "
+                        "e.g. an NFS mount) so that teachers and caches are built once for the whole cluster")
+    if "://" not in job.store and not Path(job.store).is_dir():
+        raise SpecError(f"store: {job.store} does not exist on this machine; with --address it must be a shared "
+                        f"directory mounted at the same path on every node (create it on the shared volume)")
+    uri = job.tracking_uri or ""
     if not uri.startswith(("http://", "https://", "databricks")):
         raise SpecError(f"tracking_uri: --address needs a remote MLflow tracking server (http://host:port), "
-                        f"got {uri!r}")
+                        f"got {uri or 'none (the default is a SQLite file on this machine)'}")
 
 
 def write_trials(out: Path, rows: list[dict]) -> None:

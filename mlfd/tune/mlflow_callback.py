@@ -11,8 +11,8 @@ from pathlib import Path
 from ray.tune.logger import LoggerCallback
 
 from mlfd.config import SpecError, to_dict
-from mlfd.tracking import (TAG_DATASET, TAG_LEVEL, TAG_PARENT, TAG_STAGE, TAG_STUDY, TAG_TRIAL, Tracker, flatten,
-                           trial_error)
+from mlfd.tracking import (TAG_DATASET, TAG_LEVEL, TAG_NODE, TAG_PARENT, TAG_STAGE, TAG_STUDY, TAG_TRIAL, Tracker,
+                           flatten, trial_error)
 
 LOGGED_PREFIXES = ("val/", "train/")
 
@@ -29,14 +29,16 @@ class TrialRuns(LoggerCallback):
         self._runs: dict[str, str] = {}
         self._ended: set[str] = set()
         self._last_step: dict[str, int] = {}
+        self._node: dict[str, str] = {}
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_tracker"], state["_runs"], state["_ended"], state["_last_step"] = None, {}, set(), {}
+        state["_node"] = {}
         return state
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update({"experiment_id": None, "_ended": set(), "_last_step": {}, **state})
+        self.__dict__.update({"experiment_id": None, "_ended": set(), "_last_step": {}, "_node": {}, **state})
 
     @property
     def tracker(self) -> Tracker:
@@ -73,12 +75,27 @@ class TrialRuns(LoggerCallback):
     def log_trial_result(self, iteration: int, trial, result: dict) -> None:
         if trial.trial_id not in self._runs:
             self.log_trial_start(trial)
+        self._tag_node(trial.trial_id, result)
         step = int(result.get("training_iteration", iteration))
         if step <= self._last_step.get(trial.trial_id, 0):
             return
         self._last_step[trial.trial_id] = step
         metrics = {k: v for k, v in result.items() if k.startswith(LOGGED_PREFIXES) or k in ("lr", "epoch")}
         self.tracker.log_metrics(self._runs[trial.trial_id], metrics, step=step)
+
+    def _tag_node(self, trial_id: str, result: dict) -> None:
+        """Tag the run with the node the trial reports from (again when a retry moved it to another node)."""
+        from mlfd.tune.trainable import NODE_KEY
+
+        node = result.get(NODE_KEY)
+        if not node or self._node.get(trial_id) == node:
+            return
+        self._node[trial_id] = node
+        rid = self._runs[trial_id]
+        for key, value in ((TAG_NODE, node), ("mlfd.node_ip", result.get("node_ip")),
+                           ("mlfd.hostname", result.get("hostname"))):
+            if value:
+                self.tracker.call("set_tag", rid, key, str(value))
 
     def log_trial_end(self, trial, failed: bool = False) -> None:
         if trial.trial_id not in self._runs:

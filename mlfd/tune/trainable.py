@@ -24,12 +24,24 @@ def trial_spec(config: dict, context: dict) -> PipelineSpec:
     return from_dict(PipelineSpec, apply_config(context["pipeline"], config), path="trial")
 
 
+NODE_KEY = "node"
+"""Result key of the Ray node id a trial reported from (Tune itself adds ``node_ip`` and ``hostname``)."""
+
+
+def node_id() -> str:
+    """The Ray node this trial runs on: its id, unique even when every node shares one IP (a simulated cluster)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
 def _report_history(history: list[dict], reused: bool = True) -> None:
     """Replay a finished artifact's epochs (the same config was already trained by another trial or run)."""
     from ray import tune
 
+    node = node_id()
     for m in history:
-        tune.report(dict(m, reused=int(reused)))
+        tune.report(dict(m, reused=int(reused), **{NODE_KEY: node}))
 
 
 def stage_epochs(spec: PipelineSpec, stage: str) -> int:
@@ -61,7 +73,7 @@ def run_stage(config: dict, context: dict) -> None:
     def report(metrics: dict, state: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
             save_torch(state, Path(d) / STATE_FILE)
-            tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(d))
+            tune.report(dict(metrics, **{NODE_KEY: node_id()}), checkpoint=tune.Checkpoint.from_directory(d))
 
     # The last epoch is reported only once the artifact (best weights, test metrics) is in the store: schedulers stop
     # a trial as soon as it reports its last epoch (ASHA at max_t), which would kill it before the artifact is saved.
