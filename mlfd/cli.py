@@ -81,7 +81,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from mlfd.config import load_pipeline, smoke_pipeline
 
-    spec = load_pipeline(args.pipeline, args.set)  # before the stages import: a bad file fails in a fraction of a second
+    spec = load_pipeline(args.pipeline, args.set)  # before the stages import: a bad file fails in a second
     if args.smoke:
         spec = smoke_pipeline(spec)
     from mlfd.plan import make_plan, parse_counts, plan_table, write_json

@@ -92,7 +92,8 @@ KNOWN_DATASETS: dict[str, KnownDataset] = {
 """Image counts per source (``source`` or ``source:name``; folders by the name of their root, see
 :func:`known_dataset`). ``--count NAME=train:N,...`` overrides or completes an entry."""
 
-_FOLDER_NAMES = (("tinyimagenet", re.compile(r"tiny.?imagenet", re.I)), ("imagenet_sketch", re.compile(r"sketch", re.I)))
+_FOLDER_NAMES = (("tinyimagenet", re.compile(r"tiny.?imagenet", re.I)),
+                 ("imagenet_sketch", re.compile(r"sketch", re.I)))
 COUNT_KEYS = ("train", "val", "test", "classes", "image_size", "channels")
 
 
