@@ -17,7 +17,8 @@ one epoch per recipe, and a few timed steps of each stage's task:
   of a joint teacher (unless ``cache_on_device: false``) or a student's cached targets.
 
 The estimates are ``images x epochs / (images/s)`` plus the evaluation passes ``fit`` makes (val every epoch, test
-once); they do not include early stops, data loading before the first step, or a loaded machine.
+once); they leave out early stops, loading the data before the first step, a student's pass of T* over its cached
+features (small against its training), and other work on the machine.
 """
 
 from __future__ import annotations
@@ -748,6 +749,10 @@ class Planner:
         sp.batch_size, sp.epochs = recipe.batch_size, recipe.epochs
         val = sum(shapes[n].val for n in names)
         test = sum(shapes[n].test for n in names)
+        if job.kind == "teacher" and (spec.dataset(job.dataset).model.checkpoint
+                                      or spec.dataset(job.dataset).model.pretrained):
+            sp.epochs = 0  # train_teacher loads it and evaluates it on val and test
+            notes.append("loaded, not trained")
         sp.eval_images = sp.epochs * val + val + test
         if job.kind == "baseline":  # one batch of every dataset per step; an epoch covers the largest dataset
             steps = max(math.ceil(shapes[n].train / recipe.batch_size) for n in names)
