@@ -203,6 +203,11 @@ def real_shape(data: DatasetSplits) -> DataShape:
                      (int(imgs.shape[2]), int(imgs.shape[3])), isinstance(imgs, FileImages))
 
 
+def cache_bytes(data: DataShape, feature_shape: tuple[int, ...]) -> dict[str, int]:
+    """Float16 bytes of a feature cache per split: images x prod(per-sample feature shape) x 2."""
+    return {s: data.count(s) * math.prod(feature_shape) * FEATURE_BYTES for s in SPLITS}
+
+
 def _probe_split(split: ImageSet, n: int) -> ImageSet:
     return split if len(split) <= n else split.subset(torch.arange(n))
 
@@ -663,8 +668,7 @@ class Planner:
             c = CachePlan(t, d, level, key, self.stored("features", key))
             art = build_cache(pctx, t, d, level)  # the real cache build, on the probe: one batch gives the shape
             c.shape = tuple(int(v) for v in art.meta()["shape"])
-            per = math.prod(c.shape) * FEATURE_BYTES
-            c.bytes = {s: shapes[d].count(s) * per for s in SPLITS}
+            c.bytes = cache_bytes(shapes[d], c.shape)
             geometry = (t, level, shapes[d].image_size, shapes[d].channels)
             if geometry not in speed:
                 speed[geometry] = self._extraction_speed(pctx, t, d, level)

@@ -16,8 +16,9 @@ import yaml
 
 from mlfd.cli import main
 from mlfd.config import PipelineSpec, SpecError, from_dict, load_pipeline, smoke_pipeline
-from mlfd.plan import (Planner, StagePlan, fit_warning, make_plan, parse_counts, plan_table, synthetic_shape,
-                       write_json)
+from mlfd.models import LevelModel, create_model
+from mlfd.plan import (Planner, StagePlan, cache_bytes, fit_warning, make_plan, parse_counts, plan_table,
+                       synthetic_shape, write_json)
 from mlfd.stages.cache import build_cache
 from mlfd.stages.common import Context
 from mlfd.stages.pipeline import plan_stages
@@ -72,6 +73,21 @@ def test_synthetic_counts_follow_the_known_table_and_the_split_rules() -> None:
     assert over == {"sketch": {"train": 1000, "test": 100, "classes": 5, "image_size": 16}}
     s = synthetic_shape(spec.datasets[2], 2, over["sketch"])
     assert (s.train, s.val, s.test, s.classes, s.image_size) == (900, 100, 100, 5, (16, 16))
+
+
+def test_paper_t1_cache_sizes_from_the_known_counts_and_the_models_shapes() -> None:
+    """The T1 setting (CIFAR-100 + TinyImageNet + ImageNet-Sketch, 220,889 images, resnet18 / efficientnet_b0 /
+    seresnext26d_32x4d at 224 px): the float16 caches of design.md, 1.7 / 83.1 / 120.5 / 235.5 GB at L1-L4."""
+    data = json.loads(json.dumps(PAPER_LIKE))
+    for d, arch in zip(data["datasets"], ("resnet18", "efficientnet_b0", "seresnext26d_32x4d")):
+        d["model"] = {"arch": arch, "input_size": 224}
+    spec = from_dict(PipelineSpec, data)
+    shapes = [synthetic_shape(d, i) for i, d in enumerate(spec.datasets)]
+    assert sum(s.total for s in shapes) == 220_889
+    levels = [LevelModel(create_model(d.model, 10), 224).level_shapes() for d in spec.datasets]
+    assert [lv[2] for lv in levels] == [(512, 7, 7), (1280, 7, 7), (2048, 7, 7)]
+    total = {k: sum(sum(cache_bytes(s, lv[k]).values()) for s in shapes for lv in levels) for k in (1, 2, 3, 4)}
+    assert {k: round(v / 1e9, 1) for k, v in total.items()} == {1: 1.7, 2: 83.1, 3: 120.5, 4: 235.5}
 
 
 @pytest.mark.parametrize("items, message", [
