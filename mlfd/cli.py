@@ -87,6 +87,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from mlfd.plan import make_plan, parse_counts, plan_table, write_json
 
     counts = parse_counts(args.count)
+    if counts and not args.synthetic:
+        raise SpecError("--count: image counts are for --synthetic; a real run counts its data")
     if args.steps < 1:
         raise SpecError(f"--steps: must be >= 1, got {args.steps}")
     if not args.synthetic:

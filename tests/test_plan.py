@@ -168,6 +168,7 @@ def test_a_malformed_file_fails_before_torch_is_imported(argv: list[str], tmp_pa
     (["--synthetic", "--count", "mnist=size:3"],
      "--count mnist=size:3: unknown key 'size'; allowed: train, val, test, classes, image_size, channels"),
     (["--steps", "0"], "--steps: must be >= 1, got 0"),
+    (["--count", "mnist=train:10"], "--count: image counts are for --synthetic; a real run counts its data"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
     assert main(["plan", str(DEFAULT), *argv]) == 2
