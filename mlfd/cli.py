@@ -1,4 +1,4 @@
-"""``mlfd`` command line: run | tune | export | report | ui."""
+"""``mlfd`` command line: run | plan | tune | export | report | ui."""
 
 from __future__ import annotations
 
@@ -80,6 +80,54 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- mlfd plan -------------------------------------------------------------------------------------------------------
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from mlfd.config import load_pipeline, smoke_pipeline
+
+    spec = load_pipeline(args.pipeline, args.set)  # before the stages import: a bad file fails in a second
+    if args.smoke:
+        spec = smoke_pipeline(spec)
+    from mlfd.plan import make_plan, parse_counts, plan_table, write_json
+
+    counts = parse_counts(args.count)
+    if counts and not args.synthetic:
+        raise SpecError("--count: image counts are for --synthetic; a real run counts its data")
+    if args.steps < 1:
+        raise SpecError(f"--steps: must be >= 1, got {args.steps}")
+    if not args.synthetic:
+        from mlfd.stages.pipeline import preflight
+
+        preflight(spec)  # datasets readable, models buildable, levels available: as `mlfd run` checks them
+    plan = make_plan(spec, store=Path(args.store).resolve() if args.store else None, synthetic=args.synthetic,
+                     counts=counts, steps=args.steps, name=Path(args.pipeline).name)
+    print(plan_table(plan))
+    if args.json:
+        write_json(plan, Path(args.json))
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="what a run would build and cost (cache sizes, memory, time), without training")
+    p.add_argument("pipeline", help="pipeline YAML file")
+    p.add_argument("--store", default=None, help="artifact store to look in for what is already built")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, as in run")
+    p.add_argument("--smoke", action="store_true", help="plan the --smoke variant of the pipeline")
+    p.add_argument("--synthetic", action="store_true",
+                   help="read no data: random images of each dataset's known size and count (see --count)")
+    p.add_argument("--count", action="append", default=[], metavar="NAME=KEY:N,...",
+                   help="image counts of a dataset for --synthetic, e.g. sketch=train:50889,classes:1000 "
+                        "(keys: train, val, test, classes, image_size, channels)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per stage after one warm-up step (default 3)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the plan as JSON")
+    p.set_defaults(func=_cmd_plan)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlfd", description="Multi-Level Feature Distillation: run and search.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -119,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--study", default=None, help="study (dataset) to export; default: the first")
     e.add_argument("--out", default="best.yaml", help="destination YAML (default: best.yaml)")
     e.set_defaults(func=_cmd_export)
+
+    _add_plan_parser(sub)
 
     from mlfd.report import add_report_parser
     from mlfd.ui import add_ui_parser

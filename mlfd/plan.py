@@ -1,0 +1,935 @@
+"""``mlfd plan``: what a pipeline run would build, what the store already holds, and what each stage would cost.
+
+Nothing is trained. The stages come from :func:`mlfd.stages.pipeline.plan_stages` (the list ``mlfd run`` walks) and
+their artifact keys from the stage functions themselves: each stage's ``build`` runs against a store that records the
+first key asked for and stops there. Costs come from a *probe*: every dataset cut to a few batches (or replaced by
+random uint8 images of its declared size with ``synthetic``), the real stage code run on it in a throwaway store with
+one epoch per recipe, and a few timed steps of each stage's task:
+
+* feature caches: the real cache build gives each cache's per-sample shape (one batch), so a cache's size is
+  ``images x prod(shape) x 2`` bytes (float16); extraction speed is timed on forward-only batches of the frozen
+  teacher;
+* trained stages: a few optimizer steps of the stage's own task (data, augmentation, forward, backward) give
+  images/s, and a pass over the probe's val split gives the evaluation speed;
+* peak memory: on a GPU ``torch.cuda.max_memory_allocated`` over the probe, on a CPU the growth of the process's
+  peak resident set (``VmHWM`` after resetting it through ``/proc/self/clear_refs``). The probe's own data is
+  swapped for what the stage holds whole at full size: its images (unless streamed from files), the feature caches
+  of a joint teacher (unless ``cache_on_device: false``) or a student's cached targets.
+
+The estimates are ``images x epochs / (images/s)`` plus the evaluation passes ``fit`` makes (val every epoch, test
+once); they leave out early stops, loading the data before the first step, a student's pass of T* over its cached
+features (small against its training), and other work on the machine.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import json
+import logging
+import math
+import re
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from mlfd.config import DatasetSpec, PipelineSpec, SpecError
+from mlfd.data import DatasetSplits, FileImages, ImageSet, load_dataset
+from mlfd.engine import amp_dtype, autocast, build_optimizer, resolve_device
+from mlfd.stages import teachers as teacher_stage
+from mlfd.stages.baselines import SharedTask, baseline_key, baseline_model
+from mlfd.stages.cache import build_cache, cache_key
+from mlfd.stages.common import EVAL_BATCH, SPLITS, Context, build_level_model, load_frozen, save_module
+from mlfd.stages.joint import JointPlan, JointTask, joint_key, plan_for
+from mlfd.stages.pipeline import Stage, plan_stages
+from mlfd.stages.students import StudentTask, student_key, student_variant
+from mlfd.stages.teachers import ClassifierTask, teacher_key
+from mlfd.store import ArtifactStore
+
+_logger = logging.getLogger(__name__)
+
+FEATURE_BYTES = 2
+"""Bytes per cached feature value (float16)."""
+
+TARGET_BYTES = 4
+"""Bytes per value of a student's cached joint-teacher targets once on the device (float32)."""
+
+
+@dataclass(frozen=True)
+class KnownDataset:
+    """What ``--synthetic`` assumes of a dataset it does not read."""
+
+    train: int
+    """Images in the source's train split (its only split when ``test`` is None)."""
+    test: int | None
+    """Images in the source's test split; None: carved from train (``test_fraction``)."""
+    classes: int
+    image_size: int | None
+    """Side of the source's images; None: the model's input size."""
+    channels: int = 3
+    val: int | None = None
+    """Images in the source's val split; None: carved from train (``val_fraction``)."""
+
+
+KNOWN_DATASETS: dict[str, KnownDataset] = {
+    "torchvision:CIFAR10": KnownDataset(50_000, 10_000, 10, 32),
+    "torchvision:CIFAR100": KnownDataset(50_000, 10_000, 100, 32),
+    "torchvision:MNIST": KnownDataset(60_000, 10_000, 10, 28, 1),
+    "torchvision:FashionMNIST": KnownDataset(60_000, 10_000, 10, 28, 1),
+    "torchvision:SVHN": KnownDataset(73_257, 26_032, 10, 32),
+    "fashion_mnist": KnownDataset(60_000, 10_000, 10, 28, 1),
+    "mnist5k": KnownDataset(5_000, None, 10, 28, 1),
+    "sklearn_digits": KnownDataset(1_797, None, 10, 8, 1),
+    # TinyImageNet as distributed: 500 train images per class; its labelled val split serves as test (the paper).
+    "tinyimagenet": KnownDataset(100_000, 10_000, 200, 64),
+    "imagenet_sketch": KnownDataset(50_889, None, 1_000, None),
+}
+"""Image counts per source (``source`` or ``source:name``; folders by the name of their root, see
+:func:`known_dataset`). ``--count NAME=train:N,...`` overrides or completes an entry."""
+
+_FOLDER_NAMES = (("tinyimagenet", re.compile(r"tiny.?imagenet", re.I)),
+                 ("imagenet_sketch", re.compile(r"sketch", re.I)))
+COUNT_KEYS = ("train", "val", "test", "classes", "image_size", "channels")
+
+
+def parse_counts(items: list[str] | None) -> dict[str, dict[str, int]]:
+    """``--count NAME=train:N,test:M,classes:C`` items as ``{name: {key: int}}``.
+
+    Raises:
+        SpecError: a malformed item or an unknown key.
+    """
+    out: dict[str, dict[str, int]] = {}
+    for item in items or []:
+        name, sep, rest = item.partition("=")
+        if not sep or not name.strip():
+            raise SpecError(f"--count {item}: expected NAME=KEY:N[,KEY:N...] with KEY in {', '.join(COUNT_KEYS)}")
+        fields = out.setdefault(name.strip(), {})
+        for part in rest.split(","):
+            key, sep, value = part.partition(":")
+            key = key.strip()
+            if key not in COUNT_KEYS:
+                raise SpecError(f"--count {item}: unknown key {key!r}; allowed: {', '.join(COUNT_KEYS)}")
+            if not sep or not value.strip().isdigit() or int(value) < (0 if key in ("val", "test") else 1):
+                raise SpecError(f"--count {item}: {key} needs a positive integer, got {value.strip()!r}")
+            fields[key] = int(value)
+    return out
+
+
+def known_dataset(ds: DatasetSpec) -> KnownDataset | None:
+    """The :data:`KNOWN_DATASETS` entry of a dataset spec, if any (a folder is known by its root's name)."""
+    if ds.source == "torchvision":
+        return KNOWN_DATASETS.get(f"torchvision:{ds.options.get('name')}")
+    if ds.source in ("folder", "parquet"):
+        where = str(ds.options.get("root") or ds.options.get("path") or "")
+        for key, pattern in _FOLDER_NAMES:
+            if pattern.search(Path(where).name) or pattern.search(where):
+                return KNOWN_DATASETS[key]
+        return None
+    return KNOWN_DATASETS.get(ds.source)
+
+
+@dataclass
+class DataShape:
+    """A dataset's split sizes and image geometry at full size."""
+
+    name: str
+    train: int
+    val: int
+    test: int
+    classes: int
+    channels: int
+    image_size: tuple[int, int]
+    streamed: bool = False
+    """Images stay in their files (folder ``stream: true``): nothing is held whole."""
+
+    def count(self, split: str) -> int:
+        return int(getattr(self, split))
+
+    @property
+    def total(self) -> int:
+        return self.train + self.val + self.test
+
+    def image_bytes(self, split: str | None = None) -> int:
+        """uint8 bytes of a split's images (all splits when None) as held in memory; 0 when streamed."""
+        if self.streamed:
+            return 0
+        n = self.total if split is None else self.count(split)
+        return n * self.channels * self.image_size[0] * self.image_size[1]
+
+
+def synthetic_shape(ds: DatasetSpec, index: int, override: dict[str, int] | None = None) -> DataShape:
+    """A dataset's split sizes without reading it: the known counts (or ``override``), carved as ``build_splits``
+    carves them (test from train, then val from train, then the ``max_*`` caps, then the ``classes`` filter).
+
+    Raises:
+        SpecError: the dataset is not in :data:`KNOWN_DATASETS` and ``override`` does not give train and classes.
+    """
+    known = known_dataset(ds)
+    values = {**(dataclasses.asdict(known) if known else {}), **(override or {})}
+    if "train" not in values or "classes" not in values:
+        raise SpecError(f"pipeline.datasets[{index}]: --synthetic does not know the image count of dataset "
+                        f"{ds.name!r} (source {ds.source}); give it with --count {ds.name}=train:N,test:M,classes:C")
+    size = values.get("image_size") or ds.options.get("image_size") or ds.model.input_size
+    size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[-1]))
+    train, test, val = int(values["train"]), values.get("test"), values.get("val")
+    if test is None:
+        test = round(float(ds.options.get("test_fraction", 0.2)) * train)
+        train -= test
+    if val is None:
+        val = round(ds.val_fraction * train)
+        train -= val
+    counts = {"train": train, "val": int(val), "test": int(test)}
+    classes = int(values["classes"])
+    if ds.classes is not None:  # a class subset keeps about its share of every split
+        counts = {k: round(v * len(ds.classes) / classes) for k, v in counts.items()}
+        classes = len(ds.classes)
+    for split, cap in (("train", ds.max_train), ("val", ds.max_val), ("test", ds.max_test)):
+        if cap is not None:
+            counts[split] = min(counts[split], cap)
+    return DataShape(ds.name, counts["train"], counts["val"], counts["test"], classes,
+                     int(values.get("channels", 3)), size, bool(ds.options.get("stream", False)))
+
+
+def real_shape(data: DatasetSplits) -> DataShape:
+    """A loaded dataset's split sizes and image geometry."""
+    imgs = data.train.images
+    return DataShape(data.name, len(data.train), len(data.val), len(data.test), data.num_classes, int(imgs.shape[1]),
+                     (int(imgs.shape[2]), int(imgs.shape[3])), isinstance(imgs, FileImages))
+
+
+def cache_bytes(data: DataShape, feature_shape: tuple[int, ...]) -> dict[str, int]:
+    """Float16 bytes of a feature cache per split: images x prod(per-sample feature shape) x 2."""
+    return {s: data.count(s) * math.prod(feature_shape) * FEATURE_BYTES for s in SPLITS}
+
+
+def _probe_split(split: ImageSet, n: int) -> ImageSet:
+    return split if len(split) <= n else split.subset(torch.arange(n))
+
+
+def probe_data(data: DatasetSplits, n_train: int, n_eval: int) -> DatasetSplits:
+    """The first ``n_train`` train and ``n_eval`` val/test images of a loaded dataset (same classes, statistics)."""
+    return dataclasses.replace(data, train=_probe_split(data.train, n_train), val=_probe_split(data.val, n_eval),
+                               test=_probe_split(data.test, n_eval))
+
+
+def synthetic_data(shape: DataShape, n_train: int, n_eval: int, seed: int = 0) -> DatasetSplits:
+    """Random uint8 images of ``shape``'s geometry, labels cycling over its classes."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def split(n: int) -> ImageSet:
+        images = torch.randint(0, 256, (n, shape.channels, *shape.image_size), dtype=torch.uint8, generator=gen)
+        return ImageSet(images, torch.arange(n, dtype=torch.int64) % shape.classes)
+
+    return DatasetSplits(name=shape.name, classes=[str(i) for i in range(shape.classes)], train=split(n_train),
+                         val=split(n_eval), test=split(n_eval), mean=(0.5, 0.5, 0.5), std=(0.29, 0.29, 0.29))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Stages and their keys
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class _Recorded(Exception):
+    """Raised by :class:`_KeyRecorder` to stop a stage at the first artifact it asks for."""
+
+    def __init__(self, kind: str, key: str):
+        super().__init__(kind, key)
+        self.kind, self.key = kind, key
+
+
+class _KeyRecorder(ArtifactStore):
+    """A store that builds nothing: ``get_or_build`` reports the kind and key it was asked for."""
+
+    def get_or_build(self, kind: str, key: str, build: Any, verify: bool = False) -> Any:
+        raise _Recorded(kind, key)
+
+
+def stage_artifact(stage: Stage, ctx: Context) -> tuple[str, str]:
+    """(kind, key) of the artifact ``stage.build(ctx)`` returns, computed by the stage's own code without building."""
+    try:
+        stage.build(ctx)
+    except _Recorded as r:
+        return r.kind, r.key
+    raise RuntimeError(f"stage {stage.label!r} asked the store for no artifact")
+
+
+@dataclass
+class Job:
+    """What a stage trains, recovered from a :class:`Stage` and checked against its recorded key."""
+
+    kind: str  # teacher | baseline | joint | student
+    dataset: str | None = None
+    level: int | None = None
+    control: str | None = None
+    mode: str | None = None
+    plan: JointPlan | None = None
+
+
+def stage_job(stage: Stage, ctx: Context, key: str) -> Job | None:
+    """The job behind ``stage`` (dataset, level, control, joint plan), or None if it is not a shape this module knows
+    (then the stage is listed but not measured). The job's key, computed by the stage modules' key functions, must be
+    the key the stage's own ``build`` asked for."""
+    role, lv = stage.role, stage.levels
+    level = int(lv[1:]) if lv.startswith("L") and lv[1:].isdigit() else None
+    job: Job | None = None
+    if role == "dataset_specific" and stage.label.startswith("teacher "):
+        job = Job("teacher", dataset=stage.label[len("teacher "):])
+        ok = teacher_key(ctx, job.dataset) == key
+    elif role in ("multi_head", "joint_head"):
+        job = Job("baseline", mode=role)
+        ok = baseline_key(ctx, role) == key
+    elif role == "joint_teacher" and level is not None:
+        target = stage.datasets[0] if stage.datasets else None
+        job = Job("joint", dataset=target, level=level, plan=plan_for(ctx, level, target))
+        ok = joint_key(ctx, job.plan) == key
+    elif role.startswith("student") and level is not None:
+        control = role[len("student_"):] if role != "student" else None
+        name = stage.label[len(role) + 1: -(len(lv) + 1)]
+        plan = plan_for(ctx, level, name, own=control == "own_teacher")
+        job = Job("student", dataset=name, level=level, control=control, plan=plan)
+        ok = student_key(ctx, name, plan, student_variant(ctx, control)) == key
+    else:
+        return None
+    if not ok:
+        _logger.warning("plan: cannot tell what stage %r trains (its key differs); it is listed, not measured",
+                        stage.label)
+        return None
+    return job
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _vm(field_name: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class PeakMemory:
+    """Peak memory of the code run inside ``with``: on CUDA ``torch.cuda.max_memory_allocated`` above what was
+    allocated at entry; on a CPU the growth of the process's peak resident set (``VmHWM``, reset at entry through
+    ``/proc/self/clear_refs``). ``peak`` is None where neither can be read."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak, self._base = device, None, 0
+
+    @staticmethod
+    def method(device: torch.device) -> str:
+        if device.type == "cuda":
+            return "torch.cuda.max_memory_allocated"
+        return "peak RSS growth (VmHWM, reset via /proc/self/clear_refs)"
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+                self._base = _vm("VmRSS")
+            except OSError:
+                self._base = None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
+        else:
+            hwm = _vm("VmHWM")
+            self.peak = None if hwm is None or self._base is None else max(0, hwm - self._base)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _batch_images(batch: Any) -> int:
+    """Samples in one task batch: ``(x, y)``, ``(idx, x, y)``, ``(ds_id, sample)`` or a list of such."""
+    if isinstance(batch, list):
+        return sum(_batch_images(b) for b in batch)
+    return int(batch[0].shape[0])
+
+
+def _endless(task: Any) -> Iterator[Any]:
+    epoch = 0
+    while True:
+        yield from task.train_batches(epoch)
+        epoch += 1
+
+
+def time_train_steps(task: Any, recipe: Any, device: torch.device, steps: int, warmup: int = 1) -> float:
+    """Images per second of ``task``'s optimizer steps as ``fit`` runs them (autocast of the recipe, backward,
+    optimizer step): samples per step over the median time of ``steps`` steps after ``warmup`` untimed ones (the
+    median keeps one step slowed by a busy machine out of the figure; each step ends with a device sync)."""
+    module = task.module
+    module.train()
+    opt = build_optimizer(module.parameters(), recipe)
+    dtype = amp_dtype(device, recipe.amp)
+    batches = _endless(task)
+    times, images = [], []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        with autocast(device, dtype):
+            loss = task.train_step(batch)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+            images.append(_batch_images(batch))
+    return statistics.median(images) / max(statistics.median(times), 1e-9)
+
+
+def time_eval(task: Any, images: int, device: torch.device, recipe: Any) -> float:
+    """Images per second of ``task.evaluate("val")`` over ``images`` val images (second of two passes)."""
+    module = task.module
+    module.eval()
+    with torch.inference_mode(), autocast(device, amp_dtype(device, recipe.amp)):
+        task.evaluate("val")
+        _sync(device)
+        t0 = time.perf_counter()
+        task.evaluate("val")
+        _sync(device)
+    return images / max(time.perf_counter() - t0, 1e-9)
+
+
+class _ProbeContext(Context):
+    """A stage context whose datasets are the probe's (cut or synthetic) splits."""
+
+    probe: dict[str, DatasetSplits]
+
+    def data(self, name: str) -> DatasetSplits:
+        return self.probe[name]
+
+
+def probe_spec(spec: PipelineSpec) -> PipelineSpec:
+    """``spec`` with one epoch per recipe: what the probe trains where a stage needs a trained input (T*)."""
+    s = copy.deepcopy(spec)
+    for r in (s.teacher, s.joint.recipe, s.student.recipe, s.baselines.recipe):
+        if r is not None:
+            r.epochs = 1
+    return s
+
+
+def cache_on_device(spec: PipelineSpec) -> str:
+    """The pipeline's ``cache_on_device`` setting (``auto``/``true``/``false``); ``true`` when the spec has no such
+    field (the joint teacher then holds every cache on the device)."""
+    for owner in (spec, spec.joint):
+        value = getattr(owner, "cache_on_device", None)
+        if value is not None:
+            return str(value).lower()
+    return "true"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CachePlan:
+    """One feature cache: a frozen teacher's level-k features over every split of one dataset."""
+
+    teacher: str
+    data: str
+    level: int
+    key: str
+    stored: bool
+    shape: tuple[int, ...] = ()
+    bytes: dict[str, int] = field(default_factory=dict)
+    """Planned float16 bytes per split: images x prod(shape) x 2."""
+    images_per_s: float | None = None
+    peak_bytes: int | None = None
+    """Measured peak of the extraction (probe) plus the dataset's largest split of images."""
+    seconds: float | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes.values())
+
+    @property
+    def label(self) -> str:
+        return f"cache {self.teacher}->{self.data} L{self.level}"
+
+
+@dataclass
+class StagePlan:
+    """One trained stage of the run, with what it would cost."""
+
+    label: str
+    role: str
+    kind: str
+    key: str
+    stored: bool
+    level: int | None = None
+    batch_field: str = ""
+    batch_size: int = 0
+    images: int = 0
+    """Training images per epoch."""
+    epochs: int = 0
+    eval_images: int = 0
+    """Images evaluated over the whole stage (val every epoch, then val and test once)."""
+    images_per_s: float | None = None
+    eval_images_per_s: float | None = None
+    measured_peak: int | None = None
+    resident_bytes: int = 0
+    """What the stage holds whole at full size (images, caches, targets), added to the probe's working memory."""
+    resident_what: str = ""
+    peak_bytes: int | None = None
+    seconds: float | None = None
+    warning: str = ""
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    """The whole plan: device, memory budget, caches and stages in run order."""
+
+    pipeline: str
+    device: str
+    memory_method: str
+    budget_bytes: int
+    budget_what: str
+    synthetic: bool
+    data: list[DataShape]
+    caches: list[CachePlan]
+    stages: list[StagePlan]
+    store: str | None
+
+    @property
+    def total_seconds(self) -> float:
+        return sum((c.seconds or 0.0) for c in self.caches if not c.stored) + sum(
+            (s.seconds or 0.0) for s in self.stages if not s.stored)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "total_seconds": self.total_seconds,
+                "cache_bytes_by_level": self.cache_bytes_by_level()}
+
+    def data_by_name(self, name: str) -> DataShape:
+        return next(d for d in self.data if d.name == name)
+
+    def cache_bytes_by_level(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for c in self.caches:
+            out[c.level] = out.get(c.level, 0) + c.total_bytes
+        return out
+
+
+def _budget(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, "total on the GPU"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, "host memory available now"
+    except OSError:
+        pass
+    return 0, "unknown"
+
+
+class Planner:
+    """Builds a :class:`Plan` (see the module docstring).
+
+    Args:
+        spec: The pipeline.
+        store: The artifact store to look in (None: nothing is stored).
+        synthetic: Replace every dataset with random images of its known size (:data:`KNOWN_DATASETS`).
+        counts: ``--count`` overrides per dataset name (:func:`parse_counts`).
+        steps: Timed optimizer steps (or extraction batches) per stage, after one untimed warm-up step.
+        name: What to call the pipeline in the output.
+    """
+
+    def __init__(self, spec: PipelineSpec, store: Path | None = None, synthetic: bool = False,
+                 counts: dict[str, dict[str, int]] | None = None, steps: int = 3, name: str = ""):
+        self.spec, self.synthetic, self.steps, self.name = spec, synthetic, max(1, steps), name or spec.name
+        self.store = ArtifactStore(store) if store is not None else None
+        counts = counts or {}
+        names = [d.name for d in spec.datasets]
+        for n in counts:
+            if n not in names:
+                raise SpecError(f"--count {n}=...: unknown dataset {n!r}; allowed: {names}")
+        self.counts = counts
+        self.device = resolve_device(spec.device)
+        self._tmp = tempfile.TemporaryDirectory(prefix="mlfd-plan-")
+        self._probes: dict[tuple, dict] = {}
+        self.keys_ctx = Context(spec=spec, store=_KeyRecorder(Path(self._tmp.name) / "keys"), progress=False)
+
+    # -- data ----------------------------------------------------------------------------------------------------
+
+    def _recipes(self) -> list:
+        s = self.spec
+        return [s.teacher, s.student.recipe, s.joint.recipe] + ([s.baselines.recipe] if s.baselines.recipe else [])
+
+    def _load_data(self) -> tuple[dict[str, DataShape], dict[str, DatasetSplits]]:
+        warm = 1
+        n_train = (warm + self.steps) * max(r.batch_size for r in self._recipes() if r is not self.spec.joint.recipe)
+        n_eval = min(EVAL_BATCH, n_train)
+        shapes, probes = {}, {}
+        for i, d in enumerate(self.spec.datasets):
+            if self.synthetic:
+                shapes[d.name] = synthetic_shape(d, i, self.counts.get(d.name))
+                probes[d.name] = synthetic_data(shapes[d.name], n_train, n_eval, seed=i)
+            else:
+                data = load_dataset(d, f"pipeline.datasets[{i}]")
+                shapes[d.name] = real_shape(data)
+                probes[d.name] = probe_data(data, n_train, n_eval)
+        return shapes, probes
+
+    # -- the plan ------------------------------------------------------------------------------------------------
+
+    def stages(self) -> list[tuple[Stage, str, str, Job | None]]:
+        """The run's stages in order with their artifact (kind, key) and job; nothing is loaded or measured."""
+        out = []
+        for st in plan_stages(self.spec):
+            kind, key = stage_artifact(st, self.keys_ctx)
+            out.append((st, kind, key, stage_job(st, self.keys_ctx, key)))
+        return out
+
+    def stored(self, kind: str, key: str) -> bool:
+        """Whether the store holds the complete artifact ``kind/key``."""
+        return self.store is not None and self.store.get(kind, key) is not None
+
+    def plan(self) -> Plan:
+        """Load (or synthesize) the data, probe every stage and return the plan."""
+        spec = self.spec
+        listed = self.stages()
+        stages = [st for st, *_ in listed]
+        recorded = [(kind, key) for _, kind, key, _ in listed]
+        jobs = [job for *_, job in listed]
+        shapes, probes = self._load_data()
+        pctx = _ProbeContext(spec=probe_spec(spec), store=ArtifactStore(Path(self._tmp.name) / "store"),
+                             progress=False)
+        pctx.probe = probes
+        self._seed_teachers(pctx)
+        budget, budget_what = _budget(self.device)
+        caches = self._caches(pctx, jobs, shapes)
+        plans = []
+        for st, (kind, key), job in zip(stages, recorded, jobs):
+            sp = StagePlan(st.label, st.role, kind, key, self.stored(kind, key), job.level if job else None)
+            if job is not None:
+                self._measure_stage(sp, job, pctx, shapes, probes, caches)
+            else:
+                sp.note = "not measured (stage not known to mlfd plan)"
+            plans.append(sp)
+        for sp in plans:
+            sp.warning = fit_warning(sp, budget, str(self.device))
+        return Plan(self.name, str(self.device), PeakMemory.method(self.device), budget, budget_what, self.synthetic,
+                    list(shapes.values()), list(caches.values()), plans,
+                    str(self.store.root) if self.store is not None else None)
+
+    def _seed_teachers(self, pctx: _ProbeContext) -> None:
+        """Untrained teachers in the probe store: extraction costs the same whatever the weights."""
+        for d in pctx.spec.datasets:
+            spec = dataclasses.replace(d.model, checkpoint=None, pretrained=False)
+
+            def build(tmp: Path, d: DatasetSpec = d, spec: Any = spec) -> dict:
+                net = build_level_model(spec, pctx.data(d.name).num_classes, torch.device("cpu"), False)
+                save_module(net.model, tmp / "model.pt")
+                (tmp / "metrics.json").write_text("{}")
+                return {"dataset": d.name, "arch": spec.arch, "probe": True}
+
+            pctx.store.get_or_build(teacher_stage.KIND, teacher_key(pctx, d.name), build)
+
+    # -- caches --------------------------------------------------------------------------------------------------
+
+    def _caches(self, pctx: _ProbeContext, jobs: list[Job | None], shapes: dict[str, DataShape]) -> dict:
+        """Every (teacher, dataset, level) cache a joint teacher of the run reads, measured once each."""
+        wanted: list[tuple[str, str, int]] = []
+        for job in jobs:
+            if job is not None and job.plan is not None:
+                for t in job.plan.teachers:
+                    for d in job.plan.datasets:
+                        if (t, d, job.plan.level) not in wanted:
+                            wanted.append((t, d, job.plan.level))
+        out: dict[tuple[str, str, int], CachePlan] = {}
+        speed: dict[tuple[str, int, tuple], tuple[float, int | None]] = {}
+        for t, d, level in wanted:
+            key = cache_key(self.keys_ctx, t, d, level)
+            c = CachePlan(t, d, level, key, self.stored("features", key))
+            art = build_cache(pctx, t, d, level)  # the real cache build, on the probe: one batch gives the shape
+            c.shape = tuple(int(v) for v in art.meta()["shape"])
+            c.bytes = cache_bytes(shapes[d], c.shape)
+            geometry = (t, level, shapes[d].image_size, shapes[d].channels)
+            if geometry not in speed:
+                speed[geometry] = self._extraction_speed(pctx, t, d, level)
+            c.images_per_s, measured = speed[geometry]
+            c.seconds = shapes[d].total / c.images_per_s
+            split_images = max(shapes[d].image_bytes(s) for s in SPLITS)
+            probe_images = max(_held_bytes(getattr(pctx.data(d), s).images) for s in SPLITS)
+            c.peak_bytes = None if measured is None else max(0, measured - probe_images) + split_images
+            out[t, d, level] = c
+        return out
+
+    def _extraction_speed(self, pctx: _ProbeContext, t: str, d: str, level: int) -> tuple[float, int | None]:
+        """Forward-only images/s and peak memory of teacher ``t`` at ``level`` on dataset ``d``'s probe images."""
+        t_spec, t_data, ds = pctx.spec.dataset(t), pctx.data(t), pctx.data(d)
+        with PeakMemory(self.device) as peak:
+            net = load_frozen(teacher_stage.train_teacher(pctx, t), t_spec.model, t_data.num_classes, self.device)
+            tf = pctx.transform(t_data, t_spec.model, None)
+            dtype = pctx.dtype(pctx.spec.teacher)
+            x_all = ds.train.images
+            batch = min(EVAL_BATCH, len(ds.train))
+            n_batches = max(1, len(ds.train) // batch)
+            images, t0 = 0, time.perf_counter()
+            with torch.inference_mode():
+                for i in range(1 + min(self.steps, n_batches)):
+                    idx = torch.arange((i % n_batches) * batch, (i % n_batches + 1) * batch)
+                    x = _take(x_all, idx).to(self.device)
+                    with autocast(self.device, dtype):
+                        net.forward_level(tf(x, train=False), level)
+                    if i == 0:
+                        _sync(self.device)
+                        t0 = time.perf_counter()
+                    else:
+                        images += batch
+                _sync(self.device)
+            ips = images / max(time.perf_counter() - t0, 1e-9)
+            del net
+        return ips, peak.peak
+
+    # -- trained stages ------------------------------------------------------------------------------------------
+
+    def _task(self, job: Job, pctx: _ProbeContext) -> tuple[Any, Any, str, list[str]]:
+        """(task, recipe, batch-size field, datasets it trains on) of a job, built on the probe."""
+        if job.kind == "teacher":
+            return (ClassifierTask(pctx, job.dataset, pctx.spec.dataset(job.dataset).model, pctx.spec.teacher),
+                    pctx.spec.teacher, "teacher.batch_size", [job.dataset])
+        if job.kind == "baseline":
+            model, recipe = baseline_model(pctx)
+            where = "baselines.recipe" if pctx.spec.baselines.recipe is not None else "teacher"
+            return (SharedTask(pctx, job.mode, model, recipe), recipe, f"{where}.batch_size",
+                    [d.name for d in pctx.spec.datasets])
+        if job.kind == "joint":
+            return JointTask(pctx, job.plan), pctx.spec.joint.recipe, "joint.recipe.batch_size", list(job.plan.datasets)
+        sspec = student_variant(pctx, job.control)
+        return (StudentTask(pctx, job.dataset, job.plan, sspec), sspec.recipe, "student.recipe.batch_size",
+                [job.dataset])
+
+    def _probe(self, job: Job, pctx: _ProbeContext) -> dict:
+        """Speeds and peak memory of a job's task on the probe, measured once per task shape: a student's controls
+        train the same network on the same batches, so they reuse the student's figures."""
+        memo = (job.kind, job.dataset, job.level, job.mode, job.plan if job.kind == "joint" else None)
+        if memo not in self._probes:
+            with PeakMemory(self.device) as peak:
+                task, recipe, batch_field, names = self._task(job, pctx)
+                ips = time_train_steps(task, recipe, self.device, self.steps)
+                eval_ips = time_eval(task, sum(len(pctx.data(n).val) for n in names), self.device, recipe)
+                emb = getattr(getattr(task, "joint", None), "embedding_shapes", None)
+                del task
+            self._probes[memo] = {"ips": ips, "eval_ips": eval_ips, "peak": peak.peak, "batch_field": batch_field,
+                                  "names": names, "emb": emb, "label": job}
+        return self._probes[memo]
+
+    def _measure_stage(self, sp: StagePlan, job: Job, pctx: _ProbeContext, shapes: dict[str, DataShape],
+                       probes: dict[str, DatasetSplits], caches: dict) -> None:
+        spec = self.spec
+        m = self._probe(job, pctx)
+        sp.images_per_s, sp.eval_images_per_s, sp.batch_field = m["ips"], m["eval_ips"], m["batch_field"]
+        names, emb = m["names"], m["emb"]
+        notes = ["speed of the plain student"] if m["label"] is not job else []
+        sp.measured_peak = m["peak"]
+        recipe = {"teacher": spec.teacher, "joint": spec.joint.recipe, "student": spec.student.recipe,
+                  "baseline": spec.baselines.recipe or spec.teacher}[job.kind]
+        sp.batch_size, sp.epochs = recipe.batch_size, recipe.epochs
+        val = sum(shapes[n].val for n in names)
+        test = sum(shapes[n].test for n in names)
+        if job.kind == "teacher" and (spec.dataset(job.dataset).model.checkpoint
+                                      or spec.dataset(job.dataset).model.pretrained):
+            sp.epochs = 0  # train_teacher loads it and evaluates it on val and test
+            notes.append("loaded, not trained")
+        sp.eval_images = sp.epochs * val + val + test
+        if job.kind == "baseline":  # one batch of every dataset per step; an epoch covers the largest dataset
+            steps = max(math.ceil(shapes[n].train / recipe.batch_size) for n in names)
+            sp.images = steps * recipe.batch_size * len(names)
+        else:
+            sp.images = sum(shapes[n].train for n in names)
+        sp.seconds = sp.images * sp.epochs / sp.images_per_s + sp.eval_images / sp.eval_images_per_s
+        probe_held = sum(_held_bytes(getattr(probes[n], s).images) for n in names for s in SPLITS)
+        if job.kind == "joint":
+            feats = sum(caches[t, d, job.level].total_bytes for t in job.plan.teachers for d in job.plan.datasets)
+            probe_held = sum(_probe_cache_bytes(caches[t, d, job.level], probes[d]) for t in job.plan.teachers
+                             for d in job.plan.datasets)
+            setting = cache_on_device(spec)
+            sp.resident_bytes = feats if setting == "true" else 0
+            sp.resident_what = f"cached features {_fmt_bytes(feats)}" + ("" if setting == "true" else
+                                                                         f" (cache_on_device: {setting})")
+        else:
+            images = sum(shapes[n].image_bytes() for n in names)
+            sp.resident_bytes, sp.resident_what = images, f"images {_fmt_bytes(images)}"
+            if job.kind == "student" and spec.student.targets == "cache" and emb is not None:
+                n = shapes[job.dataset]
+                per = shapes[job.dataset].classes + sum(math.prod(s) for s in emb.values())
+                targets = n.train * per * TARGET_BYTES
+                sp.resident_bytes += targets
+                sp.resident_what += f" + targets {_fmt_bytes(targets)}"
+                probe_held += len(probes[job.dataset].train) * per * TARGET_BYTES
+            if job.kind == "student" and job.control == "own_teacher":
+                own = self._own_joint_seconds(job, pctx, shapes)
+                sp.seconds += own
+                notes.append(f"includes its own-teacher T* ({_fmt_time(own)})")
+        sp.note = "; ".join(notes)
+        if sp.measured_peak is not None:
+            sp.peak_bytes = max(0, sp.measured_peak - probe_held) + sp.resident_bytes
+
+    def _own_joint_seconds(self, job: Job, pctx: _ProbeContext, shapes: dict[str, DataShape]) -> float:
+        """Training time of the own-teacher T* a control student builds first (measured on the probe)."""
+        task = JointTask(pctx, job.plan)
+        recipe = self.spec.joint.recipe
+        ips = time_train_steps(task, pctx.spec.joint.recipe, self.device, self.steps)
+        eps = time_eval(task, len(pctx.data(job.dataset).val), self.device, pctx.spec.joint.recipe)
+        d = shapes[job.dataset]
+        return d.train * recipe.epochs / ips + (recipe.epochs * d.val + d.val + d.test) / eps
+
+    # -- warnings ------------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+
+def fit_warning(sp: StagePlan, budget: int, device: str) -> str:
+    """One line when a stage's estimated peak exceeds ``budget`` bytes, naming the switch that makes it fit; "" when it
+    fits. A joint teacher that holds its caches on the device: ``cache_on_device: false``. Another stage: the batch
+    size at which its working memory (taken as proportional to the batch) leaves room for what it holds whole, else
+    streamed images."""
+    if sp.peak_bytes is None or budget <= 0 or sp.peak_bytes <= budget:
+        return ""
+    where = f"{sp.label}: needs about {_fmt_bytes(sp.peak_bytes)}, {_fmt_bytes(budget)} on {device}"
+    working = sp.peak_bytes - sp.resident_bytes
+    if sp.kind == "joint" and sp.resident_bytes > 0 and working < budget:
+        return f"{where}; it holds its {sp.resident_what} whole: set cache_on_device: false to stream them"
+    batch = int(sp.batch_size * (budget - sp.resident_bytes) / working) if working > 0 else 0
+    if batch >= 1:
+        return f"{where}; lower {sp.batch_field} to {batch} or less"
+    if sp.kind == "joint":
+        return f"{where}; it holds its {sp.resident_what} whole: set cache_on_device: false to stream them"
+    return (f"{where}; it holds its {sp.resident_what} whole: stream the images from their files (folder source, "
+            f"options.stream: true) or lower {sp.batch_field}")
+
+
+def _take(images: torch.Tensor | FileImages, idx: torch.Tensor) -> torch.Tensor:
+    if isinstance(images, FileImages):
+        return torch.stack([images.decode(int(i)) for i in idx])
+    return images[idx]
+
+
+def _held_bytes(images: torch.Tensor | FileImages) -> int:
+    return 0 if isinstance(images, FileImages) else images.numel() * images.element_size()
+
+
+def _probe_cache_bytes(c: CachePlan, probe: DatasetSplits) -> int:
+    return sum(len(getattr(probe, s)) for s in SPLITS) * math.prod(c.shape) * FEATURE_BYTES
+
+
+def make_plan(spec: PipelineSpec, store: Path | None = None, synthetic: bool = False,
+              counts: dict[str, dict[str, int]] | None = None, steps: int = 3, name: str = "") -> Plan:
+    """Plan ``spec`` (see :class:`Planner`)."""
+    planner = Planner(spec, store, synthetic, counts, steps, name)
+    try:
+        return planner.plan()
+    finally:
+        planner.close()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def _fmt_time(s: float | None) -> str:
+    if s is None:
+        return "n/a"
+    s = int(round(s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _fmt_rate(r: float | None) -> str:
+    return "n/a" if r is None else (f"{r:,.0f}" if r >= 100 else f"{r:.1f}")
+
+
+def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(r: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+
+    return [line(header), line(["-" * w for w in widths]), *map(line, rows)]
+
+
+def plan_table(plan: Plan) -> str:
+    """The plan as a compact text table: data, caches, stages in run order, total, warnings."""
+    out = [f"plan of {plan.pipeline} on {plan.device} ({'synthetic stand-in data' if plan.synthetic else 'real data'});"
+           f" peak memory: {plan.memory_method}; budget {_fmt_bytes(plan.budget_bytes)} ({plan.budget_what})",
+           f"store: {plan.store or '(none given: nothing counted as stored)'}", ""]
+    out += _table(["dataset", "train", "val", "test", "classes", "image"],
+                  [[d.name, f"{d.train:,}", f"{d.val:,}", f"{d.test:,}", str(d.classes),
+                    f"{d.channels}x{d.image_size[0]}x{d.image_size[1]}" + (" (streamed)" if d.streamed else "")]
+                   for d in plan.data], {1, 2, 3, 4})
+    out.append("")
+    rows = [[c.label, "x".join(map(str, c.shape)), *(_fmt_bytes(c.bytes[s]) for s in SPLITS), _fmt_bytes(c.total_bytes),
+             c.key[:8], "stored" if c.stored else "build"] for c in plan.caches]
+    out += _table(["feature cache (float16)", "shape", "train", "val", "test", "total", "key", "store"], rows,
+                  {2, 3, 4, 5})
+    out.append("cache total by level: " + ", ".join(f"L{lv} {_fmt_bytes(b)}"
+                                                     for lv, b in sorted(plan.cache_bytes_by_level().items())))
+    out.append("")
+    rows, n = [], 0
+    by_level: dict[int, list[CachePlan]] = {}
+    for c in plan.caches:
+        by_level.setdefault(c.level, []).append(c)
+    for sp in plan.stages:
+        if sp.kind == "joint":  # the caches are built by the first joint teacher of their level
+            for c in by_level.pop(sp.level, []):
+                n += 1
+                rows.append([str(n), c.label, c.key[:8], "stored" if c.stored else "build",
+                             f"{plan.data_by_name(c.data).total:,}", "1", _fmt_rate(c.images_per_s),
+                             _fmt_bytes(c.peak_bytes), "-" if c.stored else _fmt_time(c.seconds), ""])
+        n += 1
+        rows.append([str(n), sp.label, sp.key[:8], "stored" if sp.stored else "build",
+                     f"{sp.images:,}" if sp.images else "", str(sp.epochs or ""), _fmt_rate(sp.images_per_s),
+                     _fmt_bytes(sp.peak_bytes), "-" if sp.stored else _fmt_time(sp.seconds), sp.note])
+    out += _table(["#", "stage", "key", "store", "img/epoch", "ep", "img/s", "peak mem", "time", "note"], rows,
+                  {0, 4, 5, 6, 7, 8})
+    out.append(f"estimated time of what is not stored: {_fmt_time(plan.total_seconds)} (training at the measured "
+               f"img/s plus val every epoch and test once; no early stop)")
+    warnings = [sp.warning for sp in plan.stages if sp.warning]
+    warnings += [f"{c.label}: extraction needs about {_fmt_bytes(c.peak_bytes)}, {_fmt_bytes(plan.budget_bytes)} "
+                 f"on {plan.device}; stream the images (folder source, options.stream: true)" for c in plan.caches
+                 if c.peak_bytes is not None and 0 < plan.budget_bytes < c.peak_bytes]
+    if warnings:
+        out += ["", *(f"WARNING {w}" for w in warnings)]
+    return "\n".join(out)
+
+
+def write_json(plan: Plan, path: Path) -> None:
+    from mlfd.store import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(plan.to_dict(), indent=1, default=list))
