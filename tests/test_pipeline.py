@@ -139,7 +139,7 @@ def test_student_deploys_without_adaptors(smoke_run: Path) -> None:
         m = json.loads((p / "metrics.json").read_text())
         ds = spec.dataset(m["dataset"])
         state = load_torch(p / "model.pt")
-        net = timm.create_model(ds.student.arch, num_classes=10)
+        net = timm.create_model(ds.student_net.arch, num_classes=10)
         net.load_state_dict(state)  # strict: exactly the timm model's keys
         net.eval()
         assert sum(v.numel() for v in state.values()) == sum(v.numel() for v in net.state_dict().values())

@@ -113,7 +113,7 @@ def _target(ctx, stage: str, study: str | None) -> tuple[str, str]:
 
     if stage == "students":
         plan = plan_for(ctx, ctx.spec.fusion_levels[0], study)
-        return STUDENT, student_key(ctx, study, plan, student_variant(ctx, None))
+        return STUDENT, student_key(ctx, study, plan, student_variant(ctx, None, study))
     if stage == "joint":
         return JOINT, joint_key(ctx, plan_for(ctx, ctx.spec.fusion_levels[0], study))
     if stage == "teachers":
