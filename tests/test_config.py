@@ -581,3 +581,40 @@ def test_the_student_model_never_carries_the_teachers_checkpoint(tmp_path: Path)
     assert d.model.checkpoint == str(ckpt)
     assert d.student_net == ModelSpec(arch="test_resnet", input_size=32, pretrained=True, checkpoint=None)
     assert spec.baseline_groups()[0][0].checkpoint is None
+
+
+# Table 1 of the paper, per architecture: lr, batch size, stochastic depth, dropout, weight decay, T, alpha, beta_c.
+TABLE_1 = {
+    "resnet18": (1e-4, 768, None, None, 0.001, 2.0, 0.6, (0.2, 0.2)),
+    "efficientnet_b0": (1e-4, 240, 0.2, 0.2, 0.001, 2.0, 0.6, (0.2, 0.2)),
+    "seresnext26d_32x4d": (1e-4, 192, None, None, 0.001, 2.0, 0.6, (0.2, 0.2)),
+    "convnextv2_tiny": (1e-5, 96, 0.6, None, 0.5, 5.0, 0.6, (0.2, 0.2)),
+    "swinv2_tiny_window8_256": (4e-4, 176, 0.6, None, 0.5, 2.0, 0.6, (0.2, 0.2)),
+    "fastvit_sa24": (1e-4, 102, 0.3, 0.2, 0.5, 2.0, 0.4, (0.4, 0.2)),
+}
+
+
+@pytest.mark.parametrize("name, archs, size, optimizer", [
+    ("paper_t1.yaml", ["resnet18", "efficientnet_b0", "seresnext26d_32x4d"], 224, "adam"),
+    ("paper_t2.yaml", ["convnextv2_tiny", "swinv2_tiny_window8_256", "fastvit_sa24"], 256, "adamw"),
+])
+def test_paper_pipelines_carry_table_1(name: str, archs: list, size: int, optimizer: str) -> None:
+    """The paper's T1 / T2 files load and validate (no data is read) and give each architecture Table 1's values."""
+    spec = load_pipeline(ROOT / "pipelines" / name)
+    assert [d.name for d in spec.datasets] == ["cifar100", "tinyimagenet", "sketch"]
+    assert [d.source for d in spec.datasets] == ["torchvision", "folder", "folder"]
+    assert spec.datasets[0].options["name"] == "CIFAR100" and spec.datasets[1].options["layout"] == "tinyimagenet"
+    assert spec.fusion_levels == [1, 2] and spec.joint.variant == "union"
+    assert [d.model.arch for d in spec.datasets] == archs
+    for d in spec.datasets:
+        lr, batch, drop_path, drop, wd, temperature, alpha, betas = TABLE_1[d.model.arch]
+        assert d.model.input_size == size and d.student_model is None and not d.model.pretrained
+        assert (d.model.kwargs.get("drop_path_rate"), d.model.kwargs.get("drop_rate")) == (drop_path, drop)
+        for recipe in (spec.teacher_for(d.name), spec.student_for(d.name).recipe):
+            assert (recipe.lr, recipe.batch_size, recipe.weight_decay) == (lr, batch, wd), d.name
+            assert (recipe.optimizer, recipe.schedule, recipe.epochs) == (optimizer, "constant", 200)
+            assert recipe.augment.autoaugment and not recipe.augment.flip and recipe.augment.crop_padding == 0
+        s = spec.student_for(d.name)
+        assert (s.temperature, s.alpha, (s.beta(1), s.beta(2)), s.w_ce) == (temperature, alpha, betas, 1.0)
+    assert [m.arch for m, _ in spec.baseline_groups()] == archs  # each column's baselines: its own architecture
+    assert spec.baselines.multi_head_batching == "alternate" and spec.baselines.recipe is None
