@@ -332,8 +332,8 @@ class PipelineSpec:
         if (self.baselines.multi_head or self.baselines.joint_head) and self.baselines.recipe is None:
             for _, names in self.baseline_groups():
                 _check(self.teacher_for(names[0]).epochs >= 1, f"{path}.baselines.recipe",
-                       f"needed: the baselines would take the teacher recipe of dataset {names[0]!r}, which has epochs 0; "
-                       "allowed: a recipe with epochs >= 1")
+                       f"needed: the baselines would take the teacher recipe of dataset {names[0]!r}, which has "
+                       "epochs 0; allowed: a recipe with epochs >= 1")
 
     def _check_overrides(self, d: DatasetSpec, path: str, top: int) -> None:
         """The effective teacher recipe and student spec of ``d`` are valid (errors name the override's field)."""

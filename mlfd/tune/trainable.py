@@ -34,13 +34,13 @@ def _report_history(history: list[dict], reused: bool = True) -> None:
 
 def stage_epochs(spec: PipelineSpec, stage: str) -> int:
     """Epochs a trial of ``stage`` trains (the scheduler's max_t)."""
-    if stage == "students":
-        return spec.student.recipe.epochs
+    if stage == "students":  # per-dataset overrides may differ: the longest bounds the scheduler
+        return max(spec.student_for(d.name).recipe.epochs for d in spec.datasets)
     if stage == "joint":
         return spec.joint.recipe.epochs
     if stage in ("multi_head", "joint_head") and spec.baselines.recipe is not None:
         return spec.baselines.recipe.epochs
-    return spec.teacher.epochs
+    return max(spec.teacher_for(d.name).epochs for d in spec.datasets)
 
 
 def run_stage(config: dict, context: dict) -> None:
