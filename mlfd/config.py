@@ -327,6 +327,11 @@ class PipelineSpec:
         for lvl, b in self.student.betas.items():
             _check(lvl <= top, f"{path}.student.betas.{lvl}",
                    f"beta for level {lvl} above the highest fusion level {top}; allowed levels: 1..{top}")
+        for d in self.datasets:
+            given = d.model.checkpoint is not None or d.model.pretrained
+            _check(self.teacher.epochs >= 1 or given or "epochs" in d.teacher, f"{path}.teacher.epochs",
+                   f"must be >= 1, got {self.teacher.epochs} (0 keeps a given teacher as it is; dataset {d.name!r} "
+                   "has no model.checkpoint or model.pretrained)")
         for i, d in enumerate(self.datasets):
             self._check_overrides(d, f"{path}.datasets[{i}]", top)
         if (self.baselines.multi_head or self.baselines.joint_head) and self.baselines.recipe is None:
@@ -340,9 +345,9 @@ class PipelineSpec:
         t = _merged(RecipeSpec, self.teacher, d.teacher, f"{path}.teacher")
         t.validate(f"{path}.teacher", min_epochs=0)
         given = d.model.checkpoint is not None or d.model.pretrained
-        where = f"{path}.teacher.epochs" if "epochs" in d.teacher else f"{path}.teacher.epochs (from teacher.epochs)"
-        _check(t.epochs >= 1 or given, where,
-               "0 keeps a given teacher as it is and needs model.checkpoint or model.pretrained; allowed: >= 1")
+        _check(t.epochs >= 1 or given, f"{path}.teacher.epochs",
+               f"must be >= 1, got {t.epochs} (0 keeps a given teacher as it is and needs model.checkpoint or "
+               "model.pretrained)")
         s = _merged(StudentSpec, self.student, d.student, f"{path}.student")
         s.validate(f"{path}.student")
         for lvl in s.betas:

@@ -512,8 +512,9 @@ def test_set_reaches_per_dataset_overrides() -> None:
     ("datasets.fashion.teacher.augment.flp=1", r"^pipeline\.datasets\[1\]\.teacher\.augment\.flp: unknown field"),
     ("datasets.digits.teacher.optimizer=lion", r"^pipeline\.datasets\[2\]\.teacher\.optimizer: got 'lion'"),
     ("datasets.digits.teacher=5", r"^pipeline\.datasets\[2\]\.teacher: expected a mapping, got 5"),
-    ("datasets.digits.teacher.epochs=0", r"^pipeline\.datasets\[2\]\.teacher\.epochs: 0 keeps a given teacher"),
-    ("teacher.epochs=0", r"^pipeline\.datasets\[0\]\.teacher\.epochs \(from teacher\.epochs\): 0 keeps"),
+    ("datasets.digits.teacher.epochs=0", r"^pipeline\.datasets\[2\]\.teacher\.epochs: must be >= 1, got 0 \(0 keeps"),
+    ("teacher.epochs=0", r"^pipeline\.teacher\.epochs: must be >= 1, got 0 \(0 keeps a given teacher as it is; "
+                         r"dataset 'mnist' has no"),
     ("datasets.mnist.student.gamma=1", r"^pipeline\.datasets\[0\]\.student\.gamma: unknown field; allowed"),
     ("datasets.mnist.student.temperature=0", r"^pipeline\.datasets\[0\]\.student\.temperature: must be > 0"),
     ("datasets.mnist.student.recipe.epochs=0", r"^pipeline\.datasets\[0\]\.student\.recipe\.epochs: must be >= 1"),
