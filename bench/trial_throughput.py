@@ -121,7 +121,7 @@ def measure(case: Case, quick: bool, device: torch.device) -> dict:
         ctx = standin_context(spec, "students", Path(tmp), device)
         plan = plan_for(ctx, ctx.spec.fusion_levels[0], case.dataset)
         _, upstream_s = timed(lambda: joint_targets(ctx, plan, case.dataset))
-        task = StudentTask(ctx, case.dataset, plan, student_variant(ctx, None))
+        task = StudentTask(ctx, case.dataset, plan, student_variant(ctx, None, case.dataset))
         recipe = dataclasses.replace(task.recipe, epochs=case.epochs)
         assert recipe.batch_size == case.batch, (recipe.batch_size, case.batch)
         full = len(task.ds.train) // case.batch

@@ -86,10 +86,11 @@ class RecipeSpec:
     seed: int = 0
     augment: AugmentSpec = field(default_factory=AugmentSpec)
 
-    def validate(self, path: str) -> None:
+    def validate(self, path: str, min_epochs: int = 1) -> None:
+        """Check ranges; ``min_epochs`` is 0 for a teacher recipe (``epochs: 0`` keeps a given teacher as it is)."""
         _check(self.lr > 0, f"{path}.lr", f"must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, f"{path}.weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _check(self.epochs >= 1, f"{path}.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.epochs >= min_epochs, f"{path}.epochs", f"must be >= {min_epochs}, got {self.epochs}")
         _check(self.batch_size >= 1, f"{path}.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.warmup_epochs >= 0, f"{path}.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
         _check(0 <= self.label_smoothing < 1, f"{path}.label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
@@ -107,9 +108,12 @@ class ModelSpec:
     input_size: int = 32
     """Square input resolution the dataset's images are resized to."""
     pretrained: bool = False
-    """Load timm pretrained weights (needs network access to the hub)."""
+    """Start from timm pretrained weights (needs the hub, or a local file via
+    ``kwargs: {pretrained_cfg_overlay: {file: ...}}``); the classifier is new, so a teacher is fine-tuned (see
+    ``teacher.epochs``). A student with this flag starts from the same timm weights, never from its teacher's."""
     checkpoint: Optional[str] = None
-    """Path to a state dict to load instead of training the teacher (skips stage 1 for this dataset)."""
+    """Path to a state dict (this dataset's classes) the teacher starts from; it is fine-tuned for the teacher
+    recipe's epochs, or taken as it is with ``teacher.epochs: 0``. Teachers only: students never load it."""
     kwargs: dict = field(default_factory=dict)
     """Extra keyword arguments for ``timm.create_model`` (e.g. drop_rate)."""
 
@@ -145,7 +149,14 @@ class DatasetSpec:
     model: ModelSpec = field(default_factory=ModelSpec)
     """The teacher architecture (also the dataset-specific baseline)."""
     student_model: Optional[ModelSpec] = None
-    """The student architecture; None means the same as ``model``."""
+    """The student architecture; None means the same as ``model`` (without its checkpoint). A student starts fresh,
+    or from timm pretrained weights with ``pretrained: true``; it takes no checkpoint."""
+    teacher: dict = field(default_factory=dict)
+    """Partial recipe merged over the global ``teacher`` block for this dataset's teacher, field by field (nested
+    ``augment`` too), e.g. ``{lr: 1.0e-4, batch_size: 768}``. See :meth:`PipelineSpec.teacher_for`."""
+    student: dict = field(default_factory=dict)
+    """Partial student spec merged over the global ``student`` block for this dataset's student (alpha,
+    temperature, betas, w_ce, ..., and a partial ``recipe``). See :meth:`PipelineSpec.student_for`."""
 
     def validate(self, path: str) -> None:
         _check(bool(self.name) and self.name.replace("_", "").replace("-", "").isalnum(), f"{path}.name",
@@ -163,10 +174,16 @@ class DatasetSpec:
         self.model.validate(f"{path}.model")
         if self.student_model is not None:
             self.student_model.validate(f"{path}.student_model")
+            _check(self.student_model.checkpoint is None, f"{path}.student_model.checkpoint",
+                   "a student starts fresh or from timm pretrained weights (pretrained: true); allowed: null")
 
     @property
-    def student(self) -> ModelSpec:
-        return self.student_model if self.student_model is not None else self.model
+    def student_net(self) -> ModelSpec:
+        """The student's model spec: ``student_model``, else ``model`` without its checkpoint (never the teacher's
+        weights)."""
+        if self.student_model is not None:
+            return self.student_model
+        return dataclasses.replace(self.model, checkpoint=None, kwargs=dict(self.model.kwargs))
 
 
 @dataclass
@@ -246,20 +263,27 @@ class StudentSpec:
 
 @dataclass
 class BaselineSpec:
-    """The two multi-dataset baselines (shared backbone)."""
+    """The two multi-dataset baselines (shared backbone), trained once per distinct student architecture."""
 
     multi_head: bool = True
-    """Shared backbone, one head per dataset, one batch from each dataset per step, equal weights."""
+    """Shared backbone, one head per dataset, equal weights (see ``multi_head_batching``)."""
     joint_head: bool = True
-    """Shared backbone, one head over the union of classes, mixed batches."""
+    """Shared backbone, one head over the union of classes, the datasets' batches concatenated."""
+    multi_head_batching: Literal["alternate", "concat"] = "alternate"
+    """alternate (the paper): one batch per dataset in turn, each its own forward and backward, gradients
+    accumulated, one optimizer step after a batch of each dataset; concat: the batches concatenated into one forward
+    (BatchNorm sees all datasets at once)."""
     model: Optional[ModelSpec] = None
-    """Shared backbone; None means the first dataset's teacher model."""
+    """One backbone for every column, overriding the per-column default; None: each dataset's column uses a baseline
+    with that dataset's student architecture (trained once per distinct architecture)."""
     recipe: Optional[RecipeSpec] = None
-    """None means the teachers' recipe."""
+    """None: the effective teacher recipe of the first dataset using the architecture."""
 
     def validate(self, path: str) -> None:
         if self.model is not None:
             self.model.validate(f"{path}.model")
+            _check(self.model.checkpoint is None, f"{path}.model.checkpoint",
+                   "baselines start fresh or from timm pretrained weights; allowed: null")
         if self.recipe is not None:
             self.recipe.validate(f"{path}.recipe")
 
@@ -307,7 +331,7 @@ class PipelineSpec:
         if self.only_students is not None:
             for n in self.only_students:
                 _check(n in names, f"{path}.only_students", f"unknown dataset {n!r}; allowed: {names}")
-        self.teacher.validate(f"{path}.teacher")
+        self.teacher.validate(f"{path}.teacher", min_epochs=0)
         self.joint.validate(f"{path}.joint")
         self.student.validate(f"{path}.student")
         self.baselines.validate(f"{path}.baselines")
@@ -316,12 +340,67 @@ class PipelineSpec:
         for lvl, b in self.student.betas.items():
             _check(lvl <= top, f"{path}.student.betas.{lvl}",
                    f"beta for level {lvl} above the highest fusion level {top}; allowed levels: 1..{top}")
+        for d in self.datasets:
+            given = d.model.checkpoint is not None or d.model.pretrained
+            _check(self.teacher.epochs >= 1 or given or "epochs" in d.teacher, f"{path}.teacher.epochs",
+                   f"must be >= 1, got {self.teacher.epochs} (0 keeps a given teacher as it is; dataset {d.name!r} "
+                   "has no model.checkpoint or model.pretrained)")
+        for i, d in enumerate(self.datasets):
+            self._check_overrides(d, f"{path}.datasets[{i}]", top)
+        if (self.baselines.multi_head or self.baselines.joint_head) and self.baselines.recipe is None:
+            for _, names in self.baseline_groups():
+                _check(self.teacher_for(names[0]).epochs >= 1, f"{path}.baselines.recipe",
+                       f"needed: the baselines would take the teacher recipe of dataset {names[0]!r}, which has "
+                       "epochs 0; allowed: a recipe with epochs >= 1")
+
+    def _check_overrides(self, d: DatasetSpec, path: str, top: int) -> None:
+        """The effective teacher recipe and student spec of ``d`` are valid (errors name the override's field)."""
+        t = _merged(RecipeSpec, self.teacher, d.teacher, f"{path}.teacher")
+        t.validate(f"{path}.teacher", min_epochs=0)
+        given = d.model.checkpoint is not None or d.model.pretrained
+        _check(t.epochs >= 1 or given, f"{path}.teacher.epochs",
+               f"must be >= 1, got {t.epochs} (0 keeps a given teacher as it is and needs model.checkpoint or "
+               "model.pretrained)")
+        s = _merged(StudentSpec, self.student, d.student, f"{path}.student")
+        s.validate(f"{path}.student")
+        for lvl in s.betas:
+            _check(lvl <= top, f"{path}.student.betas.{lvl}",
+                   f"beta for level {lvl} above the highest fusion level {top}; allowed levels: 1..{top}")
 
     def dataset(self, name: str) -> DatasetSpec:
         for d in self.datasets:
             if d.name == name:
                 return d
         raise SpecError(f"dataset: unknown {name!r}; allowed: {[d.name for d in self.datasets]}")
+
+    def baseline_groups(self) -> list[tuple[ModelSpec, list[str]]]:
+        """The multi-dataset baselines to train: (backbone, datasets whose column reports it), in dataset order.
+
+        One group per distinct student architecture (the whole student model spec) unless ``baselines.model`` sets
+        one backbone for every column.
+        """
+        if self.baselines.model is not None:
+            return [(self.baselines.model, [d.name for d in self.datasets])]
+        groups: dict[str, tuple[ModelSpec, list[str]]] = {}
+        for d in self.datasets:
+            m = d.student_net
+            groups.setdefault(json.dumps(to_dict(m), sort_keys=True, default=str), (m, []))[1].append(d.name)
+        return list(groups.values())
+
+    def teacher_for(self, name: str) -> RecipeSpec:
+        """The effective teacher recipe of dataset ``name``: its ``teacher`` override merged over ``teacher``."""
+        d = self.dataset(name)
+        r = _merged(RecipeSpec, self.teacher, d.teacher, f"pipeline.datasets[{self.datasets.index(d)}].teacher")
+        r.validate(f"pipeline.datasets[{self.datasets.index(d)}].teacher", min_epochs=0)
+        return r
+
+    def student_for(self, name: str) -> StudentSpec:
+        """The effective student spec of dataset ``name``: its ``student`` override merged over ``student``."""
+        d = self.dataset(name)
+        path = f"pipeline.datasets[{self.datasets.index(d)}].student"
+        s = _merged(StudentSpec, self.student, d.student, path)
+        s.validate(path)
+        return s
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -419,6 +498,28 @@ def _from_dict(cls, data: Any, path: str):
         else:
             kwargs[name] = _convert(data[name], hints[name], sub)
     return cls(**kwargs)
+
+
+def _merge_over(cls, base: dict, over: dict, path: str) -> dict:
+    """``over`` merged into ``base`` (both plain dicts of spec ``cls``): fields that are specs (``augment``,
+    ``recipe``) merge field by field; every other field (numbers, ``betas``, ``kwargs``) is replaced whole."""
+    _check(isinstance(over, dict), path, f"expected a mapping, got {over!r}")
+    hints = _hints(cls)
+    out = dict(base)
+    for k, v in over.items():
+        tp = hints.get(k)
+        if tp is not None and dataclasses.is_dataclass(tp) and isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge_over(tp, out[k], v, f"{path}.{k}")
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _merged(cls, base: Any, over: dict, path: str):
+    """The spec ``base`` with the partial dict ``over`` merged over it (not validated; errors name ``path``)."""
+    if not over:
+        return copy.deepcopy(base)
+    return _from_dict(cls, _merge_over(cls, to_dict(base), over, path), path)
 
 
 def to_dict(obj: Any) -> Any:
@@ -599,6 +700,11 @@ def smoke_pipeline(spec: PipelineSpec) -> PipelineSpec:
     for r in recipes:
         r.epochs = min(r.epochs, SMOKE_EPOCHS)
         r.batch_size = min(r.batch_size, SMOKE_BATCH)
+    for d in s.datasets:  # per-dataset overrides get the same caps
+        for over in (d.teacher, d.student.get("recipe") if isinstance(d.student.get("recipe"), dict) else {}):
+            for k, cap in (("epochs", SMOKE_EPOCHS), ("batch_size", SMOKE_BATCH)):
+                if isinstance(over.get(k), int) and not isinstance(over.get(k), bool):
+                    over[k] = min(over[k], cap)
     s.joint.recipe.epochs = min(s.joint.recipe.epochs, SMOKE_JOINT_EPOCHS)
     s.joint.recipe.batch_size = min(s.joint.recipe.batch_size, SMOKE_BATCH * 2)
     return s

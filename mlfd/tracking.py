@@ -549,7 +549,7 @@ def best_artifact(plan: dict, best_yaml: Path, study: str | None):
     if stage == "students":
         level = spec.fusion_levels[0]
         return ctx.store.get("student", student_key(ctx, study, plan_for(ctx, level, study),
-                                                    student_variant(ctx, None)))
+                                                    student_variant(ctx, None, study)))
     if stage == "teachers":
         return ctx.store.get("teacher", teacher_key(ctx, study))
     return None
@@ -569,7 +569,7 @@ def log_best_model(t: Tracker, run_id: str, best_yaml: Path, art, study: str, re
     spec = load_pipeline(best_yaml)
     ds = spec.dataset(study)
     data = load_dataset(ds)
-    model_spec = ds.student if art.kind == "student" else ds.model
+    model_spec = ds.student_net if art.kind == "student" else ds.model
     metrics = read_metrics(art)
     t.log_metrics(run_id, {f"test/{k}": v for k, v in metrics["test"].items()}, step=0)
     t.log_metrics(run_id, {f"best/val/{k}": v for k, v in metrics["val"].items()}, step=0)

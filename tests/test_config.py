@@ -457,3 +457,166 @@ def test_read_yaml_errors(tmp_path: Path) -> None:
     bad.write_bytes(b"\xff\xfe\x00binary")
     with pytest.raises(SpecError, match=r"bad\.yaml: cannot read"):
         read_yaml(bad)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Per-dataset recipes: datasets[i].teacher / datasets[i].student merged over the global blocks
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_per_dataset_overrides_merge_field_by_field(default: PipelineSpec) -> None:
+    spec = load_pipeline(PIPELINE, ["datasets.mnist.teacher={lr: 1.0e-4, batch_size: 768, augment: {flip: true}}",
+                                    "datasets.fashion.student={alpha: 0.4, temperature: 5, betas: {2: 0.4}, w_ce: 0.2,"
+                                    " recipe: {epochs: 7, optimizer: adam, schedule: constant}}"])
+    t = spec.teacher_for("mnist")
+    assert (t.lr, t.batch_size, t.augment.flip) == (1e-4, 768, True)
+    # everything not written comes from the global block, nested augment included
+    assert t.augment.crop_padding == default.teacher.augment.crop_padding == 2
+    assert (t.optimizer, t.weight_decay, t.epochs, t.schedule) == (default.teacher.optimizer,
+                                                                  default.teacher.weight_decay, 15, "cosine")
+    assert spec.teacher == default.teacher  # the global block itself is untouched
+    assert spec.teacher_for("fashion") == spec.teacher_for("digits") == default.teacher
+    s = spec.student_for("fashion")
+    assert (s.alpha, s.temperature, s.betas, s.w_ce) == (0.4, 5.0, {2: 0.4}, 0.2)
+    assert (s.recipe.epochs, s.recipe.optimizer, s.recipe.schedule) == (7, "adam", "constant")
+    assert s.recipe.lr == default.student.recipe.lr and s.recipe.batch_size == 128
+    assert s.beta_default == default.student.beta_default and s.targets == "cache"
+    assert spec.student_for("mnist") == spec.student_for("digits") == default.student
+
+
+def test_per_dataset_overrides_round_trip(tmp_path: Path, default: PipelineSpec) -> None:
+    spec = copy.deepcopy(default)
+    spec.datasets[0].teacher = {"lr": 1e-4, "augment": {"autoaugment": True}}
+    spec.datasets[2].student = {"betas": {1: 0.5}, "recipe": {"batch_size": 96}}
+    text = dump_yaml(spec)
+    again = load_text(tmp_path, text)
+    assert again == spec and dump_yaml(again) == text
+    assert again.teacher_for("mnist").augment.autoaugment is True
+    assert again.student_for("digits").recipe.batch_size == 96
+    assert yaml.safe_load(text)["datasets"][0]["teacher"] == {"lr": 1e-4, "augment": {"autoaugment": True}}
+
+
+def test_set_reaches_per_dataset_overrides() -> None:
+    spec = load_pipeline(PIPELINE, ["datasets.digits.teacher.lr=0.01", "datasets.digits.teacher.augment.flip=true",
+                                    "datasets.mnist.student.recipe.batch_size=64",
+                                    "datasets.mnist.student.betas.2=0.5"])
+    assert spec.datasets[2].teacher == {"lr": 0.01, "augment": {"flip": True}}
+    assert spec.teacher_for("digits").lr == 0.01 and spec.teacher_for("digits").augment.flip is True
+    assert spec.teacher_for("mnist").lr == 0.002
+    assert spec.student_for("mnist").recipe.batch_size == 64 and spec.student_for("mnist").betas == {2: 0.5}
+
+
+@pytest.mark.parametrize("item, match", [
+    ("datasets.mnist.teacher.lrr=1", r"^pipeline\.datasets\[0\]\.teacher\.lrr: unknown field; allowed: \[.*'lr'"),
+    ("datasets.fashion.teacher.lr=-1", r"^pipeline\.datasets\[1\]\.teacher\.lr: must be > 0, got -1"),
+    ("datasets.fashion.teacher.augment.flp=1", r"^pipeline\.datasets\[1\]\.teacher\.augment\.flp: unknown field"),
+    ("datasets.digits.teacher.optimizer=lion", r"^pipeline\.datasets\[2\]\.teacher\.optimizer: got 'lion'"),
+    ("datasets.digits.teacher=5", r"^pipeline\.datasets\[2\]\.teacher: expected a mapping, got 5"),
+    ("datasets.digits.teacher.epochs=0", r"^pipeline\.datasets\[2\]\.teacher\.epochs: must be >= 1, got 0 \(0 keeps"),
+    ("teacher.epochs=0", r"^pipeline\.teacher\.epochs: must be >= 1, got 0 \(0 keeps a given teacher as it is; "
+                         r"dataset 'mnist' has no"),
+    ("datasets.mnist.student.gamma=1", r"^pipeline\.datasets\[0\]\.student\.gamma: unknown field; allowed"),
+    ("datasets.mnist.student.temperature=0", r"^pipeline\.datasets\[0\]\.student\.temperature: must be > 0"),
+    ("datasets.mnist.student.recipe.epochs=0", r"^pipeline\.datasets\[0\]\.student\.recipe\.epochs: must be >= 1"),
+    ("datasets.mnist.student.betas.3=0.2", r"^pipeline\.datasets\[0\]\.student\.betas\.3: beta for level 3 above"),
+    ("datasets.mnist.student.betas.x=0.2", r"^pipeline\.datasets\[0\]\.student\.betas: key 'x' is not a level"),
+    ("datasets.mnist.student_model={arch: test_resnet, checkpoint: " + str(PIPELINE) + "}",
+     r"^pipeline\.datasets\[0\]\.student_model\.checkpoint: a student starts fresh"),
+], ids=lambda v: v.split("=")[0] if "\\" not in v else None)
+def test_bad_per_dataset_override_names_the_field(item: str, match: str) -> None:
+    with pytest.raises(SpecError, match=match) as info:
+        load_pipeline(PIPELINE, [item])
+    assert "\n" not in str(info.value)
+
+
+def test_teacher_epochs_zero_takes_a_given_teacher_as_is(tmp_path: Path) -> None:
+    """epochs 0 is allowed only where the model is checkpointed or pretrained; the baselines then need a recipe."""
+    ckpt = tmp_path / "t.pt"
+    ckpt.write_bytes(b"")  # validation checks only that the file exists
+    sets = [f"datasets.mnist.model.checkpoint={ckpt}", "datasets.mnist.teacher.epochs=0"]
+    spec = load_pipeline(PIPELINE, [*sets, "baselines.multi_head=false", "baselines.joint_head=false"])
+    assert spec.teacher_for("mnist").epochs == 0 and spec.teacher_for("fashion").epochs == 15
+    # mnist's column is the first (only) to use test_resnet: its teacher recipe (0 epochs) would train the baselines
+    with pytest.raises(SpecError, match=r"^pipeline\.baselines\.recipe: needed: .* dataset 'mnist', which has epoch"):
+        load_pipeline(PIPELINE, sets)
+    assert load_pipeline(PIPELINE, [*sets, "baselines.recipe={epochs: 2}"]).baselines.recipe.epochs == 2
+    # the global block may say 0 when every dataset's teacher is given
+    given = [f"datasets.{n}.model.checkpoint={ckpt}" for n in ("mnist", "fashion", "digits")]
+    spec = load_pipeline(PIPELINE, [*given, "teacher.epochs=0", "baselines.recipe={epochs: 2}"])
+    assert [spec.teacher_for(n).epochs for n in ("mnist", "fashion", "digits")] == [0, 0, 0]
+
+
+def test_smoke_caps_per_dataset_overrides(default: PipelineSpec) -> None:
+    spec = copy.deepcopy(default)
+    spec.datasets[0].teacher = {"epochs": 200, "batch_size": 768, "lr": 1e-4}
+    spec.datasets[1].student = {"recipe": {"epochs": 1, "batch_size": 240}, "alpha": 0.4}
+    smoke = smoke_pipeline(spec)
+    assert smoke.datasets[0].teacher == {"epochs": SMOKE_EPOCHS, "batch_size": config.SMOKE_BATCH, "lr": 1e-4}
+    assert smoke.datasets[1].student == {"recipe": {"epochs": 1, "batch_size": config.SMOKE_BATCH}, "alpha": 0.4}
+    assert spec.datasets[0].teacher["epochs"] == 200  # the input is not modified
+    assert smoke.teacher_for("mnist").epochs == SMOKE_EPOCHS and smoke.student_for("fashion").alpha == 0.4
+    assert smoke_pipeline(smoke) == smoke
+
+
+def test_baseline_groups_follow_the_student_architectures(default: PipelineSpec) -> None:
+    groups = default.baseline_groups()
+    assert [(m.arch, names) for m, names in groups] == [("test_resnet", ["mnist"]), ("test_efficientnet", ["fashion"]),
+                                                        ("test_convnext", ["digits"])]
+    spec = load_pipeline(PIPELINE, ["datasets.digits.model.arch=test_resnet",
+                                    "datasets.fashion.student_model={arch: test_resnet}"])
+    assert [(m.arch, names) for m, names in spec.baseline_groups()] == [("test_resnet", ["mnist", "fashion", "digits"])]
+    # the whole model spec decides: another input size is another baseline
+    spec = load_pipeline(PIPELINE, ["datasets.digits.model={arch: test_resnet, input_size: 48}"])
+    assert [names for _, names in spec.baseline_groups()] == [["mnist"], ["fashion"], ["digits"]]
+    # baselines.model: one backbone for every column
+    spec = load_pipeline(PIPELINE, ["baselines.model={arch: test_vit}"])
+    assert [(m.arch, names) for m, names in spec.baseline_groups()] == [("test_vit", ["mnist", "fashion", "digits"])]
+    with pytest.raises(SpecError, match=r"^pipeline\.baselines\.multi_head_batching: got 'mixed'; allowed: alt"):
+        load_pipeline(PIPELINE, ["baselines.multi_head_batching=mixed"])
+
+
+def test_the_student_model_never_carries_the_teachers_checkpoint(tmp_path: Path) -> None:
+    ckpt = tmp_path / "t.pt"
+    ckpt.write_bytes(b"")
+    spec = load_pipeline(PIPELINE, [f"datasets.mnist.model.checkpoint={ckpt}", "datasets.mnist.model.pretrained=true"])
+    d = spec.datasets[0]
+    assert d.model.checkpoint == str(ckpt)
+    assert d.student_net == ModelSpec(arch="test_resnet", input_size=32, pretrained=True, checkpoint=None)
+    assert spec.baseline_groups()[0][0].checkpoint is None
+
+
+# Table 1 of the paper, per architecture: lr, batch size, stochastic depth, dropout, weight decay, T, alpha, beta_c.
+TABLE_1 = {
+    "resnet18": (1e-4, 768, None, None, 0.001, 2.0, 0.6, (0.2, 0.2)),
+    "efficientnet_b0": (1e-4, 240, 0.2, 0.2, 0.001, 2.0, 0.6, (0.2, 0.2)),
+    "seresnext26d_32x4d": (1e-4, 192, None, None, 0.001, 2.0, 0.6, (0.2, 0.2)),
+    "convnextv2_tiny": (1e-5, 96, 0.6, None, 0.5, 5.0, 0.6, (0.2, 0.2)),
+    "swinv2_tiny_window8_256": (4e-4, 176, 0.6, None, 0.5, 2.0, 0.6, (0.2, 0.2)),
+    "fastvit_sa24": (1e-4, 102, 0.3, 0.2, 0.5, 2.0, 0.4, (0.4, 0.2)),
+}
+
+
+@pytest.mark.parametrize("name, archs, size, optimizer", [
+    ("paper_t1.yaml", ["resnet18", "efficientnet_b0", "seresnext26d_32x4d"], 224, "adam"),
+    ("paper_t2.yaml", ["convnextv2_tiny", "swinv2_tiny_window8_256", "fastvit_sa24"], 256, "adamw"),
+])
+def test_paper_pipelines_carry_table_1(name: str, archs: list, size: int, optimizer: str) -> None:
+    """The paper's T1 / T2 files load and validate (no data is read) and give each architecture Table 1's values."""
+    spec = load_pipeline(ROOT / "pipelines" / name)
+    assert [d.name for d in spec.datasets] == ["cifar100", "tinyimagenet", "sketch"]
+    assert [d.source for d in spec.datasets] == ["torchvision", "folder", "folder"]
+    assert spec.datasets[0].options["name"] == "CIFAR100" and spec.datasets[1].options["layout"] == "tinyimagenet"
+    assert spec.fusion_levels == [1, 2] and spec.joint.variant == "union"
+    assert [d.model.arch for d in spec.datasets] == archs
+    for d in spec.datasets:
+        lr, batch, drop_path, drop, wd, temperature, alpha, betas = TABLE_1[d.model.arch]
+        assert d.model.input_size == size and d.student_model is None and not d.model.pretrained
+        assert (d.model.kwargs.get("drop_path_rate"), d.model.kwargs.get("drop_rate")) == (drop_path, drop)
+        for recipe in (spec.teacher_for(d.name), spec.student_for(d.name).recipe):
+            assert (recipe.lr, recipe.batch_size, recipe.weight_decay) == (lr, batch, wd), d.name
+            assert (recipe.optimizer, recipe.schedule, recipe.epochs) == (optimizer, "constant", 200)
+            assert recipe.augment.autoaugment and not recipe.augment.flip and recipe.augment.crop_padding == 0
+        s = spec.student_for(d.name)
+        assert (s.temperature, s.alpha, (s.beta(1), s.beta(2)), s.w_ce) == (temperature, alpha, betas, 1.0)
+    assert [m.arch for m, _ in spec.baseline_groups()] == archs  # each column's baselines: its own architecture
+    assert spec.baselines.multi_head_batching == "alternate" and spec.baselines.recipe is None

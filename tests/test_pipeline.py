@@ -18,6 +18,10 @@ from mlfd.stages.pipeline import RESULT_COLUMNS, plan_stages, run_pipeline
 from mlfd.stages.students import train_student
 from mlfd.store import MANIFEST, ArtifactStore
 
+# The smoke run trains 29 stages (six of them multi-dataset baselines, one per mode and student architecture): a few
+# minutes on 2 idle cores, far more on a shared, loaded machine.
+pytestmark = pytest.mark.timeout(2400)
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT / "pipelines" / "offline_default.yaml"
 CHANCE = {"mnist": 10.0, "fashion": 10.0, "digits": 10.0}
@@ -30,10 +34,10 @@ def _artifacts(store: Path) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory) -> Path:
-    """`mlfd run pipelines/offline_default.yaml --smoke` through the real CLI (about a minute on 2 cores)."""
+    """`mlfd run pipelines/offline_default.yaml --smoke` through the real CLI (a few minutes on 2 cores)."""
     out = tmp_path_factory.mktemp("smoke")
     proc = subprocess.run([sys.executable, "-m", "mlfd.cli", "run", str(DEFAULT), "--smoke", "--out", str(out),
-                           "--quiet"], capture_output=True, text=True, timeout=900)
+                           "--quiet"], capture_output=True, text=True, timeout=2300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -139,7 +143,7 @@ def test_student_deploys_without_adaptors(smoke_run: Path) -> None:
         m = json.loads((p / "metrics.json").read_text())
         ds = spec.dataset(m["dataset"])
         state = load_torch(p / "model.pt")
-        net = timm.create_model(ds.student.arch, num_classes=10)
+        net = timm.create_model(ds.student_net.arch, num_classes=10)
         net.load_state_dict(state)  # strict: exactly the timm model's keys
         net.eval()
         assert sum(v.numel() for v in state.values()) == sum(v.numel() for v in net.state_dict().values())
@@ -266,3 +270,206 @@ def test_a_tasks_evaluations_reuse_their_loaders(tmp_path: Path) -> None:
         results[stream] = first
     assert results[True] == results[False]
     assert results[False][0]["loss"] > 0 and set(results[False][0]) == {"acc1", "acc5", "loss"}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Per-dataset recipes, given teachers, baselines per architecture
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _edited(tmp_path: Path, edit) -> PipelineSpec:
+    data = to_dict(_tiny(tmp_path))
+    edit(data)
+    return from_dict(PipelineSpec, data)
+
+
+def _state(art) -> dict:
+    from mlfd.store import load_torch
+
+    return load_torch(art.file("model.pt"))
+
+
+def _same(a: dict, b: dict, skip: str = "fc.") -> list[bool]:
+    """Per shared weight matrix or kernel (randomly initialised; classifier excluded unless ``skip`` says otherwise):
+    bit-equal or not."""
+    return [torch.equal(a[k], b[k]) for k in a if not k.startswith(skip) and k in b and a[k].ndim >= 2]
+
+
+@pytest.mark.slow
+def test_per_dataset_recipes_drive_the_stages_and_their_keys(tmp_path: Path) -> None:
+    from mlfd.stages.students import student_key, student_variant
+    from mlfd.stages.teachers import teacher_key, train_teacher
+
+    def edit(data: dict) -> None:
+        data["datasets"][1]["teacher"] = {"epochs": 2, "lr": 0.005}
+        data["datasets"][1]["student"] = {"alpha": 0.3, "recipe": {"epochs": 2}}
+
+    spec = _edited(tmp_path, edit)
+    ctx = Context(spec=spec, store=ArtifactStore(tmp_path / "store"), progress=False)
+    assert read_metrics(train_teacher(ctx, "mnist"))["epochs"] == 1
+    digits = read_metrics(train_teacher(ctx, "digits"))
+    assert digits["epochs"] == 2 and len(digits["history"]) == 2
+    assert read_metrics(train_student(ctx, "digits", 1))["epochs"] == 2
+    assert read_metrics(train_student(ctx, "mnist", 1))["epochs"] == 1
+
+    def keys(s: PipelineSpec) -> dict:
+        c = Context(spec=s, store=ctx.store, progress=False)
+        plan = {n: plan_for(c, 1, n) for n in ("mnist", "digits")}
+        return {**{("teacher", n): teacher_key(c, n) for n in plan},
+                **{("student", n): student_key(c, n, plan[n], student_variant(c, None, n)) for n in plan}}
+
+    base = keys(spec)
+    # a change of digits' student override re-keys digits' student only
+    other = keys(_edited(tmp_path, lambda d: (edit(d), d["datasets"][1]["student"].update(alpha=0.4))))
+    assert {k for k in base if base[k] != other[k]} == {("student", "digits")}
+    # a change of digits' teacher override re-keys digits' teacher (and the students distilled through it)
+    other = keys(_edited(tmp_path, lambda d: (edit(d), d["datasets"][1]["teacher"].update(lr=0.004))))
+    assert {k for k in base if base[k] != other[k]} == {("teacher", "digits"), ("student", "mnist"),
+                                                         ("student", "digits")}
+    # keys follow effective values: an override that repeats the global value changes nothing
+    plain = keys(_tiny(tmp_path))
+    same = keys(_edited(tmp_path, lambda d: d["datasets"][0].update(teacher={"lr": d["teacher"]["lr"]},
+                                                                   student={"alpha": d["student"]["alpha"]})))
+    assert same == plain
+
+
+@pytest.mark.slow
+def test_checkpointed_teacher_is_fine_tuned_and_the_student_starts_fresh(tmp_path: Path) -> None:
+    """A checkpoint is the teacher's starting point: fine-tuned by default, kept as is with epochs 0; the student and
+    the baselines of that column never load it."""
+    from mlfd.models import create_model
+    from mlfd.stages.baselines import train_baseline
+    from mlfd.stages.common import build_level_model, seed_everything
+    from mlfd.stages.students import StudentTask
+    from mlfd.stages.teachers import train_teacher
+    from mlfd.config import ModelSpec
+
+    torch.manual_seed(7)
+    ckpt_state = create_model(ModelSpec(arch="test_resnet"), 10).state_dict()
+    ckpt = tmp_path / "teacher.pt"
+    torch.save(ckpt_state, ckpt)
+    spec = _edited(tmp_path, lambda d: d["datasets"][0]["model"].update(checkpoint=str(ckpt)))
+    ctx = Context(spec=spec, store=ArtifactStore(tmp_path / "store"), progress=False)
+    teacher = train_teacher(ctx, "mnist")
+    assert read_metrics(teacher)["epochs"] == 1
+    tuned = _state(teacher)
+    assert set(tuned) == set(ckpt_state) and not all(_same(tuned, ckpt_state, skip="#"))  # fine-tuned
+
+    plan = plan_for(ctx, 2, "mnist")
+    task = StudentTask(ctx, "mnist", plan, spec.student_for("mnist"))
+    seed_everything(spec.student_for("mnist").recipe.seed)
+    fresh = build_level_model(spec.dataset("mnist").student_net, 10, ctx.device, False).model.state_dict()
+    start = task.module.backbone.model.state_dict()
+    assert all(_same(start, fresh, skip="#"))  # bit-equal to a fresh init of the student's seed
+    assert not any(_same(start, ckpt_state)) and not any(_same(start, tuned))
+    assert read_metrics(train_student(ctx, "mnist", 2))["epochs"] == 1
+
+    for mode in ("multi_head", "joint_head"):  # used to fail: "unexpected keys" from the checkpoint's classifier
+        m = read_metrics(train_baseline(ctx, mode, "mnist"))
+        assert m["arch"] == "test_resnet" and set(m["test"]) == {"mnist", "digits"}
+
+    as_is = _edited(tmp_path, lambda d: (d["datasets"][0]["model"].update(checkpoint=str(ckpt)),
+                                        d["datasets"][0].update(teacher={"epochs": 0}),
+                                        d["baselines"].update(recipe=d["teacher"])))
+    given = train_teacher(Context(spec=as_is, store=ctx.store, progress=False), "mnist")
+    assert read_metrics(given)["epochs"] == 0 and all(_same(_state(given), ckpt_state, skip="#"))
+
+
+@pytest.mark.slow
+def test_pretrained_teacher_is_fine_tuned_and_the_student_starts_from_the_pretrained_weights(tmp_path: Path) -> None:
+    """timm pretrained weights, read offline from a local file through timm's own loader (``pretrained_cfg_overlay``):
+    the teacher gets a new head and is fine-tuned; the student starts from the pretrained weights, not the teacher's."""
+    import timm
+
+    from mlfd.stages.baselines import train_baseline
+    from mlfd.stages.students import StudentTask
+    from mlfd.stages.teachers import train_teacher
+
+    torch.manual_seed(3)
+    weights = timm.create_model("test_resnet", num_classes=1000).state_dict()  # an "ImageNet" checkpoint
+    file = tmp_path / "test_resnet_in1k.pth"
+    torch.save(weights, file)
+    model = {"arch": "test_resnet", "input_size": 32, "pretrained": True,
+             "kwargs": {"pretrained_cfg_overlay": {"file": str(file)}}}
+    spec = _edited(tmp_path, lambda d: d["datasets"][0].update(model=model))
+    ctx = Context(spec=spec, store=ArtifactStore(tmp_path / "store"), progress=False)
+    teacher = train_teacher(ctx, "mnist")
+    tuned = _state(teacher)
+    assert read_metrics(teacher)["epochs"] == 1 and tuned["fc.weight"].shape == (10, weights["fc.weight"].shape[1])
+    assert not all(_same(tuned, weights))  # fine-tuned away from the pretrained weights
+
+    task = StudentTask(ctx, "mnist", plan_for(ctx, 1, "mnist"), spec.student_for("mnist"))
+    start = task.module.backbone.model.state_dict()
+    assert all(_same(start, weights)) and len(_same(start, weights)) > 10  # the pretrained backbone ...
+    assert not any(_same(start, tuned, skip="#"))  # ... not the fine-tuned teacher
+    m = read_metrics(train_baseline(ctx, "multi_head", "mnist"))
+    assert m["arch"] == "test_resnet" and m["epochs"] == 1
+
+    as_is = _edited(tmp_path, lambda d: (d["datasets"][0].update(model=model, teacher={"epochs": 0}),
+                                        d["baselines"].update(recipe=d["teacher"])))
+    given = _state(train_teacher(Context(spec=as_is, store=ctx.store, progress=False), "mnist"))
+    assert all(_same(given, weights))  # epochs 0: the pretrained backbone as it is (with its new head)
+
+
+@pytest.mark.slow
+def test_baselines_per_student_architecture(tmp_path: Path) -> None:
+    """One multi-head / joint-head baseline per distinct student architecture; each column reports its own; columns
+    with the same architecture share one artifact."""
+    from mlfd.stages.baselines import baseline_key
+    from mlfd.stages.pipeline import _rows
+
+    spec = _tiny(tmp_path)  # mnist: test_resnet, digits: test_convnext
+    store = ArtifactStore(tmp_path / "store")
+    ctx = Context(spec=spec, store=store, progress=False)
+    stages = [s for s in plan_stages(spec) if s.role in ("multi_head", "joint_head")]
+    assert [(s.label, s.datasets) for s in stages] == [
+        ("multi_head test_resnet (mnist)", ["mnist"]), ("multi_head test_convnext (digits)", ["digits"]),
+        ("joint_head test_resnet (mnist)", ["mnist"]), ("joint_head test_convnext (digits)", ["digits"])]
+    for st in stages:
+        art = st.build(ctx)
+        m = read_metrics(art)
+        assert m["arch"] == ("test_resnet" if st.datasets == ["mnist"] else "test_convnext")
+        rows = _rows(m, st.role, st.levels, st.datasets)
+        assert {r["dataset"] for r in rows} == set(st.datasets) and len(rows) == 2  # val and test
+    assert len([k for k in _artifacts(tmp_path / "store") if k.startswith("baseline/")]) == 4
+
+    # digits' student is a test_resnet too: one baseline per mode serves both columns, the one already stored
+    same = _edited(tmp_path, lambda d: d["datasets"][1].update(student_model={"arch": "test_resnet"}))
+    sctx = Context(spec=same, store=store, progress=False)
+    assert [(s.label, s.datasets) for s in plan_stages(same) if s.role == "multi_head"] == [("multi_head", None)]
+    assert baseline_key(sctx, "multi_head", "digits") == baseline_key(sctx, "multi_head", "mnist") == \
+        baseline_key(ctx, "multi_head", "mnist")
+    # the multi-head batching is part of the multi-head key only
+    concat = _edited(tmp_path, lambda d: d["baselines"].update(multi_head_batching="concat"))
+    cctx = Context(spec=concat, store=store, progress=False)
+    assert baseline_key(cctx, "multi_head", "mnist") != baseline_key(ctx, "multi_head", "mnist")
+    assert baseline_key(cctx, "joint_head", "mnist") == baseline_key(ctx, "joint_head", "mnist")
+
+
+def test_multi_head_alternates_datasets_with_equal_weights(tmp_path: Path) -> None:
+    """alternate (default): one dataset's batch per micro-step in turn, m micro-steps per optimizer step, and the
+    accumulated gradient equals the concatenated batch's (weights 1/m each) where BatchNorm does not couple them."""
+    from mlfd.stages.baselines import SharedTask, baseline_model
+
+    spec = _tiny(tmp_path)
+    ctx = Context(spec=spec, store=ArtifactStore(tmp_path / "store"), progress=False)
+    model, recipe = baseline_model(ctx, "digits")
+    assert model.arch == "test_convnext" and spec.baselines.multi_head_batching == "alternate"
+    alt = SharedTask(ctx, "multi_head", model, recipe)
+    cat = SharedTask(ctx, "multi_head", model, recipe, batching="concat")
+    rounds = max(len(ld) for ld in cat.loaders)
+    assert alt.steps_per_epoch() == 2 * rounds and cat.steps_per_epoch() == rounds
+    assert alt.fit_recipe().grad_accum == 2 * recipe.grad_accum and cat.fit_recipe() is recipe
+    micro = list(alt.train_batches(0))
+    assert [b[0][0] for b in micro] == [0, 1] * rounds
+    cat.module.load_state_dict(alt.module.state_dict())
+    for task in (alt, cat):
+        task.module.eval()  # BatchNorm on running statistics: the two batchings must give the same gradient
+    alt.module.zero_grad()
+    for b in micro[:2]:
+        (alt.train_step(b)["loss"] / alt.fit_recipe().grad_accum).backward()
+    cat.module.zero_grad()
+    cat.train_step([item for b in micro[:2] for item in b])["loss"].backward()
+    for (name, p), q in zip(alt.module.named_parameters(), cat.module.parameters()):
+        if p.grad is not None or q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)

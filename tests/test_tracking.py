@@ -551,7 +551,7 @@ def test_search_best_model_logged_under_parent(search: SearchScenario) -> None:
     # The MLflow model predicts what the student built from the stored state dict predicts (any batch size).
     spec = load_pipeline(best_yaml)
     ds = spec.dataset("digits")
-    net = create_model(type(ds.student)(**{**to_dict(ds.student), "checkpoint": None, "pretrained": False}),
+    net = create_model(type(ds.student_net)(**{**to_dict(ds.student_net), "checkpoint": None, "pretrained": False}),
                        load_dataset(ds).num_classes)
     net.load_state_dict(stored)
     net.eval()

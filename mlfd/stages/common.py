@@ -63,10 +63,11 @@ READ_ONLY_OPTIONS = {"folder": ("stream", "workers")}
 
 
 def dataset_key_spec(ds: DatasetSpec) -> dict:
-    """The part of a dataset spec that defines its data (not the models trained on it, nor how its files are read)."""
+    """The part of a dataset spec that defines its data (not the models or recipes trained on it, nor how its files
+    are read)."""
     d = to_dict(ds)
-    d.pop("model")
-    d.pop("student_model")
+    for k in ("model", "student_model", "teacher", "student"):
+        d.pop(k)
     d["options"] = {k: v for k, v in d["options"].items() if k not in READ_ONLY_OPTIONS.get(ds.source, ())}
     return d
 

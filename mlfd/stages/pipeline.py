@@ -82,9 +82,14 @@ def plan_stages(spec: PipelineSpec) -> list[Stage]:
     names = [d.name for d in spec.datasets]
     students = spec.only_students or names
     stages = [Stage(f"teacher {n}", "dataset_specific", "-", lambda ctx, n=n: train_teacher(ctx, n)) for n in names]
+    groups = spec.baseline_groups()
     for mode, on in (("multi_head", spec.baselines.multi_head), ("joint_head", spec.baselines.joint_head)):
-        if on:
-            stages.append(Stage(mode, mode, "-", lambda ctx, mode=mode: train_baseline(ctx, mode)))
+        if not on:
+            continue
+        for model, cols in groups:  # one baseline per distinct student architecture, reported in its columns
+            label = mode if len(groups) == 1 else f"{mode} {model.arch} ({', '.join(cols)})"
+            stages.append(Stage(label, mode, "-", lambda ctx, mode=mode, n=cols[0]: train_baseline(ctx, mode, n),
+                                None if len(groups) == 1 else cols))
     controls = [None] + [c for c, on in (("own_teacher", spec.controls.own_teacher), ("no_kd", spec.controls.no_kd))
                          if on]
     for level in spec.fusion_levels:
@@ -119,9 +124,11 @@ def preflight(spec: PipelineSpec) -> None:
         path = f"pipeline.datasets[{i}]"
         LevelModel(create_model(d.model, data.num_classes, f"{path}.model"), d.model.input_size).check_levels(
             spec.fusion_levels, f"{path}.model (fusion_levels)")
-        if d.student_model is not None:
-            LevelModel(create_model(d.student_model, data.num_classes, f"{path}.student_model"),
-                       d.student_model.input_size).check_levels(distilled, f"{path}.student_model (student.betas)")
+        s_levels = [c for c in range(1, top + 1) if spec.student_for(d.name).beta(c) > 0]
+        if d.student_model is not None or s_levels != distilled:
+            where = f"{path}.student_model" if d.student_model is not None else f"{path}.model"
+            LevelModel(create_model(d.student_net, data.num_classes, where), d.student_net.input_size).check_levels(
+                s_levels, f"{where} (student.betas)")
     if spec.baselines.model is not None:
         create_model(spec.baselines.model, 2, "pipeline.baselines.model")
 

@@ -40,7 +40,7 @@ class StudentTask:
     def __init__(self, ctx: Context, name: str, plan: JointPlan, sspec: StudentSpec):
         self.ctx, self.name, self.plan, self.sspec, self.recipe = ctx, name, plan, sspec, sspec.recipe
         self.ds = ctx.data(name)
-        model_spec = ctx.spec.dataset(name).student
+        model_spec = ctx.spec.dataset(name).student_net  # fresh or timm-pretrained, never the teacher's weights
         self.tf = ctx.transform(self.ds, model_spec, self.recipe)
         targets_art, self.joint = joint_targets(ctx, plan, name)  # may train T* here, drawing from the global RNG
         self.gen = seed_everything(self.recipe.seed)
@@ -97,15 +97,16 @@ class StudentTask:
         return eval_model(self.module.backbone, self.eval_loaders(split), self.tf, self.ctx.dtype(self.recipe))
 
 
-def student_variant(ctx: Context, control: str | None) -> StudentSpec:
-    """The student spec of a control run: ``no_kd`` sets alpha to 0; ``own_teacher`` changes only the plan."""
-    s = ctx.spec.student
+def student_variant(ctx: Context, control: str | None, name: str) -> StudentSpec:
+    """The effective student spec of dataset ``name`` in a control run: ``no_kd`` sets alpha to 0; ``own_teacher``
+    changes only the plan."""
+    s = ctx.spec.student_for(name)
     return dataclasses.replace(s, alpha=0.0) if control == "no_kd" else s
 
 
 def student_key(ctx: Context, name: str, plan: JointPlan, sspec: StudentSpec) -> str:
     ds = ctx.spec.dataset(name)
-    return ArtifactStore.key(KIND, {"v": VERSION, "data": dataset_key_spec(ds), "model": to_dict(ds.student),
+    return ArtifactStore.key(KIND, {"v": VERSION, "data": dataset_key_spec(ds), "model": to_dict(ds.student_net),
                                     "student": to_dict(sspec), "level": plan.level,
                                     **autoaugment_key(sspec.recipe.augment)}, {"joint": joint_key(ctx, plan)})
 
@@ -113,7 +114,7 @@ def student_key(ctx: Context, name: str, plan: JointPlan, sspec: StudentSpec) ->
 def train_student(ctx: Context, name: str, level: int, control: str | None = None) -> Artifact:
     """The student of dataset ``name`` at fusion level ``level`` (``control``: None, ``no_kd`` or ``own_teacher``)."""
     plan = plan_for(ctx, level, name, own=control == "own_teacher")
-    sspec = student_variant(ctx, control)
+    sspec = student_variant(ctx, control, name)
     role = "student" if control is None else f"student_{control}"
 
     def build(tmp: Path) -> dict:

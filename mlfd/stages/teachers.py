@@ -1,4 +1,5 @@
-"""Stage 1: one teacher per dataset, trained from scratch (or loaded). The same run is the dataset-specific baseline."""
+"""Stage 1: one teacher per dataset, trained from scratch, or fine-tuned from a checkpoint or timm pretrained weights
+(taken as they are with ``teacher.epochs: 0``). The same run is the dataset-specific baseline."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from mlfd.stages.common import (Context, EvalLoaders, build_level_model, dataset
 from mlfd.store import Artifact, ArtifactStore
 
 KIND = "teacher"
+VERSION = 2  # in the artifact key: a checkpointed or pretrained teacher is fine-tuned unless its epochs are 0
 
 
 class ClassifierTask:
@@ -54,18 +56,20 @@ class ClassifierTask:
 
 
 def teacher_key(ctx: Context, name: str) -> str:
+    """The store key of dataset ``name``'s teacher: its data, model and effective recipe."""
     ds = ctx.spec.dataset(name)
-    return ArtifactStore.key(KIND, {"data": dataset_key_spec(ds), "model": to_dict(ds.model),
-                                    "recipe": to_dict(ctx.spec.teacher), **autoaugment_key(ctx.spec.teacher.augment)})
+    recipe = ctx.spec.teacher_for(name)
+    return ArtifactStore.key(KIND, {"v": VERSION, "data": dataset_key_spec(ds), "model": to_dict(ds.model),
+                                    "recipe": to_dict(recipe), **autoaugment_key(recipe.augment)})
 
 
 def train_teacher(ctx: Context, name: str) -> Artifact:
-    """The trained (or loaded) teacher of dataset ``name``, built once per spec."""
+    """The trained (or fine-tuned, or given) teacher of dataset ``name``, built once per spec."""
     ds_spec = ctx.spec.dataset(name)
-    recipe = ctx.spec.teacher
+    recipe = ctx.spec.teacher_for(name)
 
     def build(tmp: Path) -> dict:
-        if ds_spec.model.checkpoint or ds_spec.model.pretrained:
+        if recipe.epochs == 0:  # validation allows 0 only for a checkpointed or pretrained model
             return _load_given(ctx, name, tmp)
         task = ClassifierTask(ctx, name, ds_spec.model, recipe)
         res = fit(task, recipe, ctx.device, on_epoch=ctx.on_epoch, resume=ctx.resume, desc=f"teacher {name}",
@@ -75,13 +79,14 @@ def train_teacher(ctx: Context, name: str) -> Artifact:
         val = {k[4:]: v for k, v in res.best_metrics.items() if k.startswith("val/")}
         write_metrics(tmp, role="dataset_specific", dataset=name, val=val, test=test, best_epoch=res.best_epoch,
                       epochs=res.epochs_run, seed=recipe.seed, history=res.history)
-        return {"dataset": name, "arch": ds_spec.model.arch}
+        given = bool(ds_spec.model.checkpoint or ds_spec.model.pretrained)
+        return {"dataset": name, "arch": ds_spec.model.arch, **({"fine_tuned": True} if given else {})}
 
     return ctx.store.get_or_build(KIND, teacher_key(ctx, name), build)
 
 
 def _load_given(ctx: Context, name: str, tmp: Path) -> dict:
-    """Skip stage 1: take a checkpoint / timm weights as the teacher and evaluate it on val and test."""
+    """Skip training (``teacher.epochs: 0``): take a checkpoint / timm weights as the teacher, evaluate it."""
     ds_spec = ctx.spec.dataset(name)
     ds = ctx.data(name)
     net = create_model(ds_spec.model, ds.num_classes)
@@ -89,10 +94,11 @@ def _load_given(ctx: Context, name: str, tmp: Path) -> dict:
     lm = build_level_model(ds_spec.model, ds.num_classes, ctx.device, False)
     lm.model.load_state_dict(net.state_dict())
     tf = ctx.transform(ds, ds_spec.model, None)
-    dtype = ctx.dtype(ctx.spec.teacher)
+    recipe = ctx.spec.teacher_for(name)
+    dtype = ctx.dtype(recipe)
     loaders = EvalLoaders(ds, ctx.device)
     val = eval_model(lm, loaders("val"), tf, dtype)
     test = eval_model(lm, loaders("test"), tf, dtype)
     write_metrics(tmp, role="dataset_specific", dataset=name, val=val, test=test, best_epoch=0, epochs=0,
-                  seed=ctx.spec.teacher.seed, history=[])
+                  seed=recipe.seed, history=[])
     return {"dataset": name, "arch": ds_spec.model.arch, "loaded": True}

@@ -273,11 +273,11 @@ def _phases(ctx: Any, stage: str, studies: Sequence[str | None], steps: int) -> 
         return run
 
     def teacher(name: str) -> Callable[[], Any]:
-        return lambda: ClassifierTask(ctx, name, spec.dataset(name).model, spec.teacher)
+        return lambda: ClassifierTask(ctx, name, spec.dataset(name).model, spec.teacher_for(name))
 
     if stage == "teachers":
         for s in studies:
-            yield f"trial:{s}", dry(teacher(s), spec.teacher)
+            yield f"trial:{s}", dry(teacher(s), spec.teacher_for(s))
         return
     if stage in ("multi_head", "joint_head"):
         model, recipe = baseline_model(ctx)
@@ -285,15 +285,15 @@ def _phases(ctx: Any, stage: str, studies: Sequence[str | None], steps: int) -> 
         return
     # students / joint: the teachers are prebuilt as Ray tasks with the same GPU fraction, so they must fit too.
     for d in spec.datasets:
-        yield f"teacher:{d.name}", dry(teacher(d.name), spec.teacher)
+        yield f"teacher:{d.name}", dry(teacher(d.name), spec.teacher_for(d.name))
     level = spec.fusion_levels[0]
     for s in studies:
         plan = plan_for(ctx, level, s)
         label = s or stage
         if stage == "students":
             yield f"upstream:{label}", lambda plan=plan, s=s: joint_targets(ctx, plan, s)
-            yield f"trial:{label}", dry(lambda plan=plan, s=s: StudentTask(ctx, s, plan, student_variant(ctx, None)),
-                                        spec.student.recipe)
+            yield f"trial:{label}", dry(lambda plan=plan, s=s: StudentTask(ctx, s, plan, student_variant(ctx, None, s)),
+                                        spec.student_for(s).recipe)
         else:
             yield f"upstream:{label}", lambda plan=plan: [build_cache(ctx, t, d, plan.level) for t in plan.teachers
                                                          for d in plan.datasets]

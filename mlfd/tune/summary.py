@@ -62,7 +62,7 @@ def study_summary(search_dir: Path) -> pd.DataFrame:
             tctx = Context(spec=spec, store=store, progress=False)
             level = spec.fusion_levels[0]
             art = store.get("student", student_key(tctx, study, plan_for(tctx, level, study),
-                                                   student_variant(tctx, None)))
+                                                   student_variant(tctx, None, study)))
             m = _metrics(art) if art is not None else {"val/acc1": float(r[f"best/{job['metric']}"]),
                                                        "val/acc5": math.nan, "test/acc1": math.nan,
                                                        "test/acc5": math.nan}

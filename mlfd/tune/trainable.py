@@ -46,13 +46,13 @@ def _report_history(history: list[dict], reused: bool = True) -> None:
 
 def stage_epochs(spec: PipelineSpec, stage: str) -> int:
     """Epochs a trial of ``stage`` trains (the scheduler's max_t)."""
-    if stage == "students":
-        return spec.student.recipe.epochs
+    if stage == "students":  # per-dataset overrides may differ: the longest bounds the scheduler
+        return max(spec.student_for(d.name).recipe.epochs for d in spec.datasets)
     if stage == "joint":
         return spec.joint.recipe.epochs
     if stage in ("multi_head", "joint_head") and spec.baselines.recipe is not None:
         return spec.baselines.recipe.epochs
-    return spec.teacher.epochs
+    return max(spec.teacher_for(d.name).epochs for d in spec.datasets)
 
 
 def run_stage(config: dict, context: dict) -> None:
@@ -125,7 +125,7 @@ def _target(ctx, stage: str, study: str | None) -> tuple[str, str]:
 
     if stage == "students":
         plan = plan_for(ctx, ctx.spec.fusion_levels[0], study)
-        return STUDENT, student_key(ctx, study, plan, student_variant(ctx, None))
+        return STUDENT, student_key(ctx, study, plan, student_variant(ctx, None, study))
     if stage == "joint":
         return JOINT, joint_key(ctx, plan_for(ctx, ctx.spec.fusion_levels[0], study))
     if stage == "teachers":
