@@ -161,7 +161,6 @@ def baseline_key(ctx: Context, mode: str, name: str | None = None) -> str:
     model, recipe = baseline_model(ctx, name)
     how = {"batching": ctx.spec.baselines.multi_head_batching} if mode == "multi_head" else {}
     return ArtifactStore.key(KIND, {"v": VERSION, "mode": mode, "model": to_dict(model), "recipe": to_dict(recipe),
-    return ArtifactStore.key(KIND, {"v": VERSION, "mode": mode, "model": to_dict(model), "recipe": to_dict(recipe),
                                     "data": [dataset_key_spec(d) for d in ctx.spec.datasets], **how,
                                     **autoaugment_key(recipe.augment)})
 
