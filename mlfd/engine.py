@@ -53,7 +53,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from mlfd.config import SpecError
+        from mlfd.errors import SpecError
 
         raise SpecError("pipeline.device: 'cuda' requested but no CUDA GPU is visible; allowed here: auto, cpu")
     return torch.device(name)

@@ -25,7 +25,7 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
-from mlfd.config import SpecError
+from mlfd.errors import SpecError
 
 DEFAULT_DIR = "runs/latest"
 DB_FILE = "mlflow.db"

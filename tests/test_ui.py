@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from mlfd.config import SpecError
+from mlfd.errors import SpecError
 from mlfd.ui import add_ui_parser, free_port, resolve_tracking_uri, start_ui, stop_ui, url_for, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
