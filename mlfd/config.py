@@ -84,7 +84,11 @@ class RecipeSpec:
     epochs: int = 10
     batch_size: int = 128
     schedule: Literal["cosine", "constant", "onecycle"] = "cosine"
+    """cosine (to 0 after the warmup), constant (after the warmup) or onecycle (lr from lr/25 up to lr over the
+    warmup, or 30% of the steps without one, then cosine down; momentum cycled the other way): see
+    mlfd.engine.LrSchedule."""
     warmup_epochs: float = 0.0
+    """Linear warmup length in epochs (may be fractional)."""
     label_smoothing: float = 0.0
     grad_accum: int = 1
     """Gradient accumulation steps per optimizer step."""
