@@ -388,8 +388,9 @@ def fit(
 
             def get_state(epoch: int = epoch) -> dict:
                 return {"module": _cpu_state(module), "optimizer": copy.deepcopy(opt.state_dict()),
-                        "scheduler": copy.deepcopy(sched.state_dict()), "history": history, "best_state": best_state, "best_metrics": best_metrics,
-                        "best_epoch": best_epoch, "epoch": epoch, "opt_step": opt_step, "rng": torch.get_rng_state()}
+                        "scheduler": copy.deepcopy(sched.state_dict()), "history": history, "best_state": best_state,
+                        "best_metrics": best_metrics, "best_epoch": best_epoch, "epoch": epoch, "opt_step": opt_step,
+                        "rng": torch.get_rng_state()}
 
             if on_epoch is not None:
                 on_epoch(epoch, metrics, get_state)

@@ -17,7 +17,7 @@ from mlfd.errors import StorageError
 
 
 def storage_error(e: OSError, what: Path) -> StorageError:
-    """``e`` as a one-line :class:`StorageError` saying why ``what`` could not be written (returned as is if it is one)."""
+    """``e`` as a one-line :class:`StorageError` saying why ``what`` could not be written (as is if it is one)."""
     if isinstance(e, StorageError):
         return e
     reason = {errno.ENOSPC: "no space left on device", errno.EACCES: "permission denied",

@@ -204,6 +204,7 @@ class ArtifactStore:
             try:
                 parent.mkdir(parents=True, exist_ok=True)
                 for stale in parent.glob(f".{key}.*.tmp"):
+                    _logger.debug("removing %s, left by a build that did not finish", stale)
                     shutil.rmtree(stale, ignore_errors=True)
                 tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{key}.", suffix=".tmp"))
             except OSError as e:

@@ -20,8 +20,8 @@ if str(ROOT) not in sys.path:  # the package is not installed; make `pytest` wor
 from mlfd.config import DatasetSpec, JointSpec, RecipeSpec, to_dict  # noqa: E402
 from mlfd.errors import SpecError  # noqa: E402
 from mlfd.store import (  # noqa: E402
-    CODE_VERSIONS, MANIFEST, ArtifactStore, CorruptArtifact, StorageError, atomic_write_text, load_torch, read_features, save_torch,
-    write_features)
+    CODE_VERSIONS, MANIFEST, ArtifactStore, CorruptArtifact, StorageError, atomic_write_text, load_torch, read_features,
+    save_torch, write_features)
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
