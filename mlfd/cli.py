@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mlfd.config import SpecError
+from mlfd.errors import SpecError
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT

@@ -16,22 +16,35 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import yaml
 
+from mlfd.errors import SpecError
+
+# SpecError lives in mlfd.errors; importing it from here keeps working.
+
 MAX_LEVEL = 4
 
+NameCheck = Callable[[str, str], None]
+"""``check(value, dotted_path)``: raises :class:`SpecError` when ``value`` is not a name its registry knows."""
 
-class SpecError(ValueError):
-    """A spec or input file is invalid. The message is one line naming the field and what is allowed."""
+_NAME_CHECKS: dict[str, NameCheck] = {}
 
-    def __init__(self, *args: Any) -> None:
-        # The message is printed as one line (``mlfd: error: ...``): a user-supplied key or path with a newline in it
-        # must not break that.
-        if args and isinstance(args[0], str):
-            args = (" ".join(args[0].splitlines()), *args[1:])
-        super().__init__(*args)
+
+def register_check(kind: str, check: NameCheck) -> None:
+    """Register the check of a name that lives in a higher layer's registry (``source``: mlfd.data, ``arch``: timm
+    through mlfd.models). The registries fill this on import, so config never imports upward; a spec validated
+    before they are imported (``mlfd run`` parses the YAML before importing torch) is checked again by
+    ``stages.pipeline.preflight`` and by the loaders themselves before any compute.
+    """
+    _NAME_CHECKS[kind] = check
+
+
+def _check_name(kind: str, value: str, path: str) -> None:
+    check = _NAME_CHECKS.get(kind)
+    if check is not None:
+        check(value, path)
 
 
 def _check(cond: bool, path: str, msg: str) -> None:
@@ -71,7 +84,11 @@ class RecipeSpec:
     epochs: int = 10
     batch_size: int = 128
     schedule: Literal["cosine", "constant", "onecycle"] = "cosine"
+    """cosine (to 0 after the warmup), constant (after the warmup) or onecycle (lr from lr/25 up to lr over the
+    warmup, or 30% of the steps without one, then cosine down; momentum cycled the other way): see
+    mlfd.engine.LrSchedule."""
     warmup_epochs: float = 0.0
+    """Linear warmup length in epochs (may be fractional)."""
     label_smoothing: float = 0.0
     grad_accum: int = 1
     """Gradient accumulation steps per optimizer step."""
@@ -119,9 +136,7 @@ class ModelSpec:
 
     def validate(self, path: str) -> None:
         _check(self.input_size >= 8, f"{path}.input_size", f"must be >= 8, got {self.input_size}")
-        from mlfd.models.features import check_arch  # local: keeps config importable without timm loaded
-
-        check_arch(self.arch, f"{path}.arch")
+        _check_name("arch", self.arch, f"{path}.arch")
         if self.checkpoint is not None:
             _check(Path(self.checkpoint).is_file(), f"{path}.checkpoint", f"file not found: {self.checkpoint}")
 
@@ -161,9 +176,7 @@ class DatasetSpec:
     def validate(self, path: str) -> None:
         _check(bool(self.name) and self.name.replace("_", "").replace("-", "").isalnum(), f"{path}.name",
                f"must be a non-empty name of letters, digits, '_' or '-', got {self.name!r}")
-        from mlfd.data import SOURCES
-
-        _check(self.source in SOURCES, f"{path}.source", f"unknown source {self.source!r}; allowed: {sorted(SOURCES)}")
+        _check_name("source", self.source, f"{path}.source")
         _check(0 < self.val_fraction < 1, f"{path}.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
         for k in ("max_train", "max_val", "max_test"):
             v = getattr(self, k)
@@ -679,7 +692,8 @@ def dump_yaml(obj: Any) -> str:
 
 
 def save_pipeline(spec: PipelineSpec, path: str | Path) -> None:
-    from mlfd.store import atomic_write_text
+    """Write ``spec`` as YAML, atomically (temp file + rename)."""
+    from mlfd.fileio import atomic_write_text
 
     atomic_write_text(Path(path), dump_yaml(spec))
 

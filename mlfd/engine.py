@@ -12,6 +12,7 @@ import copy
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
@@ -53,7 +54,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from mlfd.config import SpecError
+        from mlfd.errors import SpecError
 
         raise SpecError("pipeline.device: 'cuda' requested but no CUDA GPU is visible; allowed here: auto, cpu")
     return torch.device(name)
@@ -92,31 +93,84 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def build_optimizer(params: Iterable[nn.Parameter], recipe: RecipeSpec) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
-    if recipe.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    if recipe.optimizer == "adam":  # coupled L2 decay, as in the authors' T1 recipe
-        return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    return torch.optim.SGD(params, lr=recipe.lr, momentum=0.9, nesterov=True, weight_decay=recipe.weight_decay)
+ONECYCLE_RAMP = 0.3
+"""Fraction of the steps a one-cycle schedule spends rising to the peak lr when the recipe sets no warmup."""
+ONECYCLE_DIV = 25.0
+"""A one-cycle schedule starts at lr / ONECYCLE_DIV ..."""
+ONECYCLE_FINAL_DIV = 1e4
+"""... and ends at lr / (ONECYCLE_DIV * ONECYCLE_FINAL_DIV) (torch's OneCycleLR defaults)."""
 
 
-def lr_factor(recipe: RecipeSpec, step: int, total: int, steps_per_epoch: int) -> float:
-    """Multiplier of the peak lr at optimizer step ``step`` of ``total``."""
-    warm = int(recipe.warmup_epochs * steps_per_epoch)
-    if step < warm:
-        return (step + 1) / warm
-    if recipe.schedule == "constant":
-        return 1.0
-    t = (step - warm) / max(1, total - warm)
-    if recipe.schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-    # onecycle without explicit warmup: 30% linear ramp then cosine to zero
-    if warm == 0:
-        if t < 0.3:
-            return 0.04 + 0.96 * t / 0.3
-        return 0.5 * (1 + math.cos(math.pi * (t - 0.3) / 0.7))
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+def build_optimizer(module: nn.Module | Iterable[nn.Parameter], recipe: RecipeSpec) -> torch.optim.Optimizer:
+    """The recipe's optimizer over the trainable parameters, built by ``timm.optim.create_optimizer_v2``.
+
+    adamw: decoupled decay; adam: coupled L2 decay (the authors' T1 recipe); sgd: momentum 0.9, nesterov. Given a
+    module, biases and norm parameters (every parameter of one dimension) and the names its ``no_weight_decay()``
+    returns get no weight decay (timm's ``param_groups_weight_decay``); frozen parameters are left out.
+    """
+    from timm.optim import create_optimizer_v2, param_groups_weight_decay
+
+    if isinstance(module, nn.Module):
+        skip = module.no_weight_decay() if hasattr(module, "no_weight_decay") else ()
+        params: list = param_groups_weight_decay(module, recipe.weight_decay, no_weight_decay_list=skip)
+    else:
+        params = [p for p in module if p.requires_grad]
+    return create_optimizer_v2(params, opt=recipe.optimizer, lr=recipe.lr, weight_decay=recipe.weight_decay,
+                               momentum=0.9, filter_bias_and_bn=False)
+
+
+class LrSchedule:
+    """The recipe's learning-rate schedule over ``total`` optimizer steps, set before each step by :meth:`update`.
+
+    cosine: linear warmup over ``warmup_epochs`` from lr / warmup steps, then cosine to 0 (timm
+    ``CosineLRScheduler``). constant: the same warmup, then the peak lr (timm ``StepLRScheduler`` without decay).
+    onecycle: torch ``OneCycleLR``: lr rises from lr / 25 to the peak over ``warmup_epochs`` (30% of the steps without
+    warmup), then falls by cosine to lr / 2.5e5, while the momentum (SGD) or beta1 (Adam) cycles 0.95 -> 0.85 -> 0.95.
+    """
+
+    def __init__(self, opt: torch.optim.Optimizer, recipe: RecipeSpec, total: int, steps_per_epoch: int):
+        from timm.scheduler import CosineLRScheduler, StepLRScheduler
+
+        warm = min(int(recipe.warmup_epochs * steps_per_epoch), total - 1)
+        self.kind = recipe.schedule
+        timm_warmup = {"warmup_t": warm, "warmup_lr_init": recipe.lr / max(warm, 1), "warmup_prefix": True,
+                       "t_in_epochs": False}
+        if self.kind == "cosine":
+            self.sched: Any = CosineLRScheduler(opt, t_initial=max(1, total - warm), lr_min=0.0, **timm_warmup)
+        elif self.kind == "constant":
+            self.sched = StepLRScheduler(opt, decay_t=total + 1, decay_rate=1.0, **timm_warmup)
+        else:
+            ramp = warm / total if warm > 0 else ONECYCLE_RAMP
+            self.sched = torch.optim.lr_scheduler.OneCycleLR(
+                opt, max_lr=recipe.lr, total_steps=max(2, total), pct_start=ramp, anneal_strategy="cos",
+                cycle_momentum=True, div_factor=ONECYCLE_DIV, final_div_factor=ONECYCLE_FINAL_DIV)
+
+    def update(self, step: int) -> None:
+        """Set the lr (and, for onecycle, the momentum) of optimizer step ``step`` (0-based)."""
+        if self.kind == "onecycle":
+            while self.sched.last_epoch < step:
+                self.sched.step()
+        else:
+            self.sched.step_update(step)
+
+    def state_dict(self) -> dict:
+        return self.sched.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sched.load_state_dict(state)
+
+
+def lr_values(recipe: RecipeSpec, total: int, steps_per_epoch: int) -> list[float]:
+    """The lr of each of ``total`` optimizer steps under ``recipe`` (on a throwaway optimizer): for plots and tests."""
+    opt = build_optimizer([nn.Parameter(torch.zeros(1))], recipe)
+    sched = LrSchedule(opt, recipe, total, steps_per_epoch)
+    out = []
+    with warnings.catch_warnings():  # no optimizer step here: torch's "scheduler stepped before optimizer" is moot
+        warnings.simplefilter("ignore", UserWarning)
+        for step in range(total):
+            sched.update(step)
+            out.append(opt.param_groups[0]["lr"])
+    return out
 
 
 class Task(Protocol):
@@ -263,9 +317,10 @@ def fit(
     module = task.module
     if recipe.compile:
         compile_module(module)
-    opt = build_optimizer(module.parameters(), recipe)
+    opt = build_optimizer(module, recipe)
     steps = task.steps_per_epoch()
     total = max(1, recipe.epochs * math.ceil(steps / recipe.grad_accum))
+    sched = LrSchedule(opt, recipe, total, math.ceil(steps / recipe.grad_accum))
     dtype = amp_dtype(device, recipe.amp)
     every = sync_every(device, sync)
     scaler = torch.amp.GradScaler("cuda") if dtype is torch.float16 else None
@@ -274,6 +329,8 @@ def fit(
     if resume is not None:
         module.load_state_dict(resume["module"])
         opt.load_state_dict(resume["optimizer"])
+        if "scheduler" in resume:  # a state saved before schedules had state: update() recomputes them from the step
+            sched.load_state_dict(resume["scheduler"])
         history = list(resume["history"])
         best_state, best_metrics, best_epoch = resume["best_state"], resume["best_metrics"], resume["best_epoch"]
         start_epoch, opt_step = resume["epoch"] + 1, resume["opt_step"]
@@ -297,8 +354,7 @@ def fit(
                 scaled = loss / recipe.grad_accum
                 (scaler.scale(scaled) if scaler else scaled).backward()
                 if (i + 1) % recipe.grad_accum == 0 or i + 1 == steps:
-                    for g in opt.param_groups:
-                        g["lr"] = recipe.lr * lr_factor(recipe, opt_step, total, math.ceil(steps / recipe.grad_accum))
+                    sched.update(opt_step)
                     if scaler:
                         scaler.unscale_(opt)
                     if recipe.grad_clip > 0:
@@ -332,8 +388,9 @@ def fit(
 
             def get_state(epoch: int = epoch) -> dict:
                 return {"module": _cpu_state(module), "optimizer": copy.deepcopy(opt.state_dict()),
-                        "history": history, "best_state": best_state, "best_metrics": best_metrics,
-                        "best_epoch": best_epoch, "epoch": epoch, "opt_step": opt_step, "rng": torch.get_rng_state()}
+                        "scheduler": copy.deepcopy(sched.state_dict()), "history": history, "best_state": best_state,
+                        "best_metrics": best_metrics, "best_epoch": best_epoch, "epoch": epoch, "opt_step": opt_step,
+                        "rng": torch.get_rng_state()}
 
             if on_epoch is not None:
                 on_epoch(epoch, metrics, get_state)

@@ -11,8 +11,9 @@ A search directory (``mlfd tune JOB --out DIR``) gives, per study, the optimizat
 importances (from an in-memory study rebuilt out of ``trials.parquet``) and the top trials.
 
 Everything is written to ``REPORT_DIR/report.md`` plus PNG files next to it. Plots use matplotlib's Agg renderer
-through :class:`matplotlib.figure.Figure` (no pyplot, no global backend state). Heavy imports (matplotlib, optuna,
-mlflow, the pipeline module) happen inside the functions that need them, so importing this module stays cheap.
+through :class:`matplotlib.figure.Figure` (no pyplot, no global backend state). Heavy imports (matplotlib, Optuna
+through mlfd.tune.importance, the pipeline module) happen inside the functions that need them, so importing this
+module stays cheap.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from typing import Any
 
 import pandas as pd
 
-from mlfd.config import SpecError
+from mlfd.errors import SpecError
 from mlfd.store import atomic_write_bytes, atomic_write_text
+from mlfd.tracking import log_report_to_mlflow  # noqa: F401  (moved to tracking: only it imports mlflow)
 
 RESULTS_FILE = "results.parquet"
 CURVES_FILE = "curves.parquet"
@@ -46,7 +48,6 @@ SPLITS = ("val", "test")
 CURVE_METRIC = "val/acc1"
 TOP_TRIALS = 10
 MIN_IMPORTANCE_TRIALS = 3
-MIN_VARYING_PARAMS = 2
 DPI = 110
 PM = "±"
 
@@ -520,70 +521,12 @@ def _config_columns(df: pd.DataFrame) -> list[str]:
     return [c for c in df.columns if c.startswith("config/")]
 
 
-def _space_distributions(space_file: str | None) -> tuple[dict[str, Any], str | None]:
-    """Optuna distributions of the searched (non-fixed) params of a space file, and a note if it was unusable."""
-    if not space_file:
-        return {}, None
-    if not Path(space_file).is_file():
-        return {}, f"space file {space_file} not found; distributions inferred from the observed values"
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-    from mlfd.tune.spaces import load_space
-
-    try:
-        space = load_space(space_file)
-    except SpecError as e:
-        return {}, f"space file unusable ({e}); distributions inferred from the observed values"
-    dists: dict[str, Any] = {}
-    for p in space.params:
-        if p.kind == "float":
-            dists[p.name] = FloatDistribution(p.low, p.high, log=p.log, step=p.step)
-        elif p.kind == "int":
-            dists[p.name] = IntDistribution(p.low, p.high, log=p.log, step=p.step or 1)
-        elif p.kind == "categorical":
-            dists[p.name] = CategoricalDistribution(list(p.choices))
-    return dists, None
-
-
-def _infer_distribution(values: list[Any]) -> Any | None:
-    """An Optuna distribution covering the observed values of one param (None if they cannot be represented)."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-    if not values:
-        return None
-    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        if all(isinstance(v, int) for v in values):
-            return IntDistribution(int(min(values)), int(max(values)))
-        return FloatDistribution(float(min(values)), float(max(values)))
-    if all(v is None or isinstance(v, (bool, int, float, str)) for v in values):
-        return CategoricalDistribution(sorted(set(values), key=lambda v: (type(v).__name__, str(v))))
-    return None
-
-
-def _contains(dist: Any, value: Any) -> bool:
-    try:
-        return bool(dist._contains(dist.to_internal_repr(value)))
-    except Exception:  # wrong type for the distribution
-        return False
-
-
-def _coerce(dist: Any, value: Any) -> Any:
-    """An int stored as a float in parquet (NaN elsewhere in the column) back to int for an IntDistribution."""
-    from optuna.distributions import IntDistribution
-
-    if isinstance(dist, IntDistribution) and isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
 def param_importances(study: pd.DataFrame, info: SearchInfo) -> tuple[dict[str, float] | None, str]:
     """Optuna parameter importances of one study, from an in-memory Optuna study rebuilt out of its trials.
 
     Usable trials are those that did not fail and have a finite value (ASHA-stopped trials included: their value is
-    what the search saw). Distributions come from the job's space file when it is readable, else from the observed
-    values. Only params that vary across the usable trials and are present in all of them are assessed. The evaluator
-    is fANOVA with a fixed seed (deterministic; Optuna's default PED-ANOVA needs many more trials than a small search
-    has to say anything).
+    what the search saw). The assessment itself is :func:`mlfd.tune.importance.fanova_importances` (only the tune
+    layer imports Optuna).
 
     Args:
         study: trials.parquet rows of one study.
@@ -592,42 +535,15 @@ def param_importances(study: pd.DataFrame, info: SearchInfo) -> tuple[dict[str, 
     Returns:
         (importances sorted high to low, note) or (None, why they were skipped).
     """
-    import optuna
+    from mlfd.tune.importance import fanova_importances
 
     usable = study[(study["status"].astype(str) != "ERROR") & study[info.value_column].map(_finite)]
     if len(usable) < MIN_IMPORTANCE_TRIALS:
         return None, (f"skipped: {len(usable)} completed trial(s) with a value; importances need at least "
                       f"{MIN_IMPORTANCE_TRIALS}")
-    space_dists, note = _space_distributions(info.space_file)
     values = {c[len("config/"):]: [_decode(v) for v in usable[c]] for c in _config_columns(usable)}
-    dists: dict[str, Any] = {}
-    for name, vals in values.items():
-        present = [v for v in vals if v is not None]
-        if len(present) < len(vals) or len({json.dumps(v, sort_keys=True, default=str) for v in present}) < 2:
-            continue  # conditional (absent in some trials) or constant: not assessed
-        dist = space_dists.get(name)
-        if dist is not None:
-            present = [_coerce(dist, v) for v in present]
-        if dist is None or not all(_contains(dist, v) for v in present):
-            dist = _infer_distribution(present)
-        if dist is not None and not dist.single():
-            dists[name] = dist
-    if len(dists) < MIN_VARYING_PARAMS:
-        return None, (f"skipped: {len(dists)} param(s) vary across all {len(usable)} completed trials; "
-                      f"importances need at least {MIN_VARYING_PARAMS}")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    ost = optuna.create_study(direction="maximize" if info.mode == "max" else "minimize")
-    for i in range(len(usable)):
-        params = {n: _coerce(d, values[n][i]) for n, d in dists.items()}
-        ost.add_trial(optuna.trial.create_trial(params=params, distributions=dists,
-                                                value=float(usable.iloc[i][info.value_column])))
-    try:
-        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
-        imp = optuna.importance.get_param_importances(ost, evaluator=evaluator, params=sorted(dists))
-    except Exception as e:  # an evaluator that cannot cope with these trials: report why instead of failing
-        return None, f"skipped: Optuna could not assess importances ({type(e).__name__}: {e})"
-    imp = dict(sorted(((k, float(v)) for k, v in imp.items()), key=lambda t: -t[1]))
-    return imp, note or f"from {len(usable)} completed trials, {len(dists)} varying params"
+    objective = [float(usable.iloc[i][info.value_column]) for i in range(len(usable))]
+    return fanova_importances(values, objective, maximize=info.mode == "max", space_file=info.space_file)
 
 
 def _fmt_value(v: Any) -> str:
@@ -868,26 +784,6 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> dict[str, Path]:
     report = out / REPORT_FILE
     atomic_write_text(report, "\n".join(md).rstrip() + "\n")
     return {"report": report, **files}
-
-
-def log_report_to_mlflow(files: dict[str, Path], run_id: str, tracking_uri: str, artifact_path: str = "report"
-                         ) -> None:
-    """Log a report's files (report.md and the PNGs) as artifacts of an existing MLflow run.
-
-    Uses an explicit :class:`mlflow.MlflowClient`, so the process-wide tracking URI and active run are untouched.
-
-    Args:
-        files: What :func:`write_report` returned.
-        run_id: The MLflow run to attach them to.
-        tracking_uri: Its tracking URI (``sqlite:///...`` or a server URL).
-        artifact_path: Folder inside the run's artifacts.
-    """
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    for path in dict.fromkeys(Path(p) for p in files.values()):
-        if path.suffix in (".md", ".png") and path.is_file():
-            client.log_artifact(run_id, str(path), artifact_path=artifact_path)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -3,17 +3,21 @@
 An artifact is a directory ``ROOT/<kind>/<key>/`` whose key hashes the stage spec and the keys of its inputs. It is
 built in a temporary sibling directory and renamed into place (atomic on POSIX filesystems), so a reader never sees a
 half-written artifact; a ``MANIFEST.json`` with per-file SHA-256 sums marks it complete and lets readers detect
-corruption. A per-key lock file (``fcntl.flock``) makes concurrent builders build it once: the first builds, the rest
+corruption. A per-key lock file (:mod:`filelock`) makes concurrent builders build it once: the first builds, the rest
 wait and reuse it.
+
+Keys carry code versions: :data:`STORE_SCHEMA` (the layout of the store itself) and :data:`CODE_VERSIONS` (one per
+artifact kind, plus ``data`` for the split/subset/decode/transform code every artifact depends on). Bump the entry of
+a kind when a change of code changes what an artifact of that kind holds; every key of that kind changes, and so do
+the keys of the artifacts built from it (their inputs' keys are part of their own).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import json
+import logging
 import mmap
 import os
 import shutil
@@ -23,20 +27,40 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import filelock
 import numpy as np
 import pyarrow as pa
 
-from mlfd.config import SpecError, spec_hash, to_dict
+from mlfd.config import spec_hash, to_dict
+from mlfd.errors import CorruptArtifact, SpecError, StorageError
+from mlfd.fileio import atomic_path, atomic_write_bytes, atomic_write_text, fsync_dir, storage_error
+
+__all__ = ["MANIFEST", "STORE_SCHEMA", "CODE_VERSIONS", "Artifact", "ArtifactStore", "CorruptArtifact", "SpecError",
+           "StorageError", "atomic_write_bytes", "atomic_write_text", "load_torch", "read_features", "save_torch",
+           "sha256_file", "write_features"]
+
+_logger = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
 
+STORE_SCHEMA = 1
+"""Version of the store's layout (directories, manifest, key recipe). Part of every key."""
 
-class CorruptArtifact(SpecError):
-    """A stored file does not match its recorded checksum or cannot be parsed."""
+CODE_VERSIONS: dict[str, int] = {
+    "data": 1,  # mlfd.data: sources, splits, subsets, decoding, transforms; part of every key
+    # 2: timm optimizers (no decay on norm/bias) and schedulers, a real one-cycle; 3: a checkpointed or pretrained
+    # teacher is fine-tuned unless its epochs are 0
+    "teacher": 3,
+    "features": 2,  # stages/cache.py. 2: record batches written as extracted, storage type from joint.cache_dtype
+    "joint": 3,  # 2: timm optimizers and schedulers; 3: metrics say where the caches were read from
+    "joint_targets": 2,  # stages/joint.py: T*'s targets for the students. 2: written batch by batch, storage type
+    "student": 3,  # 2: timm optimizers and schedulers; 3: level 1 and logits from one head call
+    "baseline": 3,  # 2: timm optimizers and schedulers; 3: one per student architecture, alternate multi-head batches
+}
+"""Code version of each artifact kind, mixed into its keys: bump a kind's entry when its artifacts change."""
 
-
-class StorageError(OSError):
-    """Writing outputs failed (disk full, permissions). Nothing stored earlier was touched."""
+LOCK_TIMEOUT_S = -1.0
+"""How long a builder waits for another process building the same key (negative: as long as that build takes)."""
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -48,56 +72,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
                 break
             h.update(b)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _storage_error(e: OSError, what: Path) -> StorageError:
-    if isinstance(e, StorageError):
-        return e
-    reason = {errno.ENOSPC: "no space left on device", errno.EACCES: "permission denied",
-              errno.EROFS: "read-only filesystem", errno.EDQUOT: "disk quota exceeded",
-              errno.EFBIG: "file too large"}.get(e.errno, e.strerror or type(e).__name__)
-    if e.errno in (errno.EEXIST, errno.ENOTDIR):  # mkdir of a parent that is a file
-        blocker = next((a for a in Path(what).parents if a.exists() and not a.is_dir()), None)
-        if blocker is not None:
-            reason = f"{blocker} exists and is not a directory"
-    return StorageError(e.errno, f"cannot write {what}: {reason}")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file + rename; the old file survives any failure."""
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs are ordinary files
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as e:
-        raise _storage_error(e, path) from e
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def save_torch(obj: Any, path: Path) -> None:
@@ -167,12 +141,19 @@ class ArtifactStore:
 
     @staticmethod
     def key(kind: str, spec: Any, inputs: dict[str, str] | None = None) -> str:
-        """Key of an artifact: a hash of its kind, its spec and the keys of its inputs.
+        """Key of an artifact: a hash of its kind, its spec, the keys of its inputs and the code versions.
 
-        Stages put a ``"v": VERSION`` of their own in ``spec``, bumped when the training code changes what an artifact
-        of that kind holds, so a store written by an older mlfd is not reused for it.
+        The versions are :data:`STORE_SCHEMA`, ``CODE_VERSIONS["data"]`` and ``CODE_VERSIONS[kind]``: bumping one
+        gives new keys, so a store written by an older mlfd is not reused for what the new code computes differently.
+
+        Raises:
+            KeyError: ``kind`` has no entry in :data:`CODE_VERSIONS`.
         """
-        return spec_hash({"kind": kind, "spec": to_dict(spec), "inputs": dict(sorted((inputs or {}).items()))})
+        if kind not in CODE_VERSIONS:
+            raise KeyError(f"artifact kind {kind!r} has no code version; add it to mlfd.store.CODE_VERSIONS")
+        versions = {"schema": STORE_SCHEMA, "data": CODE_VERSIONS["data"], "kind": CODE_VERSIONS[kind]}
+        return spec_hash({"kind": kind, "versions": versions, "spec": to_dict(spec),
+                          "inputs": dict(sorted((inputs or {}).items()))})
 
     def path(self, kind: str, key: str) -> Path:
         return self.root / kind / key
@@ -182,20 +163,29 @@ class ArtifactStore:
         return Artifact(kind, key, p) if (p / MANIFEST).is_file() else None
 
     @contextlib.contextmanager
-    def lock(self, kind: str, key: str) -> Iterator[None]:
-        """An exclusive inter-process lock for one key (released if the holder dies)."""
+    def lock(self, kind: str, key: str, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+        """An exclusive inter-process lock for one key (released if the holder dies).
+
+        Args:
+            timeout: Seconds to wait for another holder (negative: as long as it holds it).
+
+        Raises:
+            StorageError: the lock file cannot be created, or another process held it past ``timeout``.
+        """
         lock_dir = self.root / ".locks"
+        lock_file = lock_dir / f"{kind}-{key}.lock"
         try:
             lock_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock_dir / f"{kind}-{key}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+            lock = filelock.FileLock(lock_file, timeout=timeout)
+            lock.acquire()
+        except filelock.Timeout:
+            raise StorageError(f"{lock_file}: still held by another process after {timeout:g} s") from None
         except OSError as e:
-            raise _storage_error(e, lock_dir) from e
+            raise storage_error(e, lock_dir) from e
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+            lock.release()
 
     def get_or_build(self, kind: str, key: str, build: Callable[[Path], dict | None], verify: bool = False) -> Artifact:
         """Return the artifact ``kind/key``, building it with ``build(tmp_dir)`` if it is missing.
@@ -218,10 +208,11 @@ class ArtifactStore:
             try:
                 parent.mkdir(parents=True, exist_ok=True)
                 for stale in parent.glob(f".{key}.*.tmp"):
+                    _logger.debug("removing %s, left by a build that did not finish", stale)
                     shutil.rmtree(stale, ignore_errors=True)
                 tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{key}.", suffix=".tmp"))
             except OSError as e:
-                raise _storage_error(e, parent) from e
+                raise storage_error(e, parent) from e
             try:
                 meta = build(tmp) or {}
                 files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -229,14 +220,14 @@ class ArtifactStore:
                 (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
                 if final.exists():  # an incomplete leftover without a manifest
                     shutil.rmtree(final)
-                os.rename(tmp, final)
-                _fsync_dir(parent)
+                tmp.rename(final)
+                fsync_dir(parent)
             except StorageError:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
             except OSError as e:
                 shutil.rmtree(tmp, ignore_errors=True)
-                raise _storage_error(e, final) from e
+                raise storage_error(e, final) from e
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -342,7 +333,7 @@ class FeatureWriter:
             self._writer = pa.ipc.new_file(self._sink, self._schema)
         except OSError as e:
             self.abort()
-            raise _storage_error(e, self.path) from e
+            raise storage_error(e, self.path) from e
 
     def _record_batch(self, flat: np.ndarray) -> pa.RecordBatch:
         values = pa.array(flat.reshape(-1), type=_ARROW_TYPE[self.dtype])
@@ -366,7 +357,7 @@ class FeatureWriter:
             self._writer.write_batch(self._record_batch(flat))
         except OSError as e:
             self.abort()
-            raise _storage_error(e, self.path) from e
+            raise storage_error(e, self.path) from e
         self.rows += n
 
     def close(self) -> dict:
@@ -383,7 +374,7 @@ class FeatureWriter:
             os.replace(self._tmp, self.path)
             self._tmp = None
         except OSError as e:
-            raise _storage_error(e, self.path) from e
+            raise storage_error(e, self.path) from e
         finally:
             self.abort()
         self.meta = meta

@@ -18,7 +18,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from mlfd.config import SpecError, to_dict
+from mlfd.config import to_dict
+from mlfd.errors import SpecError
 
 TAG_TRIAL = "mlfd.trial_id"
 TAG_STUDY = "mlfd.study"
@@ -472,13 +473,12 @@ class SearchTracking:
         self.parents[key] = rid
         return rid
 
-    def callbacks(self, plan: dict, study: str | None, context: dict) -> list:
-        """Ray Tune callbacks for a new study (a restored study brings back its pickled callback)."""
-        from mlfd.tune.mlflow_callback import TrialRuns
-
+    def trial_runs_args(self, plan: dict, study: str | None) -> dict:
+        """Keyword arguments of ``mlfd.tune.mlflow_callback.TrialRuns`` for a new study: where its trials' runs go."""
         parent = self.parent(plan, study)
-        return [TrialRuns(self.tracker.uri, self.tracker.experiment_name, str(self.tracker.journal), parent,
-                          context, study, plan["job"]["stage"], experiment_id=self.tracker.experiment_id)]
+        return {"uri": self.tracker.uri, "experiment": self.tracker.experiment_name,
+                "journal": str(self.tracker.journal), "parent_id": parent, "study": study,
+                "stage": plan["job"]["stage"], "experiment_id": self.tracker.experiment_id}
 
     def interrupted(self, status: str = "KILLED") -> None:
         """End the open parent runs (Ctrl-C: KILLED, an error: FAILED); never masks the exception on its way."""
@@ -652,3 +652,23 @@ class PipelineTracking:
         for p in (files or {}).values():
             t.log_artifact(self.parent, p, "report")
         t.end_run(self.parent, status)
+
+
+def log_report_to_mlflow(files: dict[str, Path], run_id: str, tracking_uri: str, artifact_path: str = "report"
+                         ) -> None:
+    """Log a report's files (report.md and the PNGs) as artifacts of an existing MLflow run.
+
+    Uses an explicit :class:`mlflow.MlflowClient`, so the process-wide tracking URI and active run are untouched.
+
+    Args:
+        files: What :func:`mlfd.report.write_report` returned.
+        run_id: The MLflow run to attach them to.
+        tracking_uri: Its tracking URI (``sqlite:///...`` or a server URL).
+        artifact_path: Folder inside the run's artifacts.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    for path in dict.fromkeys(Path(p) for p in files.values()):
+        if path.suffix in (".md", ".png") and path.is_file():
+            client.log_artifact(run_id, str(path), artifact_path=artifact_path)

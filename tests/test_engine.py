@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from mlfd.config import RecipeSpec
-from mlfd.engine import SYNC_EVERY, DivergedError, evaluate_logits, fit, sync_every
+from mlfd.engine import SYNC_EVERY, DivergedError, build_optimizer, evaluate_logits, fit, lr_values, sync_every
 from mlfd.losses import topk_correct, topk_hits
 
 CPU = torch.device("cpu")
@@ -126,3 +126,77 @@ def test_topk_hits_stays_a_device_tensor():
     assert hits.dtype == torch.int64 and hits.shape == (3,) and hits.tolist() == [1, 2, 3]
     assert topk_correct(logits, target, ks=(1, 2, 5)) == {1: 1, 2: 2, 5: 3}
     assert topk_hits(logits[:0], target[:0], ks=(1, 5)).tolist() == [0, 0]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Optimizers and schedules (timm's optimizer factory and schedulers, torch's OneCycleLR)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _cos(t: float) -> float:
+    return 0.5 * (1 + math.cos(math.pi * t))
+
+
+def test_cosine_schedule_with_warmup_by_hand():
+    """10 steps, warmup 1 epoch of 2 steps: lr/2, 3lr/4 (linear from lr/warmup), then cosine over the 8 steps left."""
+    got = lr_values(RecipeSpec(lr=0.1, schedule="cosine", warmup_epochs=1), total=10, steps_per_epoch=2)
+    want = [0.05, 0.075] + [0.1 * _cos(k / 8) for k in range(8)]
+    assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+    no_warm = lr_values(RecipeSpec(lr=0.1, schedule="cosine"), total=10, steps_per_epoch=2)
+    assert no_warm == pytest.approx([0.1 * _cos(k / 10) for k in range(10)], rel=1e-9, abs=1e-12)
+
+
+def test_constant_schedule_by_hand():
+    got = lr_values(RecipeSpec(lr=0.1, schedule="constant", warmup_epochs=1), total=6, steps_per_epoch=2)
+    assert got == pytest.approx([0.05, 0.075, 0.1, 0.1, 0.1, 0.1], rel=1e-9)
+
+
+def test_onecycle_is_a_real_one_cycle_by_hand():
+    """OneCycleLR: from lr/25 up to lr over the warmup (here 3 of 10 steps: cosine phase ends at step 2), then cosine
+    down to lr/25/1e4 at the last step; momentum (beta1) moves the other way. Not the cosine schedule."""
+    lr, lo, end = 0.1, 0.1 / 25, 0.1 / 25 / 1e4
+    got = lr_values(RecipeSpec(lr=lr, schedule="onecycle", warmup_epochs=1.5), total=10, steps_per_epoch=2)
+    up = [lo + (lr - lo) * (1 - _cos(k / 2)) for k in range(3)]  # anneal lo -> lr over steps 0..2
+    down = [end + (lr - end) * _cos(k / 7) for k in range(1, 8)]  # anneal lr -> end over steps 2..9
+    assert got == pytest.approx(up + down, rel=1e-9, abs=1e-12)
+    cosine = lr_values(RecipeSpec(lr=lr, schedule="cosine", warmup_epochs=1.5), total=10, steps_per_epoch=2)
+    assert got[0] == pytest.approx(lo) and cosine[0] == pytest.approx(lr / 3)
+    no_warm = lr_values(RecipeSpec(lr=lr, schedule="onecycle"), total=10, steps_per_epoch=2)
+    assert max(no_warm) == pytest.approx(lr) and no_warm.index(max(no_warm)) == 2  # 30% ramp: peak at step 0.3*10-1
+
+
+def test_onecycle_cycles_momentum_and_resumes_exactly():
+    """The schedule's state travels in the resume state: 1 epoch + resume for 2 more == 3 epochs straight."""
+    recipe = RecipeSpec(lr=0.05, optimizer="sgd", schedule="onecycle", epochs=3, batch_size=32, warmup_epochs=1)
+    straight = fit(_Task(), recipe, CPU, progress=False)
+    states = []
+
+    def keep(epoch, metrics, get_state):
+        states.append(get_state())
+        raise KeyboardInterrupt  # stop after the first epoch
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(_Task(), recipe, CPU, progress=False, on_epoch=keep)
+    assert states[0]["scheduler"]["last_epoch"] == 6  # stepped to the 7th update of epoch 1
+    assert [g["momentum"] for g in states[0]["optimizer"]["param_groups"]] != [0.9, 0.9]  # cycled, not fixed
+    task = _Task()
+    resumed = fit(task, recipe, CPU, progress=False, resume=states[0])
+    assert _without_time(resumed.history) == _without_time(straight.history)
+    assert [h["lr"] for h in straight.history] != [h["lr"] for h in fit(
+        _Task(), RecipeSpec(lr=0.05, optimizer="sgd", schedule="cosine", epochs=3, batch_size=32, warmup_epochs=1),
+        CPU, progress=False).history]
+
+
+@pytest.mark.parametrize("name, cls, decoupled", [("adamw", torch.optim.AdamW, True), ("adam", torch.optim.Adam, False),
+                                                   ("sgd", torch.optim.SGD, None)])
+def test_optimizer_keeps_norm_and_bias_out_of_weight_decay(name, cls, decoupled):
+    module = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+    module[0].weight.requires_grad_(False)  # frozen: in no group at all
+    opt = build_optimizer(module, RecipeSpec(optimizer=name, lr=0.01, weight_decay=0.05))
+    assert type(opt) is cls
+    shapes = {g["weight_decay"]: sorted(tuple(p.shape) for p in g["params"]) for g in opt.param_groups}
+    assert shapes == {0.0: [(2,), (4,), (4,), (4,)], 0.05: [(2, 4)]}  # biases + BN weight/bias; the linear weight
+    if decoupled is not None:
+        assert opt.defaults["decoupled_weight_decay"] is decoupled
+    else:
+        assert opt.defaults["momentum"] == 0.9 and opt.defaults["nesterov"] is True

@@ -118,7 +118,7 @@ def test_searcher_is_told_which_trials_failed(fault_search) -> None:
     failed = sorted((t.params["student.recipe.lr"], t.params["joint.width"]) for t in trials
                     if t.user_attrs.get(FAILED_ATTR))
     assert failed == [(0.002, OOM_WIDTH), (1.0e6, 128)], [(t.params, t.state, t.user_attrs) for t in trials]
-    assert all(t.system_attrs.get("constraints") == (1.0,) for t in trials if t.user_attrs.get(FAILED_ATTR))
+    assert all(t.constraints == {FAILED_ATTR: 1.0} for t in trials if t.user_attrs.get(FAILED_ATTR))
 
 
 def test_failed_trials_are_failed_runs_in_mlflow(fault_search) -> None:

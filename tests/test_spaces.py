@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mlfd.config import PipelineSpec, SpecError, from_dict, read_yaml
+from mlfd.config import PipelineSpec, from_dict, read_yaml
+from mlfd.errors import SpecError
 from mlfd.tune.spaces import SearchSpace, apply_config, load_space, make_searcher, resolve_name
 
 ROOT = Path(__file__).resolve().parents[1]

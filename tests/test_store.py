@@ -17,10 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the package is not installed; make `pytest` work from any directory
     sys.path.insert(0, str(ROOT))
 
-from mlfd.config import DatasetSpec, JointSpec, RecipeSpec, SpecError, to_dict  # noqa: E402
+from mlfd.config import DatasetSpec, JointSpec, RecipeSpec, to_dict  # noqa: E402
+from mlfd.errors import SpecError  # noqa: E402
 from mlfd.store import (  # noqa: E402
-    MANIFEST, ArtifactStore, CorruptArtifact, StorageError, atomic_write_text, load_torch, read_features, save_torch,
-    write_features)
+    CODE_VERSIONS, MANIFEST, ArtifactStore, CorruptArtifact, StorageError, atomic_write_text, load_torch, read_features,
+    save_torch, write_features)
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
@@ -91,6 +92,52 @@ def test_inputs_and_kind_matter() -> None:
     assert ArtifactStore.key("joint", spec) != base  # no inputs
     assert ArtifactStore.key("joint", spec, {}) == ArtifactStore.key("joint", spec, None)
     assert ArtifactStore.key("student", spec, {"t0": "abc"}) != base  # another kind
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Code versions in the keys
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_every_stage_kind_has_a_code_version() -> None:
+    from mlfd.stages import baselines, cache, joint, students, teachers
+
+    kinds = {teachers.KIND, cache.KIND, joint.KIND, joint.TARGETS_KIND, students.KIND, baselines.KIND}
+    assert kinds | {"data"} == set(CODE_VERSIONS)
+    with pytest.raises(KeyError, match="CODE_VERSIONS"):
+        ArtifactStore.key("no_such_kind", JointSpec())
+
+
+@pytest.mark.parametrize("bump", ["kind", "data", "schema"])
+def test_a_bumped_code_version_is_not_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bump: str) -> None:
+    """Bumping a kind's version, the data version or the store schema gives new keys: the old artifact stays where
+    it was and is never returned for the new code; the new one is built."""
+    import mlfd.store as store_mod
+
+    store = ArtifactStore(tmp_path)
+    spec, inputs = DatasetSpec(name="d", source="sklearn_digits"), {"parent": "abc"}
+    built: list[str] = []
+
+    def build(d: Path) -> dict:
+        built.append(d.name)
+        (d / "w.txt").write_text(str(len(built)))
+        return {}
+
+    old_key = ArtifactStore.key("teacher", spec, inputs)
+    other_old = ArtifactStore.key("student", spec, inputs)
+    store.get_or_build("teacher", old_key, build)
+    if bump == "schema":
+        monkeypatch.setattr(store_mod, "STORE_SCHEMA", store_mod.STORE_SCHEMA + 1)
+    else:
+        monkeypatch.setitem(CODE_VERSIONS, "teacher" if bump == "kind" else "data",
+                            CODE_VERSIONS["teacher" if bump == "kind" else "data"] + 1)
+    new_key = ArtifactStore.key("teacher", spec, inputs)
+    assert new_key != old_key and store.get("teacher", new_key) is None
+    art = store.get_or_build("teacher", new_key, build)
+    assert len(built) == 2 and art.file("w.txt").read_text() == "2"
+    assert store.get("teacher", old_key).file("w.txt").read_text() == "1"  # untouched, just not used
+    # A kind's bump leaves the other kinds' keys alone; the data version and the schema are in every key.
+    assert (ArtifactStore.key("student", spec, inputs) == other_old) == (bump == "kind")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -251,6 +298,39 @@ def test_killed_build_leaves_no_artifact_and_is_swept(tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 10
     assert art.file("ok.txt").read_text() == "ok" and not art.file("big.bin").exists()
     assert temp_dirs(store, "k") == []
+
+
+HOLDER = """
+    import sys, time
+    from pathlib import Path
+    from mlfd.store import ArtifactStore
+
+    with ArtifactStore(sys.argv[1]).lock("k", "held"):
+        Path(sys.argv[2]).touch()
+        time.sleep(120)  # killed here
+"""
+
+
+def test_lock_times_out_with_a_storage_error_and_frees_when_the_holder_dies(tmp_path: Path) -> None:
+    root, held = tmp_path / "store", tmp_path / "held"
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(HOLDER), str(root), str(held)], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not held.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the holder never took the lock"
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        with pytest.raises(StorageError, match=r"k-held\.lock: still held by another process after 0\.3 s"):
+            with ArtifactStore(root).lock("k", "held", timeout=0.3):
+                pass
+        assert 0.3 <= time.monotonic() - t0 < 10
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    with ArtifactStore(root).lock("k", "held", timeout=10):  # died with its holder
+        pass
 
 
 def test_leftover_without_manifest_at_the_final_path_is_replaced(tmp_path: Path) -> None:

@@ -12,13 +12,14 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from mlfd.config import SpecError
-from mlfd.ui import add_ui_parser, free_port, resolve_tracking_uri, start_ui, stop_ui, url_for, wait_ready
+from mlfd.errors import SpecError
+from mlfd.ui import add_ui_parser, resolve_tracking_uri, server_command, url_for
 
 ROOT = Path(__file__).resolve().parents[1]
 READY_S = 150.0
@@ -97,16 +98,50 @@ def non_loopback_ip() -> str | None:
     return None if ip.startswith("127.") else ip
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = READY_S) -> None:
+    """Poll ``url`` until it answers HTTP 200 (fails at once if ``proc`` exits)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the server exited with {proc.returncode}"
+        try:
+            with OPENER.open(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {timeout} s")
+
+
+def _read_lines(stream, q: queue.Queue) -> None:
+    for line in iter(stream.readline, ""):
+        q.put(line)
+    q.put(None)
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/net/tcp")
-def test_start_ui_answers_on_loopback_only(store: tuple[str, str], tmp_path: Path) -> None:
+def test_mlfd_ui_serves_the_store_on_loopback_only_and_stops_on_ctrl_c(store: tuple[str, str]) -> None:
+    """`mlfd ui` becomes `mlflow server`: it answers on 127.0.0.1 only with the given store, passes options after
+    `--` to MLflow, and a Ctrl-C (SIGINT to the terminal's process group) stops every process of the server."""
     uri, run_id = store
     port = free_port()
-    proc = start_ui(uri, port=port, log=tmp_path / "server.log")
+    proc = subprocess.Popen([sys.executable, "-m", "mlfd.cli", "ui", "--tracking-uri", uri, "--port", str(port), "--",
+                             "--workers", "1"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, start_new_session=True)
+    q: queue.Queue = queue.Queue()
+    threading.Thread(target=_read_lines, args=(proc.stdout, q), daemon=True).start()
     try:
-        assert wait_ready(url_for("127.0.0.1", port) + "/", READY_S, proc), (tmp_path / "server.log").read_text()
+        assert q.get(timeout=60) == f"MLflow UI: http://127.0.0.1:{port} (serving {uri}; Ctrl-C stops it)\n"
+        wait_ready(f"http://127.0.0.1:{port}/", proc)
         with OPENER.open(f"http://127.0.0.1:{port}/", timeout=10) as r:
-            assert r.status == 200
-            assert b"<html" in r.read().lower()
+            assert r.status == 200 and b"<html" in r.read().lower()
         req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/get?run_id={run_id}")
         with OPENER.open(req, timeout=10) as r:  # the UI serves the store it was given
             assert json.loads(r.read())["run"]["data"]["metrics"][0]["value"] == 61.5
@@ -116,50 +151,25 @@ def test_start_ui_answers_on_loopback_only(store: tuple[str, str], tmp_path: Pat
         if ip is not None:
             with pytest.raises(OSError), socket.create_connection((ip, port), timeout=3):
                 pass
-    finally:
-        stop_ui(proc)
-    assert port_free(port)
-    assert not server_pids(port)
-
-
-def _read_lines(stream, q: queue.Queue) -> None:
-    for line in iter(stream.readline, ""):
-        q.put(line)
-    q.put(None)
-
-
-def test_module_main_stops_cleanly_on_sigint(store: tuple[str, str]) -> None:
-    uri, _ = store
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mlfd.ui", "--tracking-uri", uri, "--port", str(port)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    q: queue.Queue = queue.Queue()
-    threading.Thread(target=_read_lines, args=(proc.stdout, q), daemon=True).start()
-    try:
-        deadline = time.monotonic() + READY_S
-        line = ""
-        while time.monotonic() < deadline:
-            try:
-                line = q.get(timeout=1)
-            except queue.Empty:
-                continue
-            if line is None or line.startswith("MLflow UI:"):
-                break
-        assert line == f"MLflow UI: http://127.0.0.1:{port}\n", proc.stderr.read() if proc.poll() is not None else line
-        with OPENER.open(f"http://127.0.0.1:{port}/", timeout=10) as r:
-            assert r.status == 200
-        assert server_pids(port)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
+        assert proc.pid in server_pids(port)  # exec'd: mlfd's process is the server
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert port_free(port)
     t0 = time.monotonic()
-    while server_pids(port) and time.monotonic() - t0 < 5:
-        time.sleep(0.1)
-    assert not server_pids(port)  # the whole server group is gone
+    while (server_pids(port) or not port_free(port)) and time.monotonic() - t0 < 30:
+        time.sleep(0.2)
+    assert not server_pids(port) and port_free(port)  # the whole server group is gone
+
+
+def test_server_command_binds_loopback_and_keeps_artifacts_next_to_the_database(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert server_command(uri, extra=["--workers", "2"]) == [
+        sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", "5000",
+        "--artifacts-destination", str(tmp_path / "mlartifacts"), "--workers", "2"]
+    assert url_for("0.0.0.0", 8080) == "http://127.0.0.1:8080" and url_for("::1", 5) == "http://[::1]:5"
 
 
 def test_resolve_tracking_uri(tmp_path: Path, store: tuple[str, str]) -> None:
@@ -179,7 +189,8 @@ def test_cli_parser_defaults_and_errors(tmp_path: Path, capsys: pytest.CaptureFi
     parser = argparse.ArgumentParser(prog="mlfd")
     add_ui_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["ui"])
-    assert (args.host, args.port, args.out, args.tracking_uri) == ("127.0.0.1", 5000, None, None)
+    assert (args.host, args.port, args.out, args.tracking_uri, args.mlflow_args) == ("127.0.0.1", 5000, None, None, [])
+    assert parser.parse_args(["ui", "--port", "1", "--", "--workers", "2"]).mlflow_args == ["--", "--workers", "2"]
     with pytest.raises(SystemExit):
         parser.parse_args(["ui", "--out", "x", "--tracking-uri", "sqlite:///y.db"])
     capsys.readouterr()

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mlfd.config import SpecError
+from mlfd.errors import SpecError
 from mlfd.data.decode import CHANNELS, decode_image
 
 DECODE_WORKERS = 4

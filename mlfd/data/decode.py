@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mlfd.config import SpecError
+from mlfd.errors import SpecError
 
 CHANNELS = {"L": 1, "RGB": 3}
 _UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)

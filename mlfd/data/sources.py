@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mlfd.config import SpecError
+from mlfd.errors import SpecError
 from mlfd.data.base import DECODE_WORKERS, FileImages, ImageSet, RawData
 from mlfd.data.decode import CHANNELS, check_image_header, decode_image, image_to_array, one_line
 

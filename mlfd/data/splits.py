@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mlfd.config import DatasetSpec, SpecError, spec_hash, to_dict
+from mlfd.config import DatasetSpec, spec_hash, to_dict
+from mlfd.errors import SpecError
 from mlfd.data.base import DatasetSplits, FileImages, ImageSet, RawData
 from mlfd.data.sources import SOURCES
 

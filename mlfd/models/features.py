@@ -29,7 +29,8 @@ import timm
 import torch
 from torch import nn
 
-from mlfd.config import MAX_LEVEL, ModelSpec, SpecError
+from mlfd.config import MAX_LEVEL, ModelSpec, register_check
+from mlfd.errors import SpecError
 
 __all__ = ["LevelModel", "check_arch", "create_model", "load_checkpoint"]
 
@@ -55,6 +56,9 @@ def check_arch(arch: str, path: str) -> None:
     close = difflib.get_close_matches(str(arch), timm.list_models(), n=5, cutoff=0.6)
     hint = f" (close matches: {', '.join(close)})" if close else ""
     raise SpecError(f"{path}: unknown timm model {arch!r}; see timm.list_models(){hint}")
+
+
+register_check("arch", check_arch)  # config validates ModelSpec.arch through this once mlfd.models is loaded
 
 
 def _one_line(err: BaseException) -> str:

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlfd.config import MAX_LEVEL, SpecError
+from mlfd.config import MAX_LEVEL
+from mlfd.errors import SpecError
 
 __all__ = ["JointTeacher", "SpatialResize", "pool_size"]
 

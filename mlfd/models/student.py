@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from mlfd.config import SpecError
+from mlfd.errors import SpecError
 from mlfd.models.features import LevelModel
 from mlfd.models.joint import SpatialResize
 

@@ -23,7 +23,6 @@ from mlfd.stages.common import (Context, EvalLoaders, dataset_key_spec, eval_mod
 from mlfd.store import Artifact, ArtifactStore
 
 KIND = "baseline"
-VERSION = 3  # in the artifact key (see mlfd.store.ArtifactStore.key); 3: per-architecture, alternate multi-head
 MODES = ("multi_head", "joint_head")
 
 
@@ -160,7 +159,7 @@ def baseline_key(ctx: Context, mode: str, name: str | None = None) -> str:
     """Store key of the ``mode`` baseline reported in ``name``'s column: datasets sharing an architecture share it."""
     model, recipe = baseline_model(ctx, name)
     how = {"batching": ctx.spec.baselines.multi_head_batching} if mode == "multi_head" else {}
-    return ArtifactStore.key(KIND, {"v": VERSION, "mode": mode, "model": to_dict(model), "recipe": to_dict(recipe),
+    return ArtifactStore.key(KIND, {"mode": mode, "model": to_dict(model), "recipe": to_dict(recipe),
                                     "data": [dataset_key_spec(d) for d in ctx.spec.datasets], **how,
                                     **autoaugment_key(recipe.augment)})
 

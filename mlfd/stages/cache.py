@@ -26,13 +26,12 @@ from mlfd.stages.teachers import teacher_key, train_teacher
 from mlfd.store import Artifact, ArtifactStore, FeatureFile, FeatureWriter, features_to_torch
 
 KIND = "features"
-VERSION = 2  # in the artifact key. 2: record batches written as extracted, storage type from joint.cache_dtype
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _logger = logging.getLogger(__name__)
 
 
 def cache_key(ctx: Context, teacher: str, data: str, level: int) -> str:
-    return ArtifactStore.key(KIND, {"v": VERSION, "data": dataset_key_spec(ctx.spec.dataset(data)), "level": level,
+    return ArtifactStore.key(KIND, {"data": dataset_key_spec(ctx.spec.dataset(data)), "level": level,
                                     "dtype": ctx.spec.joint.cache_dtype}, {"teacher": teacher_key(ctx, teacher)})
 
 

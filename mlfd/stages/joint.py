@@ -28,9 +28,7 @@ from mlfd.stages.common import (EVAL_BATCH, SPLITS, Context, dataset_key_spec, s
 from mlfd.store import Artifact, ArtifactStore, FeatureFile, FeatureWriter, features_to_torch, load_torch
 
 KIND = "joint"
-VERSION = 3  # in the artifact key: see mlfd.store.ArtifactStore.key. 3: metrics say where the caches were read from
 TARGETS_KIND = "joint_targets"
-TARGETS_VERSION = 2  # 2: written batch by batch, storage type from joint.cache_dtype
 
 
 @dataclass(frozen=True)
@@ -66,7 +64,7 @@ def joint_key(ctx: Context, plan: JointPlan) -> str:
     joint = to_dict(ctx.spec.joint)
     for where in READ_ONLY_FIELDS:  # where the caches are read from changes no weight (same samples, same order)
         joint.pop(where)
-    return ArtifactStore.key(KIND, {"v": VERSION, "joint": joint, "level": plan.level,
+    return ArtifactStore.key(KIND, {"joint": joint, "level": plan.level,
                                     "teachers": plan.teachers,
                                     "datasets": plan.datasets,
                                     "data": [dataset_key_spec(ctx.spec.dataset(d)) for d in plan.datasets]}, inputs)
@@ -267,7 +265,7 @@ def joint_targets(ctx: Context, plan: JointPlan, target: str) -> tuple[Artifact,
                         w.write(e[c].float().cpu())
         return {"target": target, "level": plan.level, "dtype": dtype}
 
-    key = ArtifactStore.key(TARGETS_KIND, {"v": TARGETS_VERSION, "target": target, "dtype": dtype}, {"joint": art.key})
+    key = ArtifactStore.key(TARGETS_KIND, {"target": target, "dtype": dtype}, {"joint": art.key})
     return ctx.store.get_or_build(TARGETS_KIND, key, build), model
 
 

@@ -117,6 +117,7 @@ def preflight(spec: PipelineSpec) -> None:
     from mlfd.data import load_dataset
     from mlfd.models import LevelModel, create_model
 
+    spec.validate()  # again, now that mlfd.data and mlfd.models have registered the source and arch checks
     top = max(spec.fusion_levels)
     distilled = [c for c in range(1, top + 1) if spec.student.beta(c) > 0]
     for i, d in enumerate(spec.datasets):

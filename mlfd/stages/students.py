@@ -22,7 +22,6 @@ from mlfd.stages.teachers import train_teacher
 from mlfd.store import Artifact, ArtifactStore
 
 KIND = "student"
-VERSION = 3  # in the artifact key: see mlfd.store.ArtifactStore.key (3: level 1 and logits from one head call)
 
 
 def _to_view(x: torch.Tensor, src_mean, src_std, dst_size: int, dst_mean, dst_std) -> torch.Tensor:
@@ -106,7 +105,7 @@ def student_variant(ctx: Context, control: str | None, name: str) -> StudentSpec
 
 def student_key(ctx: Context, name: str, plan: JointPlan, sspec: StudentSpec) -> str:
     ds = ctx.spec.dataset(name)
-    return ArtifactStore.key(KIND, {"v": VERSION, "data": dataset_key_spec(ds), "model": to_dict(ds.student_net),
+    return ArtifactStore.key(KIND, {"data": dataset_key_spec(ds), "model": to_dict(ds.student_net),
                                     "student": to_dict(sspec), "level": plan.level,
                                     **autoaugment_key(sspec.recipe.augment)}, {"joint": joint_key(ctx, plan)})
 

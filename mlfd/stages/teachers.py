@@ -19,7 +19,6 @@ from mlfd.stages.common import (Context, EvalLoaders, build_level_model, dataset
 from mlfd.store import Artifact, ArtifactStore
 
 KIND = "teacher"
-VERSION = 2  # in the artifact key: a checkpointed or pretrained teacher is fine-tuned unless its epochs are 0
 
 
 class ClassifierTask:
@@ -59,7 +58,7 @@ def teacher_key(ctx: Context, name: str) -> str:
     """The store key of dataset ``name``'s teacher: its data, model and effective recipe."""
     ds = ctx.spec.dataset(name)
     recipe = ctx.spec.teacher_for(name)
-    return ArtifactStore.key(KIND, {"v": VERSION, "data": dataset_key_spec(ds), "model": to_dict(ds.model),
+    return ArtifactStore.key(KIND, {"data": dataset_key_spec(ds), "model": to_dict(ds.model),
                                     "recipe": to_dict(recipe), **autoaugment_key(recipe.augment)})
 
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from mlfd.config import SpecError, _check, apply_overrides, from_dict, read_yaml, to_dict
+from mlfd.config import _check, apply_overrides, from_dict, read_yaml, to_dict
+from mlfd.errors import SpecError
 
 STAGES = ("students", "joint", "teachers", "multi_head", "joint_head")
 

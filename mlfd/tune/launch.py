@@ -24,9 +24,11 @@ from typing import Any
 
 import pandas as pd
 
-from mlfd.config import (PipelineSpec, SpecError, apply_overrides, dump_yaml, from_dict, read_yaml, smoke_pipeline,
-                         spec_hash, to_dict)
+from mlfd.config import (PipelineSpec, apply_overrides, dump_yaml, from_dict, read_yaml, smoke_pipeline, spec_hash,
+                         to_dict)
+from mlfd.errors import SpecError
 from mlfd.store import atomic_write_bytes, atomic_write_text
+from mlfd.tune._private import result_grid_trials
 from mlfd.tune.job import JobSpec, load_job, resolve
 from mlfd.tune.packing import plan_gpu, trial_gpu
 from mlfd.tune.trainable import run_stage, stage_epochs
@@ -65,6 +67,7 @@ def prepare(job_path: str, out: Path, smoke: bool, overrides: list[str] | None) 
     job, base = load_job(job_path, smoke=smoke, overrides=overrides)
     check_resources(job)  # before the datasets are read: the answer does not depend on them
     from mlfd.data import load_dataset
+    import mlfd.models  # noqa: F401  (registers the arch check that from_dict runs)
     pipe_path = resolve(base, job.pipeline)
     pipeline = apply_overrides(read_yaml(pipe_path), job.set)
     spec = from_dict(PipelineSpec, pipeline, path=str(pipe_path))
@@ -220,6 +223,8 @@ def run_search(job_path: str, out: Path, smoke: bool = False, resume: bool = Fal
     """
     import ray
 
+    from mlfd.tune.mlflow_callback import study_callbacks
+
     out = Path(out).resolve()
     if address:  # before the datasets are read: the answers depend on the job file alone
         first = load_job(job_path, smoke, overrides)[0]
@@ -252,7 +257,7 @@ def run_search(job_path: str, out: Path, smoke: bool = False, resume: bool = Fal
             prebuild_teachers(plan, job)
         for i, study in enumerate(plan["studies"]):
             name = _experiment_name(job, study)
-            cbs = tracking.callbacks(plan, study, trial_context(plan, job, study)) if tracking else []
+            cbs = study_callbacks(tracking, plan, study, trial_context(plan, job, study)) if tracking else []
             tuner = _tuner(plan, study, i, cbs, resume)
             print(f"mlfd tune: study {study or job.stage} ({i + 1}/{len(plan['studies'])}) -> "
                   f"{os.path.join(plan['storage_path'], name)}", file=sys.stderr, flush=True)
@@ -449,7 +454,7 @@ def pause_point(name: str) -> None:
 
 def _interrupted(results, job: JobSpec) -> bool:
     """Ray Tune returns normally on Ctrl-C; unfinished trials (or too few) tell us the study did not complete."""
-    trials = results._experiment_analysis.trials  # Ray keeps per-trial status only there
+    trials = result_grid_trials(results)  # Ray keeps per-trial status only in a private attribute
     unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
     return bool(unfinished) or len(trials) < job.num_samples or bool(_unfinished_in_saved_state(results))
 

@@ -10,9 +10,10 @@ from pathlib import Path
 
 from ray.tune.logger import LoggerCallback
 
-from mlfd.config import SpecError, to_dict
-from mlfd.tracking import (TAG_DATASET, TAG_LEVEL, TAG_NODE, TAG_PARENT, TAG_STAGE, TAG_STUDY, TAG_TRIAL, Tracker,
-                           flatten, trial_error)
+from mlfd.config import to_dict
+from mlfd.errors import SpecError
+from mlfd.tracking import (TAG_DATASET, TAG_LEVEL, TAG_NODE, TAG_PARENT, TAG_STAGE, TAG_STUDY, TAG_TRIAL,
+                           SearchTracking, Tracker, flatten, trial_error)
 
 LOGGED_PREFIXES = ("val/", "train/")
 
@@ -113,3 +114,8 @@ class TrialRuns(LoggerCallback):
             if trial_id not in self._ended:
                 self.tracker.end_run(rid, "KILLED")
                 self._ended.add(trial_id)
+
+
+def study_callbacks(tracking: SearchTracking, plan: dict, study: str | None, context: dict) -> list:
+    """Ray Tune callbacks for a new study (a restored study brings back its pickled callback)."""
+    return [TrialRuns(context=context, **tracking.trial_runs_args(plan, study))]

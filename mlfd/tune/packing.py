@@ -40,7 +40,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from mlfd.config import PipelineSpec, SpecError, from_dict, to_dict
+from mlfd.config import PipelineSpec, from_dict, to_dict
+from mlfd.errors import SpecError
 
 GIB = 2**30
 MIB = 2**20

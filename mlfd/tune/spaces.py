@@ -25,12 +25,12 @@ import operator
 import random
 import types
 import typing
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Union
 
-from mlfd.config import MAX_LEVEL, DatasetSpec, PipelineSpec, SpecError, StudentSpec, read_yaml, set_path
+from mlfd.config import MAX_LEVEL, DatasetSpec, PipelineSpec, StudentSpec, read_yaml, set_path
+from mlfd.errors import SpecError
 
 FUSION_LEVEL = "fusion_level"
 """The special param name: one fusion level k, applied to a pipeline as ``fusion_levels: [k]``."""
@@ -630,10 +630,8 @@ def make_searcher(space: SearchSpace, metric: str, mode: str, seed: int,
                 raise SpecError(f"points_to_evaluate[{i}].{k}: not a param of {space.path}; "
                                 f"allowed: {', '.join(space.names())}")
         points.append({k: v for k, v in point.items() if k not in fixed})
-    from mlfd.tune.searcher import FailureAwareOptunaSearch, failed_constraint
+    from mlfd.tune.searcher import FailureAwareOptunaSearch
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # constraints_func
-        sampler = optuna.samplers.TPESampler(seed=seed, constraints_func=failed_constraint)
+    sampler = optuna.samplers.TPESampler(seed=seed)  # failed trials are infeasible through Trial.set_constraint
     return FailureAwareOptunaSearch(space=space.define_by_run, metric=metric, mode=mode, sampler=sampler,
                                     points_to_evaluate=points or None)
