@@ -329,6 +329,8 @@ def params() -> list:
     out = []
     for c in CASES:
         marks = [pytest.mark.xfail(reason=c.xfail, strict=True)] if c.xfail else []
+        if c.subprocess:
+            marks.append(pytest.mark.slow)  # a CLI subprocess
         out.append(pytest.param(c, id=("[sub] " if c.subprocess else "") + c.id, marks=marks))
     return out
 
@@ -374,6 +376,7 @@ def test_good_folder_and_parquet_inputs_pass_the_checks(tmp_path: Path, dirs: di
     assert len(no_training) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["run", "tune"])
 def test_a_malformed_file_fails_before_torch_is_imported(command: str, tmp_path: Path) -> None:
     """A file that does not parse is refused before the heavy imports (torch, timm, Ray): in about a second."""

@@ -13,6 +13,8 @@ import pandas as pd
 import pytest
 from test_tune import DATASETS, read_search, result_lines
 
+pytestmark = pytest.mark.slow  # every test reads one real search (Ray, MLflow, a CLI subprocess)
+
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 3
 OOM_WIDTH = 2**36  # T*'s first NN block: a 432 TiB weight, refused by the allocator at once whatever the kernel's

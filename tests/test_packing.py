@@ -209,6 +209,7 @@ def test_probe_reports_bad_input_as_spec_error(tmp_path):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without GPUs")
 @pytest.mark.parametrize("gpu", ["0.25", "auto"])
 def test_mlfd_tune_gpu_fraction_without_gpu_exits_2(tmp_path, gpu):

@@ -323,6 +323,7 @@ def journal_server(_journal_server: MlflowServer) -> MlflowServer:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_unreachable_server_fails_before_any_compute(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Exit 2 with one line naming tracking_uri; no Ray, no trials, and the output directory is not claimed."""
     port = free_port()  # nothing listens there
@@ -348,6 +349,7 @@ def test_unreachable_server_fails_before_any_compute(tmp_path: Path, capsys: pyt
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_tracker_journal_keeps_calls_while_server_is_down(tmp_path: Path, journal_server: MlflowServer) -> None:
     """Server stopped mid-way: calls go to the journal within seconds, with a warning; replayed after a restart."""
     server = journal_server
@@ -394,6 +396,7 @@ def test_tracker_journal_keeps_calls_while_server_is_down(tmp_path: Path, journa
         server.stop()
 
 
+@pytest.mark.slow
 def test_pipeline_run_logs_parent_and_one_child_per_stage(tmp_path: Path, shared_store: Path) -> None:
     """`mlfd run` with the default tracking (SQLite in OUT): one parent, one child per stage, curves per epoch."""
     from mlfd.cli import main
@@ -440,6 +443,7 @@ def test_pipeline_run_logs_parent_and_one_child_per_stage(tmp_path: Path, shared
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_search_logs_to_remote_server(search: SearchScenario) -> None:
     assert search.rc[-1] == 0, search.log("search2.log")
     c = client(search.server.uri)  # read back over HTTP
@@ -450,6 +454,7 @@ def test_search_logs_to_remote_server(search: SearchScenario) -> None:
     assert not (search.out / "mlflow_pending.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_search_run_hierarchy(search: SearchScenario) -> None:
     c = client(search.server.uri)
     runs = all_runs(c, "quickstart")
@@ -489,6 +494,7 @@ def test_search_run_hierarchy(search: SearchScenario) -> None:
         assert run.data.metrics["val/acc1"] == pytest.approx(float(row["final/val/acc1"]))
 
 
+@pytest.mark.slow
 def test_search_survives_the_server_going_away(search: SearchScenario) -> None:
     """The server was stopped as the resumed study started: the search finished, said so, and every call it kept
     in the journal reached the server once it was back (the other tests check those runs and metrics)."""
@@ -497,6 +503,7 @@ def test_search_survives_the_server_going_away(search: SearchScenario) -> None:
     assert not (search.out / "mlflow_pending.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_search_resume_continues_the_same_runs(search: SearchScenario) -> None:
     assert search.rc[0] == 130, f"the first run was not interrupted (exit {search.rc[0]})\n{search.log('search1.log')}"
     assert search.finished_before_interrupt, "interrupted before any trial finished"
@@ -516,6 +523,7 @@ def test_search_resume_continues_the_same_runs(search: SearchScenario) -> None:
     assert {r.info.status for r in runs} == {"FINISHED"}, statuses(runs)
 
 
+@pytest.mark.slow
 def test_search_best_model_logged_under_parent(search: SearchScenario) -> None:
     import mlflow
     import torch

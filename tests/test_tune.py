@@ -186,6 +186,37 @@ def test_bad_overrides_are_rejected_before_ray(override: str, field: str, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+def test_a_space_without_fusion_level_on_several_levels_is_refused(tmp_path: Path) -> None:
+    """A students job whose space does not search fusion_level, on a pipeline with fusion_levels [1, 2], would train
+    every trial at L1 only: refused before Ray (and before the datasets are read), naming both fixes."""
+    space = tmp_path / "space.yaml"
+    space.write_text("params:\n  student.alpha: {type: float, low: 0.0, high: 1.0}\n")
+    job = tmp_path / "job.yaml"
+    job.write_text(f"name: levels\npipeline: {ROOT / 'pipelines' / 'offline_default.yaml'}\nspace: {space}\n"
+                   "stage: students\nnum_samples: 2\n")
+    with pytest.raises(SpecError) as e:
+        prepare(str(job), tmp_path / "out", True, None)
+    assert str(e.value) == (
+        f"{space}: params.fusion_level: a students trial trains one fusion level, but the pipeline has fusion_levels "
+        "[1, 2] and the space does not search it; add `fusion_level: {type: categorical, choices: [1, 2]}` to the "
+        "space, or set the pipeline's fusion_levels to one level")
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_branch_of_the_space_is_validated(tmp_path: Path) -> None:
+    """A value only one branch takes (w_ce -1 at fusion level 2) and a bound a random draw never hits (dropout 1.0)
+    are both found before Ray, on every run."""
+    job = tmp_path / "job.yaml"
+    job.write_text(f"name: branches\npipeline: {ROOT / 'pipelines' / 'offline_default.yaml'}\n"
+                   f"space: {tmp_path / 'space.yaml'}\nstage: students\nnum_samples: 2\n")
+    for param, field in (("student.w_ce: {type: fixed, value: -1.0, when: {fusion_level: {eq: 2}}}", "student.w_ce"),
+                         ("joint.dropout: {type: float, low: 0.5, high: 1.0}", "joint.dropout")):
+        (tmp_path / "space.yaml").write_text(
+            f"params:\n  fusion_level: {{type: categorical, choices: [1, 2]}}\n  {param}\n")
+        with pytest.raises(SpecError, match=rf"space.yaml applied to .*offline_default.yaml\.{field}: must be"):
+            prepare(str(job), tmp_path / "out", True, None)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The quickstart smoke search
 # --------------------------------------------------------------------------------------------------------------------
@@ -202,6 +233,7 @@ def search(mlfd_cli, offline_store: Path, tmp_path_factory: pytest.TempPathFacto
     return read_search(out, args)
 
 
+@pytest.mark.slow
 def test_smoke_search_one_row_per_trial_and_asha_stops_some(search: Search) -> None:
     check_trials(search, SMOKE_STUDIES, SMOKE_SAMPLES)
     df = search.trials
@@ -209,6 +241,7 @@ def test_smoke_search_one_row_per_trial_and_asha_stops_some(search: Search) -> N
     assert (df["status"] == "TERMINATED").any()
 
 
+@pytest.mark.slow
 def test_conditional_betas_follow_the_fusion_level(search: Search) -> None:
     df = search.trials
     levels = df["config/fusion_level"].astype(int)
@@ -220,6 +253,7 @@ def test_conditional_betas_follow_the_fusion_level(search: Search) -> None:
             assert present(r.get(col)) == (c <= k), f"trial {r['trial_id']} level {k}: {col} = {r.get(col)}"
 
 
+@pytest.mark.slow
 def test_best_trial_of_each_study_is_exported(search: Search) -> None:
     for study in SMOKE_STUDIES:
         path = search.out / "best" / f"{study}.yaml"
@@ -238,6 +272,7 @@ def test_best_trial_of_each_study_is_exported(search: Search) -> None:
             c: best[f"config/student.betas.{c}"] for c in range(1, spec.fusion_levels[0] + 1)}
 
 
+@pytest.mark.slow
 def test_trials_that_ran_every_epoch_leave_their_student_in_the_store(search: Search) -> None:
     """ASHA stops a trial when it reports its last epoch; the student must be saved before that report."""
     from mlfd.stages.common import Context, read_metrics
@@ -287,6 +322,7 @@ def test_resume_without_a_search_exits_2(tmp_path: Path, capsys: pytest.CaptureF
     assert not out.exists(), sorted(out.iterdir())  # nothing written, not even the tracking database
 
 
+@pytest.mark.slow
 def test_out_of_a_finished_search_is_protected(search: Search, capsys: pytest.CaptureFixture) -> None:
     """Another job (or other settings) with --resume, and the same job without --resume: exit 2, nothing touched."""
     from mlfd.cli import main
@@ -390,6 +426,7 @@ def check_resumed(out: Path, args: list, saved: dict, lines_before: dict) -> Sea
     return s
 
 
+@pytest.mark.slow
 def test_driver_interrupted_at_four_points_then_resumed(mlfd_cli, tmp_path: Path) -> None:
     """The driver of one search stopped at four points, each followed by --resume: SIGKILL while the teacher tasks
     train (fresh store); Ctrl-C (SIGINT) once a student trial has finished; SIGKILL in the middle of a trial of the
@@ -453,6 +490,7 @@ def test_driver_interrupted_at_four_points_then_resumed(mlfd_cli, tmp_path: Path
 # --------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_export_then_run_retrains_the_best_student_bit_for_bit(search: Search, mlfd_cli, tmp_path: Path) -> None:
     """``mlfd run best.yaml`` in a FRESH store retrains teachers, T* and the student: the same numbers and weights.
 

@@ -97,6 +97,7 @@ def non_loopback_ip() -> str | None:
     return None if ip.startswith("127.") else ip
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/net/tcp")
 def test_start_ui_answers_on_loopback_only(store: tuple[str, str], tmp_path: Path) -> None:
     uri, run_id = store
@@ -128,6 +129,7 @@ def _read_lines(stream, q: queue.Queue) -> None:
     q.put(None)
 
 
+@pytest.mark.slow
 def test_module_main_stops_cleanly_on_sigint(store: tuple[str, str]) -> None:
     uri, _ = store
     port = free_port()
@@ -175,6 +177,7 @@ def test_resolve_tracking_uri(tmp_path: Path, store: tuple[str, str]) -> None:
     assert resolve_tracking_uri(None, "http://127.0.0.1:5000") == "http://127.0.0.1:5000"
 
 
+@pytest.mark.slow
 def test_cli_parser_defaults_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser(prog="mlfd")
     add_ui_parser(parser.add_subparsers(dest="command", required=True))

@@ -50,7 +50,7 @@ def _experiment_name(job: JobSpec, study: str | None) -> str:
 
 def prepare(job_path: str, out: Path, smoke: bool, overrides: list[str] | None) -> dict:
     """Everything a search needs, validated before any compute: job, pipeline, space, studies, paths."""
-    from mlfd.tune.spaces import apply_config, load_space
+    from mlfd.tune.spaces import apply_config, check_levels, load_space
 
     job, base = load_job(job_path, smoke=smoke, overrides=overrides)
     check_resources(job)  # before the datasets are read: the answer does not depend on them
@@ -63,8 +63,12 @@ def prepare(job_path: str, out: Path, smoke: bool, overrides: list[str] | None) 
         spec = from_dict(PipelineSpec, pipeline, path=f"{pipe_path} (smoke)")
     space_path = resolve(base, job.space)
     space = load_space(space_path)
-    # A sampled trial must make a valid pipeline: catches fields the space names that this pipeline lacks.
-    from_dict(PipelineSpec, apply_config(pipeline, space.sample()), path=f"{space_path} applied to {pipe_path}")
+    # Every branch of the space must make a valid pipeline: catches fields the space names that this pipeline lacks,
+    # and values it does not accept. Deterministic: the configs of cover() take every branch and every bound.
+    configs = space.cover()
+    for config in configs:
+        from_dict(PipelineSpec, apply_config(pipeline, config), path=f"{space_path} applied to {pipe_path}")
+    check_levels(space, configs, spec.fusion_levels, job.stage)
     studies = study_names(job, spec)
     for d in spec.datasets:
         load_dataset(d)
