@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:
 
 from mlfd.config import PipelineSpec, SpecError, from_dict, load_pipeline  # noqa: E402
 from mlfd.tune.job import load_job  # noqa: E402
-from mlfd.tune.launch import SEARCH_FILE, best_row, prepare  # noqa: E402
+from mlfd.tune.launch import SEARCH_FILE, best_row, prepare, trial_rows  # noqa: E402
 from mlfd.tune.spaces import load_space  # noqa: E402
 
 JOB = ROOT / "tune_jobs" / "quickstart.yaml"
@@ -217,6 +217,23 @@ def test_every_branch_of_the_space_is_validated(tmp_path: Path) -> None:
             prepare(str(job), tmp_path / "out", True, None)
 
 
+def test_trial_rows_record_the_creation_index(tmp_path: Path) -> None:
+    """trials.parquet's trial_index is Ray's trial counter: from the experiment tag of a trial that reported, from
+    its directory name (Ray's own layout) for one that failed before reporting; never from the random hex id."""
+    from ray.tune import Result
+
+    job, _ = load_job(JOB, smoke=True)
+    done = Result(metrics={"trial_id": "0a1b2c39", "experiment_tag": "12_fusion_level=2,student.alpha=0.6",
+                           "training_iteration": 3, "val/acc1": 50.0}, checkpoint=None, error=None,
+                  path=str(tmp_path / "run_stage_0a1b2c39_12_fusion_level=2,student.alpha=0.6_2026-12-01_10-00-00"))
+    failed = Result(metrics={}, checkpoint=None, error=RuntimeError("boom"),
+                    path=str(tmp_path / "run_stage_77e3a8f1_4_fusion_level=1,student.alpha=0.1_2026-12-01_10-00-01"))
+    rows = trial_rows([done, failed], "digits", job, max_epochs=3)
+    assert [(r["trial_id"], r["trial_index"], r["status"]) for r in rows] == [
+        ("0a1b2c39", 12, "TERMINATED"), ("run_stage_77e3a8f1_4_fusion_level=1,student.alpha=0.1_2026-12-01_10-00-01",
+                                         4, "ERROR")]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The quickstart smoke search
 # --------------------------------------------------------------------------------------------------------------------
@@ -239,6 +256,10 @@ def test_smoke_search_one_row_per_trial_and_asha_stops_some(search: Search) -> N
     df = search.trials
     assert (df["status"] == "STOPPED").any(), f"ASHA stopped no trial:\n{df[['study', 'status', 'epochs', METRIC]]}"
     assert (df["status"] == "TERMINATED").any()
+    for study in SMOKE_STUDIES:  # Ray's creation order: the quickstart's reference point is trial 1 of each study
+        s = df[df["study"] == study].sort_values("trial_index")
+        assert s["trial_index"].tolist() == list(range(1, SMOKE_SAMPLES + 1)), s[["trial_id", "trial_index"]]
+        assert (s["config/fusion_level"].iloc[0], s["config/student.alpha"].iloc[0]) == (2, 0.6)
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ import copy
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -188,8 +189,18 @@ def trial_rows(results, study: str | None, job: JobSpec, max_epochs: int) -> lis
         rows.append({"study": study or job.stage, "trial_id": str((r.metrics or {}).get("trial_id") or
                                                                   Path(r.path).name), "status": status,
                      "epochs": epochs, f"final/{metric}": final, f"best/{metric}": best, "error": error,
-                     "path": r.path, **{f"config/{k}": v for k, v in sorted(cfg.items())}})
+                     "path": r.path, "trial_index": trial_index(r),
+                     **{f"config/{k}": v for k, v in sorted(cfg.items())}})
     return rows
+
+
+def trial_index(result) -> int | None:
+    """Ray's creation order of a trial in its study (1, 2, ...; kept across --resume): the counter that starts the
+    trial's experiment tag (``3_fusion_level=2,...``), which Ray also puts in the trial directory's name
+    (``run_stage_<8 hex id>_3_fusion_level=2,..._<date>``), read from there when the trial never reported."""
+    tag = str((result.metrics or {}).get("experiment_tag") or "")
+    m = re.match(r"(\d+)_", tag) or re.match(r".*?_[0-9a-f]{8}_(\d+)_", Path(result.path).name)
+    return int(m.group(1)) if m else None
 
 
 def run_search(job_path: str, out: Path, smoke: bool = False, resume: bool = False, address: str | None = None,
