@@ -20,15 +20,12 @@ import numpy as np
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the package is not installed; make `pytest` work from any directory
-    sys.path.insert(0, str(ROOT))
+from conftest import ENV, ROOT
 
 from mlfd import cli  # noqa: E402
 from mlfd.config import read_yaml, set_path  # noqa: E402
 
 PIPELINE = ROOT / "pipelines" / "offline_default.yaml"
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 BASE = read_yaml(PIPELINE)
 
 

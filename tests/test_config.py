@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import copy
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the package is not installed; make `pytest` work from any directory
-    sys.path.insert(0, str(ROOT))
+from conftest import ROOT
 
 from mlfd import config  # noqa: E402
 from mlfd.config import (  # noqa: E402

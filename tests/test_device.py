@@ -3,16 +3,9 @@ setting, channels_last batches from the batched transform, and the recipe's torc
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from mlfd.config import AugmentSpec, RecipeSpec, SpecError  # noqa: E402
 from mlfd.data import BatchTransform  # noqa: E402

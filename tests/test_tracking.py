@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_tune import snapshot_status
+from conftest import snapshot_status
 
 from mlfd.tracking import (PENDING_PREFIX, STATE_FILE, TAG_DATASET, TAG_LEVEL, TAG_PARENT, TAG_STAGE, TAG_TRIAL,
                            Tracker, best_artifact)

@@ -19,26 +19,20 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from conftest import CLI_ENV, CliRun
+from conftest import CLI_ENV, DATASETS, ROOT, CliRun, Search, experiment_dir, read_search, result_lines, snapshot_status
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from mlfd.config import PipelineSpec, SpecError, from_dict, load_pipeline  # noqa: E402
-from mlfd.tune.job import load_job  # noqa: E402
-from mlfd.tune.launch import SEARCH_FILE, best_row, prepare, trial_rows  # noqa: E402
-from mlfd.tune.spaces import load_space  # noqa: E402
+from mlfd.config import PipelineSpec, SpecError, from_dict, load_pipeline
+from mlfd.tune.job import load_job
+from mlfd.tune.launch import best_row, prepare, trial_rows
+from mlfd.tune.spaces import load_space
 
 JOB = ROOT / "tune_jobs" / "quickstart.yaml"
 JOBS = sorted((ROOT / "tune_jobs").glob("*.yaml"))
-DATASETS = ("mnist", "fashion", "digits")
 EPOCHS = 3  # the smoke variant's student epochs: ASHA (grace 1, factor 2) has rungs at epochs 1 and 2
 METRIC = "best/val/acc1"
 
@@ -59,48 +53,6 @@ RESUME_SAMPLES = 3
 RESUME_ARGS = ["--smoke", "--set=studies=[digits]", f"--set=num_samples={RESUME_SAMPLES}",
                "--set=points_to_evaluate=[]", "--set=max_concurrent_trials=2", "--set=scheduler.grace_period=1",
                *tiny(100)]
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Reading a search's outputs
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def experiment_dir(out: Path, study: str) -> Path:
-    return out / "ray" / f"quickstart-{study}"
-
-
-def result_lines(exp: Path, trial_id: str) -> list[str]:
-    """The trial's result.json, one reported epoch per line (none for a trial that has not started)."""
-    found = list(exp.glob(f"run_stage_{trial_id}_*"))
-    assert len(found) <= 1, f"trial {trial_id}: more than one directory in {exp}: {found}"
-    f = found[0] / "result.json" if found else None
-    return f.read_text().splitlines() if f is not None and f.is_file() else []
-
-
-def snapshot_status(exp: Path) -> dict[str, str]:
-    """trial id -> status in Ray Tune's latest experiment snapshot (what ``Tuner.restore`` will start from)."""
-    files = sorted(exp.glob("experiment_state-*.json"), key=lambda p: p.name)  # one per session, named by its start
-    if not files:
-        return {}
-    try:
-        data = json.loads(files[-1].read_text())
-        return {t["trial_id"]: t["status"] for t in (json.loads(s) for s, _ in data["trial_data"])}
-    except (OSError, ValueError, KeyError):  # being rewritten: read it again on the next poll
-        return {}
-
-
-@dataclass
-class Search:
-    out: Path
-    trials: pd.DataFrame
-    plan: dict
-    args: list[str]
-    """The ``mlfd tune`` arguments that made it."""
-
-
-def read_search(out: Path, args: list[str]) -> Search:
-    return Search(out, pd.read_parquet(out / "trials.parquet"), json.loads((out / SEARCH_FILE).read_text()), args)
 
 
 def present(v) -> bool:
