@@ -332,11 +332,6 @@ def params() -> list:
     return out
 
 
-def test_enough_cases() -> None:
-    assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)
-    assert sum(c.subprocess for c in CASES) >= 3
-
-
 @pytest.mark.parametrize("case", params())
 def test_bad_input(case: Case, tmp_path: Path, dirs: dict, no_training: list,
                    capsys: pytest.CaptureFixture) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from mlfd.config import from_dict, PipelineSpec, load_pipeline, smoke_pipeline, to_dict
 from mlfd.stages.common import Context, read_metrics
@@ -61,7 +62,12 @@ def test_smoke_pipeline_end_to_end(smoke_run: Path) -> None:
     assert (df["epochs"] >= 1).all()
     md = (smoke_run / "results.md").read_text()
     assert "| Students | L2 |" in md and "| Dataset-specific models | - |" in md
-    assert (smoke_run / "report.md").is_file() and list(smoke_run.glob("curves_*.png"))
+    report = (smoke_run / "report.md").read_text()
+    for d in CHANCE:  # each dataset's learning curves: a real PNG, linked from the report
+        png = smoke_run / f"curves_{d}.png"
+        assert f"]({png.name})" in report, png.name
+        with Image.open(png) as im:
+            assert im.format == "PNG" and min(im.size) > 100
 
 
 @pytest.mark.slow
