@@ -579,14 +579,37 @@ def test_search_best_model_logged_under_parent(search: SearchScenario) -> None:
     assert [v.run_id for v in versions] == [parent.info.run_id]
 
 
-def test_input_files_are_logged_without_credentials() -> None:
-    """The job, space and pipeline files go to MLflow as redacted copies (mlfd.tracking.redact_text)."""
-    from mlfd.tracking import redact_text
+def test_input_files_are_logged_without_credentials(tmp_path: Path) -> None:
+    """A search's parent run gets the job, space and pipeline files as artifacts under inputs/ (real MLflow, SQLite
+    store): read back from MLflow, they hold no credential (user:password@ of URIs, values of secret-named keys), and
+    every other line is the file's own. The job's params are redacted the same way."""
+    from mlfd.tracking import SearchTracking
 
-    text = ("name: q\ntracking_uri: http://alice:s3cr3t@mlflow.example:5000\nstorage_path: s3://AKIA:k3y@bucket/ray\n"
-            "set: [pipeline.student.recipe.lr=0.1]\napi_token: abc123\nextra:\n  - password = hunter2\n")
-    red = redact_text(text)
+    secret_job = ("name: leaky\nstage: students\ntracking_uri: http://alice:s3cr3t@mlflow.example:5000\n"
+                  "storage_path: s3://AKIA:k3y@bucket/ray\nset: [pipeline.student.recipe.lr=0.1]\napi_token: abc123\n"
+                  "extra:\n  - password = hunter2\n")
+    files = {"job.yaml": secret_job, "space.yaml": (ROOT / "search_spaces" / "students.yaml").read_text(),
+             "pipeline.yaml": PIPELINE.read_text()}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    plan = {"job": {"name": "leaky", "stage": "students", "tracking_uri": "http://alice:s3cr3t@mlflow.example:5000",
+                    "api_token": "abc123"},
+            "job_file": str(tmp_path / "job.yaml"), "space_file": str(tmp_path / "space.yaml"),
+            "pipeline_file": str(tmp_path / "pipeline.yaml"), "tracking_uri": uri}
+    tracking = SearchTracking(tmp_path / "out")
+    tracking.open(plan)
+    rid = tracking.parent(plan, "digits")
+
+    c = client(uri)
+    assert sorted(a.path for a in c.list_artifacts(rid, "inputs")) == [f"inputs/{n}" for n in sorted(files)]
+    logged = {n: Path(c.download_artifacts(rid, f"inputs/{n}", str(tmp_path / "back"))).read_text() for n in files}
+    assert logged["space.yaml"] == files["space.yaml"] and logged["pipeline.yaml"] == files["pipeline.yaml"]
+    job = logged["job.yaml"]
     for secret in ("s3cr3t", "alice", "AKIA", "k3y", "abc123", "hunter2"):
-        assert secret not in red, red
-    assert "http://***@mlflow.example:5000" in red and "s3://***@bucket/ray" in red
-    assert "pipeline.student.recipe.lr=0.1" in red and red.count("\n") == text.count("\n")
+        assert secret not in job, job
+    assert job.splitlines() == ["name: leaky", "stage: students", "tracking_uri: http://***@mlflow.example:5000",
+                                "storage_path: s3://***@bucket/ray", "set: [pipeline.student.recipe.lr=0.1]",
+                                "api_token: '***'", "extra:", "  - password = '***'"]
+    params = c.get_run(rid).data.params
+    assert params["job.tracking_uri"] == "http://***@mlflow.example:5000" and params["job.api_token"] == "***"
