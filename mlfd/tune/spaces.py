@@ -248,8 +248,10 @@ class SearchSpace:
         configs: list[dict] = [{}]
         for p in self.params:
             values = reps[p.name] if p.name in thresholds else reps[p.name][:1]
-            configs = [{**c, p.name: copy.deepcopy(v)} if p.active(c) else c
-                       for c in configs for v in (values if p.active(c) else [None])]
+            branched: list[dict] = []
+            for c in configs:
+                branched.extend([{**c, p.name: copy.deepcopy(v)} for v in values] if p.active(c) else [c])
+            configs = branched
             if len(configs) > limit:
                 raise SpecError(f"{self.path}: params: the when-conditions make more than {limit} branch "
                                 f"combinations to check (at {p.name}); condition on fewer params")
@@ -300,15 +302,15 @@ def representatives(p: Param, thresholds: list) -> list:
     if p.kind == "categorical":
         return list(p.choices)
     low, high = p.low, p.high
-    inside = sorted({t for t in thresholds if _is_number(t) and low <= t <= high})
-    points = {low, high, *inside}
+    numbers = [t for t in thresholds if _is_number(t)]
     step = p.step if p.kind == "float" else (p.step or 1)
-    if step:
-        grid = [math.floor((t - low) / step + 1e-9) for t in thresholds if _is_number(t)]
-        near = {k + d for k in grid for d in (-1, 0, 1, 2)}
+    if step:  # grid index k of the grid value at or below t: k - 1, k, k + 1 around t on the grid, k, k + 1 off it
+        near = {math.floor((t - low) / step + 1e-9) + d for t in numbers for d in (-1, 0, 1, 2)}
         points = {low, high} | {round(low + k * step, 12) for k in near if low <= low + k * step <= high}
-    elif inside:
-        points |= {(a + b) / 2 for a, b in zip(sorted(points), sorted(points)[1:])}
+    else:
+        points = {low, high} | {t for t in numbers if low <= t <= high}
+        if len(points) > 2:
+            points |= {(a + b) / 2 for a, b in zip(sorted(points), sorted(points)[1:])}
     cast = int if p.kind == "int" else float
     return [cast(v) for v in sorted(points, key=lambda v: (v != low, v))]
 
