@@ -459,9 +459,10 @@ def test_cover_reaches_every_branch_a_sample_can(tmp_path: Path) -> None:
     rng = random.Random(0)
     sampled = {frozenset(space.sample(rng)) for _ in range(20_000)}
     assert sampled <= covered, sorted(map(sorted, sampled - covered))
-    # Branches a random sample almost never takes, which cover() takes: w_ce needs teacher.epochs == 4 (1 in 9) and
-    # width != 32; the temperature's window is 1/9 of the dropout range; beta_default needs alpha == 0.75.
-    assert {"student.w_ce", "student.temperature", "student.beta_default", "joint.adaptor_width"} <= set().union(*covered)
+    # Branches one random sample usually misses: w_ce needs teacher.epochs == 4 (1 in 9) and width != 32; the
+    # temperature's window is 1/9 of the dropout range; beta_default needs alpha == 0.75 (1 in 5).
+    conditional = {"student.w_ce", "student.temperature", "student.beta_default", "joint.adaptor_width"}
+    assert conditional <= set().union(*covered)
     assert any("student.w_ce" not in c for c in configs) and any("student.temperature" not in c for c in configs)
     for q in space.params:
         seen = {c[q.name] for c in configs if q.name in c}
