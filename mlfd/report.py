@@ -496,18 +496,15 @@ def read_search_info(run_dir: Path, trials: pd.DataFrame) -> SearchInfo:
                     f"{f' for metric {metric}' if metric else ''}")
 
 
-def _trial_number(trial_id: Any) -> int | None:
-    m = re.search(r"(\d+)$", str(trial_id))
-    return int(m.group(1)) if m else None
-
-
 def order_trials(study: pd.DataFrame) -> pd.DataFrame:
-    """Trials of one study in creation order (numeric suffix of ``trial_id``; file order breaks ties)."""
+    """Trials of one study in creation order: the ``trial_index`` column of trials.parquet (Ray's trial counter,
+    written by :func:`mlfd.tune.launch.trial_rows`); rows without one, and tables written before it existed, keep
+    their file order, after the numbered ones."""
     s = study.copy()
     s["_pos"] = range(len(s))
-    s["_num"] = [_trial_number(t) for t in s["trial_id"]]
-    s["_num"] = s["_num"].fillna(s["_pos"])
-    return s.sort_values(["_num", "_pos"], kind="stable").drop(columns=["_num", "_pos"]).reset_index(drop=True)
+    s["_num"] = pd.to_numeric(s["trial_index"], errors="coerce") if "trial_index" in s.columns else float("nan")
+    return s.sort_values(["_num", "_pos"], kind="stable", na_position="last").drop(columns=["_num", "_pos"]) \
+        .reset_index(drop=True)
 
 
 def _decode(v: Any) -> Any:

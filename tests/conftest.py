@@ -1,7 +1,14 @@
-"""Shared test fixtures: running the real ``mlfd`` CLI in a subprocess, and the processes it leaves behind."""
+"""Shared test helpers and fixtures (imported by test files as ``from conftest import ...``).
+
+* ``ROOT``, this checkout's root, first on ``sys.path`` (the package need not be installed; pytest works from any
+  directory), and ``ENV``, the environment of every subprocess a test starts (it imports this checkout's ``mlfd``);
+* running the real ``mlfd`` CLI in a subprocess, and the processes it leaves behind;
+* reading what a finished ``mlfd tune`` search wrote (trials.parquet, search.json, Ray's trial directories).
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,13 +17,72 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 # Ray turns on token auth for local clusters by default; local CI runs without it (as .ci/run does).
-CLI_ENV = {**os.environ, "RAY_AUTH_MODE": "disabled",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled",
+       "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+CLI_ENV = ENV
+
+DATASETS = ("mnist", "fashion", "digits")
+"""The offline default pipeline's datasets (pipelines/offline_default.yaml)."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading a search's outputs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def experiment_dir(out: Path, study: str) -> Path:
+    """Ray Tune's experiment directory of one study of a quickstart search written to ``out``."""
+    return out / "ray" / f"quickstart-{study}"
+
+
+def result_lines(exp: Path, trial_id: str) -> list[str]:
+    """The trial's result.json, one reported epoch per line (none for a trial that has not started)."""
+    found = list(exp.glob(f"run_stage_{trial_id}_*"))
+    assert len(found) <= 1, f"trial {trial_id}: more than one directory in {exp}: {found}"
+    f = found[0] / "result.json" if found else None
+    return f.read_text().splitlines() if f is not None and f.is_file() else []
+
+
+def snapshot_status(exp: Path) -> dict[str, str]:
+    """trial id -> status in Ray Tune's latest experiment snapshot (what ``Tuner.restore`` will start from)."""
+    files = sorted(exp.glob("experiment_state-*.json"), key=lambda p: p.name)  # one per session, named by its start
+    if not files:
+        return {}
+    try:
+        data = json.loads(files[-1].read_text())
+        return {t["trial_id"]: t["status"] for t in (json.loads(s) for s, _ in data["trial_data"])}
+    except (OSError, ValueError, KeyError):  # being rewritten: read it again on the next poll
+        return {}
+
+
+@dataclass
+class Search:
+    """A finished search: its output directory, trials.parquet, search.json (the plan)."""
+
+    out: Path
+    trials: pd.DataFrame
+    plan: dict
+    args: list[str]
+    """The ``mlfd tune`` arguments that made it."""
+
+
+def read_search(out: Path, args: list[str]) -> Search:
+    from mlfd.tune.launch import SEARCH_FILE
+
+    return Search(out, pd.read_parquet(out / "trials.parquet"), json.loads((out / SEARCH_FILE).read_text()), args)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The mlfd CLI in a subprocess
+# --------------------------------------------------------------------------------------------------------------------
 
 
 def _children() -> dict[int, list[int]]:

@@ -20,15 +20,12 @@ import numpy as np
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the package is not installed; make `pytest` work from any directory
-    sys.path.insert(0, str(ROOT))
+from conftest import ENV, ROOT
 
 from mlfd import cli  # noqa: E402
 from mlfd.config import read_yaml, set_path  # noqa: E402
 
 PIPELINE = ROOT / "pipelines" / "offline_default.yaml"
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 BASE = read_yaml(PIPELINE)
 
 
@@ -352,13 +349,10 @@ def params() -> list:
     out = []
     for c in CASES:
         marks = [pytest.mark.xfail(reason=c.xfail, strict=True)] if c.xfail else []
+        if c.subprocess:
+            marks.append(pytest.mark.slow)  # a CLI subprocess
         out.append(pytest.param(c, id=("[sub] " if c.subprocess else "") + c.id, marks=marks))
     return out
-
-
-def test_enough_cases() -> None:
-    assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)
-    assert sum(c.subprocess for c in CASES) >= 3
 
 
 @pytest.mark.parametrize("case", params())
@@ -397,6 +391,7 @@ def test_good_folder_and_parquet_inputs_pass_the_checks(tmp_path: Path, dirs: di
     assert len(no_training) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["run", "tune"])
 def test_a_malformed_file_fails_before_torch_is_imported(command: str, tmp_path: Path) -> None:
     """A file that does not parse is refused before the heavy imports (torch, timm, Ray): in about a second."""

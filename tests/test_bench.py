@@ -7,7 +7,6 @@ checked here with numbers worked out by hand.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,15 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from conftest import ENV, ROOT
 
 from bench import (cache, collect, common, input_pipeline, memory, out_of_core, overhead, packing,  # noqa: E402
                    scaling, trial_throughput)
-
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-       "RAY_AUTH_MODE": "disabled"}
 
 
 def test_table():

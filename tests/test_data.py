@@ -643,6 +643,7 @@ def test_tensor_loader_covers_every_index_once():
     assert [i.tolist() for i, _, _ in TensorLoader(images, labels, 4, False)][0] == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_stream_loader_inside_a_ray_worker(tmp_path):
     """Trials run in Ray worker processes: the streamed loader's DataLoader workers start there and deliver the same
     batches as in this process (a real local Ray cluster)."""

@@ -3,16 +3,13 @@ setting, channels_last batches from the batched transform, and the recipe's torc
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import shutil
 
 import pytest
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from conftest import ROOT
 
 from mlfd.config import AugmentSpec, RecipeSpec, SpecError  # noqa: E402
 from mlfd.data import BatchTransform  # noqa: E402
@@ -65,10 +62,28 @@ def test_batch_transform_channels_last_layout(train):
     torch.testing.assert_close(cl, plain)  # same values, only the layout differs
 
 
-def test_context_transform_follows_the_device():
-    from mlfd.stages.common import use_channels_last as ucl
+@pytest.mark.parametrize("device, setting, channels_last", [
+    (CPU, "auto", False), (CPU, "on", True), (CPU, "off", False), (CUDA, "auto", True), (CUDA, "off", False),
+])
+def test_context_transform_follows_the_device(tmp_path, device, setting, channels_last):
+    """The batches a stage's transform makes (Context.transform on real digits images) are channels_last exactly
+    when the recipe's setting and the context's device say so, and hold the same values either way. The images stay
+    on the CPU: only the layout rule reads the device."""
+    from mlfd.config import PipelineSpec, from_dict, read_yaml
+    from mlfd.stages.common import Context
+    from mlfd.store import ArtifactStore
 
-    assert ucl is use_channels_last  # the stages take the layout from the engine's rule
+    spec = from_dict(PipelineSpec, read_yaml(ROOT / "pipelines" / "offline_default.yaml"))
+    ctx = Context(spec=spec, store=ArtifactStore(tmp_path / "store"), progress=False)
+    ctx.device = device
+    ds, model = ctx.data("digits"), spec.dataset("digits").model
+    images = ds.train.images[:4]
+    out = ctx.transform(ds, model, RecipeSpec(channels_last=setting))(images, train=False)
+    assert out.shape == (4, 3, model.input_size, model.input_size) and out.device == CPU
+    assert out.is_contiguous(memory_format=torch.channels_last) is channels_last
+    assert out.is_contiguous() is not channels_last  # a 3-channel 32x32 batch cannot be both
+    reference = BatchTransform(model.input_size, ds.mean, ds.std, None, channels_last=False)(images, train=False)
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
 
 
 class _TinyTask:
@@ -98,16 +113,22 @@ class _TinyTask:
         return {"acc1": acc, "acc5": 100.0}
 
 
+def _inductor_cxx() -> str | None:
+    """The C++ compiler torch.compile's CPU backend (inductor) builds with (its ``cpp.cxx`` candidates, on PATH)."""
+    from torch._inductor import config
+
+    names = config.cpp.cxx if isinstance(config.cpp.cxx, (list, tuple)) else (config.cpp.cxx,)
+    return next((shutil.which(n) for n in names if n and shutil.which(n)), None)
+
+
+@pytest.mark.skipif(_inductor_cxx() is None, reason="torch.compile on a CPU needs a C++ compiler (g++) on PATH")
 def test_compile_option_on_cpu():
     """recipe.compile wraps the trained module's forward with torch.compile, in place; training gives the same losses
     as eager and the state-dict keys do not change (checkpoints and resume states stay loadable)."""
     eager_task = _TinyTask()
     eager = fit(eager_task, RecipeSpec(epochs=2, compile=False), CPU, progress=False)
     task = _TinyTask()
-    try:
-        res = fit(task, RecipeSpec(epochs=2, compile=True), CPU, progress=False)
-    except Exception as e:  # no C++ toolchain, an unsupported platform...: the option itself is not at fault
-        pytest.skip(f"torch.compile is unavailable on this CPU: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    res = fit(task, RecipeSpec(epochs=2, compile=True), CPU, progress=False)
     assert getattr(task.module, "_compiled_call_impl", None) is not None
     assert list(task.module.state_dict()) == list(eager_task.module.state_dict())
     assert not any(k.startswith("_orig_mod") for k in task.module.state_dict())

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_tune import DATASETS, read_search, result_lines
+from conftest import DATASETS, read_search, result_lines
+
+pytestmark = pytest.mark.slow  # every test reads one real search (Ray, MLflow, a CLI subprocess)
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 3

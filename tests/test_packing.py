@@ -7,17 +7,13 @@ statistics) and on CUDA where there is one; `mlfd tune` with a GPU fraction on t
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from conftest import ENV, ROOT
 
 from mlfd.config import SpecError, load_pipeline, smoke_pipeline  # noqa: E402
 from mlfd.tune import packing  # noqa: E402
@@ -26,8 +22,6 @@ from mlfd.tune.packing import (GIB, MIB, LimitedTask, ProbeResult, auto_fraction
 
 H200 = 143_771 * MIB
 RESNET18_32PX = int(0.29 * GIB)
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-       "RAY_AUTH_MODE": "disabled"}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -209,6 +203,7 @@ def test_probe_reports_bad_input_as_spec_error(tmp_path):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without GPUs")
 @pytest.mark.parametrize("gpu", ["0.25", "auto"])
 def test_mlfd_tune_gpu_fraction_without_gpu_exits_2(tmp_path, gpu):

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from mlfd.config import SpecError
-from mlfd.report import (add_report_parser, aggregate_results, comparison_table, log_report_to_mlflow,
-                         write_report)
+from mlfd.report import (SearchInfo, add_report_parser, aggregate_results, comparison_table, log_report_to_mlflow,
+                         order_trials, top_trials_table, write_report)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ["digits", "mnist"]
@@ -58,6 +58,11 @@ def make_curves() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# Ray trial ids are random hex: their trailing digits (9, 8, 7, ...) run against the creation order (trial_index).
+TRIAL_IDS = {"digits": ["a1b2c3d9", "0f9e8d78", "77aa3bc7", "5d4e3f26", "c0ffee15", "deadbe04", "b16b00b3"],
+             "mnist": ["9c8b7a62", "1e2d3c41"]}
+
+
 def make_trials() -> pd.DataFrame:
     rng = random.Random(2)
     rows = []
@@ -66,14 +71,15 @@ def make_trials() -> pd.DataFrame:
             level = [1, 2][i % 2]
             status = "ERROR" if (study == "digits" and i == 3) else ("STOPPED" if i == 5 else "TERMINATED")
             value = float("nan") if status == "ERROR" else 50 + 10 * level + rng.uniform(0, 5)
-            rows.append({"study": study, "trial_id": f"6f1a2_{i:05d}", "status": status, "epochs": 3,
+            rows.append({"study": study, "trial_id": TRIAL_IDS[study][i], "trial_index": i + 1, "status": status,
+                         "epochs": 3,
                          "final/val/acc1": value - 1, "best/val/acc1": value,
                          "error": "RuntimeError: nan loss" if status == "ERROR" else "", "path": f"/tmp/t{i}",
                          "config/fusion_level": level, "config/student.alpha": rng.uniform(0, 1),
                          "config/student.betas.2": rng.uniform(0, 1) if level >= 2 else float("nan"),
                          "config/joint.dropout": rng.uniform(0.5, 0.95),
                          "config/student.temperature": rng.uniform(1.0, 8.0)})
-    # Shuffle the file order: the history must sort by the trial_id suffix.
+    # Shuffle the file order: the history must sort by trial_index.
     return pd.DataFrame(rows).sample(frac=1.0, random_state=0).reset_index(drop=True)
 
 
@@ -253,9 +259,26 @@ def test_search_sections(report: tuple[Path, dict[str, Path], str]) -> None:
     assert [r["trial_id"] for r in top[:len(ok)]] == ok["trial_id"].tolist()
     assert float(top[0]["best/val/acc1"]) == pytest.approx(float(f"{ok['best/val/acc1'].iloc[0]:.4g}"))
     assert top[-1]["status"] == "ERROR" and top[-1]["best/val/acc1"] == ""
-    assert "failed trial 6f1a2_00003: RuntimeError: nan loss" in md
+    assert "failed trial 5d4e3f26: RuntimeError: nan loss" in md
     mnist = "\n".join(_after(md, "## Search: study mnist", "### Parameter importances"))
     assert "skipped: 2 completed trial(s)" in mnist
+
+
+def test_trials_are_ordered_by_their_creation_index_not_their_id() -> None:
+    """The history plot and the "#" column follow trial_index (Ray's creation counter, in trials.parquet), whatever
+    the file order and the digits the random hex ids end with; a table without the column keeps its file order."""
+    digits = make_trials().query("study == 'digits'")
+    assert digits["trial_id"].tolist() != TRIAL_IDS["digits"]  # shuffled in the file
+    assert order_trials(digits)["trial_id"].tolist() == TRIAL_IDS["digits"]
+    info = SearchInfo(metric="val/acc1", mode="max", value_column="best/val/acc1", space_file=None)
+    top = parse_table(top_trials_table(digits, info).splitlines())
+    assert {r["trial_id"]: int(r["#"]) for r in top} == {t: i for i, t in enumerate(TRIAL_IDS["digits"])}
+    old = digits.drop(columns="trial_index")
+    assert order_trials(old)["trial_id"].tolist() == old["trial_id"].tolist()
+    partly = digits.assign(trial_index=[None if t == "c0ffee15" else i for t, i in zip(digits["trial_id"],
+                                                                                         digits["trial_index"])])
+    assert order_trials(partly)["trial_id"].tolist() == [t for t in TRIAL_IDS["digits"] if t != "c0ffee15"] + \
+        ["c0ffee15"]
 
 
 def _after(md: str, study_heading: str, sub_heading: str) -> list[str]:

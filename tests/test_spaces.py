@@ -10,7 +10,8 @@ import pytest
 
 from mlfd.config import PipelineSpec, from_dict, read_yaml
 from mlfd.errors import SpecError
-from mlfd.tune.spaces import SearchSpace, apply_config, load_space, make_searcher, resolve_name
+from mlfd.tune.spaces import (SearchSpace, apply_config, check_levels, load_space, make_searcher, representatives,
+                              resolve_name)
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
@@ -43,10 +44,6 @@ def write_space(tmp_path: Path, params: str, extra: str = "") -> Path:
 # --------------------------------------------------------------------------------------------------------------------
 # Shipped spaces
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def test_shipped_spaces_exist() -> None:
-    assert {p.name for p in SPACES} >= {"students.yaml", "joint.yaml", "teachers.yaml"}
 
 
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
@@ -419,3 +416,102 @@ def test_failed_trials_steer_the_searcher_away(tmp_path: Path) -> None:
     assert share <= 0.4 and plain_share >= 0.6, (share, plain_share)
     failed = [t for t in ours._ot_study.trials if t.user_attrs.get(FAILED_ATTR)]
     assert failed and all(t.state == optuna.trial.TrialState.PRUNED for t in failed)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Deterministic coverage of a space's branches (what `mlfd tune` validates before starting Ray)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+BRANCHY = """\
+    joint.width: {type: categorical, choices: [16, 32, 64]}
+    teacher.epochs: {type: int, low: 1, high: 9}
+    joint.dropout: {type: float, low: 0.0, high: 0.9}
+    student.recipe.lr: {type: float, low: 0.001, high: 0.1, log: true}
+    student.alpha: {type: float, low: 0.0, high: 1.0, step: 0.25}
+    student.w_ce: {type: float, low: 0.1, high: 1.0, when: {joint.width: {ne: 32}, teacher.epochs: {eq: 4}}}
+    student.temperature: {type: float, low: 1.0, high: 4.0, when: {joint.dropout: {gt: 0.2, lt: 0.3}}}
+    student.beta_default: {type: fixed, value: 0.5, when: {student.alpha: {in: [0.3, 0.75]}}}
+    joint.adaptor_width: {type: int, low: 8, high: 16, when: {student.temperature: {ge: 3.0}}}
+"""
+
+
+def test_representatives_of_each_kind(tmp_path: Path) -> None:
+    space = load_space(write_space(tmp_path, BRANCHY))
+    p = {q.name: q for q in space.params}
+    assert representatives(p["joint.width"], []) == [16, 32, 64]
+    assert representatives(p["student.beta_default"], []) == [0.5]
+    assert representatives(p["student.recipe.lr"], []) == [0.001, 0.1]  # no threshold: the bounds only
+    # int: the bounds and the grid values around the threshold 4 (below it, on it, above it)
+    assert representatives(p["teacher.epochs"], [4]) == [1, 3, 4, 5, 6, 9]
+    # continuous: the bounds, the thresholds and a value strictly between each two
+    assert representatives(p["joint.dropout"], [0.2, 0.3]) == pytest.approx([0.0, 0.1, 0.2, 0.25, 0.3, 0.6, 0.9])
+    # stepped float, thresholds off the grid (0.3) and on it (0.75): the grid neighbours
+    assert representatives(p["student.alpha"], [0.3, 0.75]) == [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+def test_cover_reaches_every_branch_a_sample_can(tmp_path: Path) -> None:
+    """Every set of active params that 20,000 seeded random samples reach is reached by cover(), which also takes
+    both bounds of every range and every choice; cover() is the same on every call."""
+    space = load_space(write_space(tmp_path, BRANCHY))
+    configs = space.cover()
+    assert configs == space.cover()
+    covered = {frozenset(c) for c in configs}
+    rng = random.Random(0)
+    sampled = {frozenset(space.sample(rng)) for _ in range(20_000)}
+    assert sampled <= covered, sorted(map(sorted, sampled - covered))
+    # Branches one random sample usually misses: w_ce needs teacher.epochs == 4 (1 in 9) and width != 32; the
+    # temperature's window is 1/9 of the dropout range; beta_default needs alpha == 0.75 (1 in 5).
+    conditional = {"student.w_ce", "student.temperature", "student.beta_default", "joint.adaptor_width"}
+    assert conditional <= set().union(*covered)
+    assert any("student.w_ce" not in c for c in configs) and any("student.temperature" not in c for c in configs)
+    for q in space.params:
+        seen = {c[q.name] for c in configs if q.name in c}
+        if q.kind in ("float", "int"):
+            assert {q.low, q.high} <= seen, q.name
+        elif q.kind == "categorical":
+            assert seen == set(q.choices), q.name
+
+
+def test_cover_of_the_students_space(students: SearchSpace) -> None:
+    configs = students.cover()
+    assert sorted({c["fusion_level"] for c in configs}) == [1, 2, 3, 4]
+    for lvl in range(1, 5):
+        assert {c[f"student.betas.{lvl}"] for c in configs if f"student.betas.{lvl}" in c} == {0.0, 1.0}
+        assert all((f"student.betas.{lvl}" in c) == (lvl <= c["fusion_level"]) for c in configs)
+    assert {c["student.recipe.lr"] for c in configs} == {1e-4, 1e-2}
+
+
+def test_cover_refuses_too_many_branch_combinations(tmp_path: Path) -> None:
+    """Three drivers of 20 values each make 8,000 combinations, over the limit of 4,096, at the third."""
+    twenty = list(range(1, 21))
+    params = (f"datasets.mnist.max_train: {{type: categorical, choices: {twenty}}}\n"
+              f"datasets.mnist.max_val: {{type: categorical, choices: {twenty}}}\n"
+              f"datasets.mnist.max_test: {{type: categorical, choices: {twenty}}}\n"
+              "student.alpha: {type: float, low: 0.0, high: 1.0, when: {datasets.mnist.max_train: {eq: 1}, "
+              "datasets.mnist.max_val: {eq: 1}, datasets.mnist.max_test: {eq: 1}}}\n")
+    space = load_space(write_space(tmp_path, params))
+    assert len(space.cover(limit=8000)) == 8000 + 1  # and alpha's high bound once more
+    with pytest.raises(SpecError, match=r"more than 4096 branch combinations to check \(at datasets.mnist.max_test\)"):
+        space.cover()
+
+
+@pytest.mark.parametrize("levels, params, refused", [
+    ([1, 2], "student.alpha: {type: float, low: 0.0, high: 1.0}", "does not search it"),
+    ([2], "student.alpha: {type: float, low: 0.0, high: 1.0}", None),
+    ([1, 2], "fusion_level: {type: categorical, choices: [1, 2]}", None),
+    ([1, 2], "student.alpha: {type: categorical, choices: [0.0, 0.5]}\n"
+             "fusion_level: {type: categorical, choices: [1, 2], when: {student.alpha: {gt: 0.1}}}",
+     "leaves it unset in some branch"),
+])
+def test_check_levels(tmp_path: Path, levels: list, params: str, refused: str | None) -> None:
+    space = load_space(write_space(tmp_path, params))
+    for stage in ("students", "joint"):
+        if refused is None:
+            check_levels(space, space.cover(), levels, stage)
+        else:
+            with pytest.raises(SpecError, match=rf"params.fusion_level: a {stage} trial trains one fusion level, but "
+                                                rf"the pipeline has fusion_levels \[1, 2\] and the space {refused}; "
+                                                r"add `fusion_level: \{type: categorical, choices: \[1, 2\]\}`"):
+                check_levels(space, space.cover(), levels, stage)
+    check_levels(space, space.cover(), levels, "teachers")  # a teacher trial trains no fusion level

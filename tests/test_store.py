@@ -13,17 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the package is not installed; make `pytest` work from any directory
-    sys.path.insert(0, str(ROOT))
+from conftest import ENV, ROOT
 
 from mlfd.config import DatasetSpec, JointSpec, RecipeSpec, to_dict  # noqa: E402
 from mlfd.errors import SpecError  # noqa: E402
 from mlfd.store import (  # noqa: E402
     CODE_VERSIONS, MANIFEST, ArtifactStore, CorruptArtifact, StorageError, atomic_write_text, load_torch, read_features,
     save_torch, write_features)
-
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
 def run_py(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:

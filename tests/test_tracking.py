@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_tune import snapshot_status
+from conftest import snapshot_status
 
 from mlfd.tracking import (PENDING_PREFIX, STATE_FILE, TAG_DATASET, TAG_LEVEL, TAG_PARENT, TAG_STAGE, TAG_TRIAL,
                            Tracker, best_artifact)
@@ -323,6 +323,7 @@ def journal_server(_journal_server: MlflowServer) -> MlflowServer:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_unreachable_server_fails_before_any_compute(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Exit 2 with one line naming tracking_uri; no Ray, no trials, and the output directory is not claimed."""
     port = free_port()  # nothing listens there
@@ -348,6 +349,7 @@ def test_unreachable_server_fails_before_any_compute(tmp_path: Path, capsys: pyt
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_tracker_journal_keeps_calls_while_server_is_down(tmp_path: Path, journal_server: MlflowServer) -> None:
     """Server stopped mid-way: calls go to the journal within seconds, with a warning; replayed after a restart."""
     server = journal_server
@@ -394,6 +396,7 @@ def test_tracker_journal_keeps_calls_while_server_is_down(tmp_path: Path, journa
         server.stop()
 
 
+@pytest.mark.slow
 def test_pipeline_run_logs_parent_and_one_child_per_stage(tmp_path: Path, shared_store: Path) -> None:
     """`mlfd run` with the default tracking (SQLite in OUT): one parent, one child per stage, curves per epoch."""
     from mlfd.cli import main
@@ -441,6 +444,7 @@ def test_pipeline_run_logs_parent_and_one_child_per_stage(tmp_path: Path, shared
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_search_logs_to_remote_server(search: SearchScenario) -> None:
     assert search.rc[-1] == 0, search.log("search2.log")
     c = client(search.server.uri)  # read back over HTTP
@@ -451,6 +455,7 @@ def test_search_logs_to_remote_server(search: SearchScenario) -> None:
     assert not (search.out / "mlflow_pending.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_search_run_hierarchy(search: SearchScenario) -> None:
     c = client(search.server.uri)
     runs = all_runs(c, "quickstart")
@@ -490,6 +495,7 @@ def test_search_run_hierarchy(search: SearchScenario) -> None:
         assert run.data.metrics["val/acc1"] == pytest.approx(float(row["final/val/acc1"]))
 
 
+@pytest.mark.slow
 def test_search_survives_the_server_going_away(search: SearchScenario) -> None:
     """The server was stopped as the resumed study started: the search finished, said so, and every call it kept
     in the journal reached the server once it was back (the other tests check those runs and metrics)."""
@@ -498,6 +504,7 @@ def test_search_survives_the_server_going_away(search: SearchScenario) -> None:
     assert not (search.out / "mlflow_pending.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_search_resume_continues_the_same_runs(search: SearchScenario) -> None:
     assert search.rc[0] == 130, f"the first run was not interrupted (exit {search.rc[0]})\n{search.log('search1.log')}"
     assert search.finished_before_interrupt, "interrupted before any trial finished"
@@ -517,6 +524,7 @@ def test_search_resume_continues_the_same_runs(search: SearchScenario) -> None:
     assert {r.info.status for r in runs} == {"FINISHED"}, statuses(runs)
 
 
+@pytest.mark.slow
 def test_search_best_model_logged_under_parent(search: SearchScenario) -> None:
     import mlflow
     import torch
@@ -572,14 +580,37 @@ def test_search_best_model_logged_under_parent(search: SearchScenario) -> None:
     assert [v.run_id for v in versions] == [parent.info.run_id]
 
 
-def test_input_files_are_logged_without_credentials() -> None:
-    """The job, space and pipeline files go to MLflow as redacted copies (mlfd.tracking.redact_text)."""
-    from mlfd.tracking import redact_text
+def test_input_files_are_logged_without_credentials(tmp_path: Path) -> None:
+    """A search's parent run gets the job, space and pipeline files as artifacts under inputs/ (real MLflow, SQLite
+    store): read back from MLflow, they hold no credential (user:password@ of URIs, values of secret-named keys), and
+    every other line is the file's own. The job's params are redacted the same way."""
+    from mlfd.tracking import SearchTracking
 
-    text = ("name: q\ntracking_uri: http://alice:s3cr3t@mlflow.example:5000\nstorage_path: s3://AKIA:k3y@bucket/ray\n"
-            "set: [pipeline.student.recipe.lr=0.1]\napi_token: abc123\nextra:\n  - password = hunter2\n")
-    red = redact_text(text)
+    secret_job = ("name: leaky\nstage: students\ntracking_uri: http://alice:s3cr3t@mlflow.example:5000\n"
+                  "storage_path: s3://AKIA:k3y@bucket/ray\nset: [pipeline.student.recipe.lr=0.1]\napi_token: abc123\n"
+                  "extra:\n  - password = hunter2\n")
+    files = {"job.yaml": secret_job, "space.yaml": (ROOT / "search_spaces" / "students.yaml").read_text(),
+             "pipeline.yaml": PIPELINE.read_text()}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    plan = {"job": {"name": "leaky", "stage": "students", "tracking_uri": "http://alice:s3cr3t@mlflow.example:5000",
+                    "api_token": "abc123"},
+            "job_file": str(tmp_path / "job.yaml"), "space_file": str(tmp_path / "space.yaml"),
+            "pipeline_file": str(tmp_path / "pipeline.yaml"), "tracking_uri": uri}
+    tracking = SearchTracking(tmp_path / "out")
+    tracking.open(plan)
+    rid = tracking.parent(plan, "digits")
+
+    c = client(uri)
+    assert sorted(a.path for a in c.list_artifacts(rid, "inputs")) == [f"inputs/{n}" for n in sorted(files)]
+    logged = {n: Path(c.download_artifacts(rid, f"inputs/{n}", str(tmp_path / "back"))).read_text() for n in files}
+    assert logged["space.yaml"] == files["space.yaml"] and logged["pipeline.yaml"] == files["pipeline.yaml"]
+    job = logged["job.yaml"]
     for secret in ("s3cr3t", "alice", "AKIA", "k3y", "abc123", "hunter2"):
-        assert secret not in red, red
-    assert "http://***@mlflow.example:5000" in red and "s3://***@bucket/ray" in red
-    assert "pipeline.student.recipe.lr=0.1" in red and red.count("\n") == text.count("\n")
+        assert secret not in job, job
+    assert job.splitlines() == ["name: leaky", "stage: students", "tracking_uri: http://***@mlflow.example:5000",
+                                "storage_path: s3://***@bucket/ray", "set: [pipeline.student.recipe.lr=0.1]",
+                                "api_token: '***'", "extra:", "  - password = '***'"]
+    params = c.get_run(rid).data.params
+    assert params["job.tracking_uri"] == "http://***@mlflow.example:5000" and params["job.api_token"] == "***"

@@ -19,26 +19,20 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from conftest import CLI_ENV, CliRun
+from conftest import CLI_ENV, DATASETS, ROOT, CliRun, Search, experiment_dir, read_search, result_lines, snapshot_status
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from mlfd.config import PipelineSpec, SpecError, from_dict, load_pipeline  # noqa: E402
-from mlfd.tune.job import load_job  # noqa: E402
-from mlfd.tune.launch import SEARCH_FILE, best_row, prepare  # noqa: E402
-from mlfd.tune.spaces import load_space  # noqa: E402
+from mlfd.config import PipelineSpec, SpecError, from_dict, load_pipeline
+from mlfd.tune.job import load_job
+from mlfd.tune.launch import best_row, prepare, trial_rows
+from mlfd.tune.spaces import load_space
 
 JOB = ROOT / "tune_jobs" / "quickstart.yaml"
 JOBS = sorted((ROOT / "tune_jobs").glob("*.yaml"))
-DATASETS = ("mnist", "fashion", "digits")
 EPOCHS = 3  # the smoke variant's student epochs: ASHA (grace 1, factor 2) has rungs at epochs 1 and 2
 METRIC = "best/val/acc1"
 
@@ -59,48 +53,6 @@ RESUME_SAMPLES = 3
 RESUME_ARGS = ["--smoke", "--set=studies=[digits]", f"--set=num_samples={RESUME_SAMPLES}",
                "--set=points_to_evaluate=[]", "--set=max_concurrent_trials=2", "--set=scheduler.grace_period=1",
                *tiny(100)]
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Reading a search's outputs
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def experiment_dir(out: Path, study: str) -> Path:
-    return out / "ray" / f"quickstart-{study}"
-
-
-def result_lines(exp: Path, trial_id: str) -> list[str]:
-    """The trial's result.json, one reported epoch per line (none for a trial that has not started)."""
-    found = list(exp.glob(f"run_stage_{trial_id}_*"))
-    assert len(found) <= 1, f"trial {trial_id}: more than one directory in {exp}: {found}"
-    f = found[0] / "result.json" if found else None
-    return f.read_text().splitlines() if f is not None and f.is_file() else []
-
-
-def snapshot_status(exp: Path) -> dict[str, str]:
-    """trial id -> status in Ray Tune's latest experiment snapshot (what ``Tuner.restore`` will start from)."""
-    files = sorted(exp.glob("experiment_state-*.json"), key=lambda p: p.name)  # one per session, named by its start
-    if not files:
-        return {}
-    try:
-        data = json.loads(files[-1].read_text())
-        return {t["trial_id"]: t["status"] for t in (json.loads(s) for s, _ in data["trial_data"])}
-    except (OSError, ValueError, KeyError):  # being rewritten: read it again on the next poll
-        return {}
-
-
-@dataclass
-class Search:
-    out: Path
-    trials: pd.DataFrame
-    plan: dict
-    args: list[str]
-    """The ``mlfd tune`` arguments that made it."""
-
-
-def read_search(out: Path, args: list[str]) -> Search:
-    return Search(out, pd.read_parquet(out / "trials.parquet"), json.loads((out / SEARCH_FILE).read_text()), args)
 
 
 def present(v) -> bool:
@@ -186,6 +138,54 @@ def test_bad_overrides_are_rejected_before_ray(override: str, field: str, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+def test_a_space_without_fusion_level_on_several_levels_is_refused(tmp_path: Path) -> None:
+    """A students job whose space does not search fusion_level, on a pipeline with fusion_levels [1, 2], would train
+    every trial at L1 only: refused before Ray (and before the datasets are read), naming both fixes."""
+    space = tmp_path / "space.yaml"
+    space.write_text("params:\n  student.alpha: {type: float, low: 0.0, high: 1.0}\n")
+    job = tmp_path / "job.yaml"
+    job.write_text(f"name: levels\npipeline: {ROOT / 'pipelines' / 'offline_default.yaml'}\nspace: {space}\n"
+                   "stage: students\nnum_samples: 2\n")
+    with pytest.raises(SpecError) as e:
+        prepare(str(job), tmp_path / "out", True, None)
+    assert str(e.value) == (
+        f"{space}: params.fusion_level: a students trial trains one fusion level, but the pipeline has fusion_levels "
+        "[1, 2] and the space does not search it; add `fusion_level: {type: categorical, choices: [1, 2]}` to the "
+        "space, or set the pipeline's fusion_levels to one level")
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_branch_of_the_space_is_validated(tmp_path: Path) -> None:
+    """A value only one branch takes (w_ce -1 at fusion level 2) and a bound a random draw never hits (dropout 1.0)
+    are both found before Ray, on every run."""
+    job = tmp_path / "job.yaml"
+    job.write_text(f"name: branches\npipeline: {ROOT / 'pipelines' / 'offline_default.yaml'}\n"
+                   f"space: {tmp_path / 'space.yaml'}\nstage: students\nnum_samples: 2\n")
+    for param, field in (("student.w_ce: {type: fixed, value: -1.0, when: {fusion_level: {eq: 2}}}", "student.w_ce"),
+                         ("joint.dropout: {type: float, low: 0.5, high: 1.0}", "joint.dropout")):
+        (tmp_path / "space.yaml").write_text(
+            f"params:\n  fusion_level: {{type: categorical, choices: [1, 2]}}\n  {param}\n")
+        with pytest.raises(SpecError, match=rf"space.yaml applied to .*offline_default.yaml\.{field}: must be"):
+            prepare(str(job), tmp_path / "out", True, None)
+
+
+def test_trial_rows_record_the_creation_index(tmp_path: Path) -> None:
+    """trials.parquet's trial_index is Ray's trial counter: from the experiment tag of a trial that reported, from
+    its directory name (Ray's own layout) for one that failed before reporting; never from the random hex id."""
+    from ray.tune import Result
+
+    job, _ = load_job(JOB, smoke=True)
+    done = Result(metrics={"trial_id": "0a1b2c39", "experiment_tag": "12_fusion_level=2,student.alpha=0.6",
+                           "training_iteration": 3, "val/acc1": 50.0}, checkpoint=None, error=None,
+                  path=str(tmp_path / "run_stage_0a1b2c39_12_fusion_level=2,student.alpha=0.6_2026-12-01_10-00-00"))
+    failed = Result(metrics={}, checkpoint=None, error=RuntimeError("boom"),
+                    path=str(tmp_path / "run_stage_77e3a8f1_4_fusion_level=1,student.alpha=0.1_2026-12-01_10-00-01"))
+    rows = trial_rows([done, failed], "digits", job, max_epochs=3)
+    assert [(r["trial_id"], r["trial_index"], r["status"]) for r in rows] == [
+        ("0a1b2c39", 12, "TERMINATED"), ("run_stage_77e3a8f1_4_fusion_level=1,student.alpha=0.1_2026-12-01_10-00-01",
+                                         4, "ERROR")]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The quickstart smoke search
 # --------------------------------------------------------------------------------------------------------------------
@@ -202,13 +202,19 @@ def search(mlfd_cli, offline_store: Path, tmp_path_factory: pytest.TempPathFacto
     return read_search(out, args)
 
 
+@pytest.mark.slow
 def test_smoke_search_one_row_per_trial_and_asha_stops_some(search: Search) -> None:
     check_trials(search, SMOKE_STUDIES, SMOKE_SAMPLES)
     df = search.trials
     assert (df["status"] == "STOPPED").any(), f"ASHA stopped no trial:\n{df[['study', 'status', 'epochs', METRIC]]}"
     assert (df["status"] == "TERMINATED").any()
+    for study in SMOKE_STUDIES:  # Ray's creation order: the quickstart's reference point is trial 1 of each study
+        s = df[df["study"] == study].sort_values("trial_index")
+        assert s["trial_index"].tolist() == list(range(1, SMOKE_SAMPLES + 1)), s[["trial_id", "trial_index"]]
+        assert (s["config/fusion_level"].iloc[0], s["config/student.alpha"].iloc[0]) == (2, 0.6)
 
 
+@pytest.mark.slow
 def test_conditional_betas_follow_the_fusion_level(search: Search) -> None:
     df = search.trials
     levels = df["config/fusion_level"].astype(int)
@@ -220,6 +226,7 @@ def test_conditional_betas_follow_the_fusion_level(search: Search) -> None:
             assert present(r.get(col)) == (c <= k), f"trial {r['trial_id']} level {k}: {col} = {r.get(col)}"
 
 
+@pytest.mark.slow
 def test_best_trial_of_each_study_is_exported(search: Search) -> None:
     for study in SMOKE_STUDIES:
         path = search.out / "best" / f"{study}.yaml"
@@ -238,6 +245,7 @@ def test_best_trial_of_each_study_is_exported(search: Search) -> None:
             c: best[f"config/student.betas.{c}"] for c in range(1, spec.fusion_levels[0] + 1)}
 
 
+@pytest.mark.slow
 def test_trials_that_ran_every_epoch_leave_their_student_in_the_store(search: Search) -> None:
     """ASHA stops a trial when it reports its last epoch; the student must be saved before that report."""
     from mlfd.stages.common import Context, read_metrics
@@ -287,6 +295,7 @@ def test_resume_without_a_search_exits_2(tmp_path: Path, capsys: pytest.CaptureF
     assert not out.exists(), sorted(out.iterdir())  # nothing written, not even the tracking database
 
 
+@pytest.mark.slow
 def test_out_of_a_finished_search_is_protected(search: Search, capsys: pytest.CaptureFixture) -> None:
     """Another job (or other settings) with --resume, and the same job without --resume: exit 2, nothing touched."""
     from mlfd.cli import main
@@ -390,6 +399,7 @@ def check_resumed(out: Path, args: list, saved: dict, lines_before: dict) -> Sea
     return s
 
 
+@pytest.mark.slow
 def test_driver_interrupted_at_four_points_then_resumed(mlfd_cli, tmp_path: Path) -> None:
     """The driver of one search stopped at four points, each followed by --resume: SIGKILL while the teacher tasks
     train (fresh store); Ctrl-C (SIGINT) once a student trial has finished; SIGKILL in the middle of a trial of the
@@ -453,6 +463,7 @@ def test_driver_interrupted_at_four_points_then_resumed(mlfd_cli, tmp_path: Path
 # --------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_export_then_run_retrains_the_best_student_bit_for_bit(search: Search, mlfd_cli, tmp_path: Path) -> None:
     """``mlfd run best.yaml`` in a FRESH store retrains teachers, T* and the student: the same numbers and weights.
 

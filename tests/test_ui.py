@@ -185,6 +185,7 @@ def test_resolve_tracking_uri(tmp_path: Path, store: tuple[str, str]) -> None:
     assert resolve_tracking_uri(None, "http://127.0.0.1:5000") == "http://127.0.0.1:5000"
 
 
+@pytest.mark.slow
 def test_cli_parser_defaults_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser(prog="mlfd")
     add_ui_parser(parser.add_subparsers(dest="command", required=True))

@@ -15,6 +15,7 @@ import copy
 import json
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -62,7 +63,7 @@ def _experiment_name(job: JobSpec, study: str | None) -> str:
 
 def prepare(job_path: str, out: Path, smoke: bool, overrides: list[str] | None) -> dict:
     """Everything a search needs, validated before any compute: job, pipeline, space, studies, paths."""
-    from mlfd.tune.spaces import apply_config, load_space
+    from mlfd.tune.spaces import apply_config, check_levels, load_space
 
     job, base = load_job(job_path, smoke=smoke, overrides=overrides)
     check_resources(job)  # before the datasets are read: the answer does not depend on them
@@ -76,8 +77,12 @@ def prepare(job_path: str, out: Path, smoke: bool, overrides: list[str] | None) 
         spec = from_dict(PipelineSpec, pipeline, path=f"{pipe_path} (smoke)")
     space_path = resolve(base, job.space)
     space = load_space(space_path)
-    # A sampled trial must make a valid pipeline: catches fields the space names that this pipeline lacks.
-    from_dict(PipelineSpec, apply_config(pipeline, space.sample()), path=f"{space_path} applied to {pipe_path}")
+    # Every branch of the space must make a valid pipeline: catches fields the space names that this pipeline lacks,
+    # and values it does not accept. Deterministic: the configs of cover() take every branch and every bound.
+    configs = space.cover()
+    for config in configs:
+        from_dict(PipelineSpec, apply_config(pipeline, config), path=f"{space_path} applied to {pipe_path}")
+    check_levels(space, configs, spec.fusion_levels, job.stage)
     studies = study_names(job, spec)
     for d in spec.datasets:
         load_dataset(d)
@@ -197,7 +202,8 @@ def trial_rows(results, study: str | None, job: JobSpec, max_epochs: int) -> lis
         rows.append({"study": study or job.stage, "trial_id": str((r.metrics or {}).get("trial_id") or
                                                                   Path(r.path).name), "status": status,
                      "epochs": epochs, f"final/{metric}": final, f"best/{metric}": best, "error": error,
-                     **trial_nodes(r), "path": r.path, **{f"config/{k}": v for k, v in sorted(cfg.items())}})
+                     "path": r.path, "trial_index": trial_index(r), **trial_nodes(r),
+                     **{f"config/{k}": v for k, v in sorted(cfg.items())}})
     return rows
 
 
@@ -211,6 +217,15 @@ def trial_nodes(result) -> dict:
     last = m.get(NODE_KEY) or (seen[-1] if seen else "")
     return {"node": str(last), "node_ip": str(m.get("node_ip") or ""), "hostname": str(m.get("hostname") or ""),
             "nodes": ",".join(map(str, seen or ([last] if last else [])))}
+
+
+def trial_index(result) -> int | None:
+    """Ray's creation order of a trial in its study (1, 2, ...; kept across --resume): the counter that starts the
+    trial's experiment tag (``3_fusion_level=2,...``), which Ray also puts in the trial directory's name
+    (``run_stage_<8 hex id>_3_fusion_level=2,..._<date>``), read from there when the trial never reported."""
+    tag = str((result.metrics or {}).get("experiment_tag") or "")
+    m = re.match(r"(\d+)_", tag) or re.match(r".*?_[0-9a-f]{8}_(\d+)_", Path(result.path).name)
+    return int(m.group(1)) if m else None
 
 
 def run_search(job_path: str, out: Path, smoke: bool = False, resume: bool = False, address: str | None = None,

@@ -35,6 +35,11 @@ from mlfd.errors import SpecError
 FUSION_LEVEL = "fusion_level"
 """The special param name: one fusion level k, applied to a pipeline as ``fusion_levels: [k]``."""
 
+LEVEL_STAGES = ("students", "joint")
+"""Stages whose trial trains one fusion level (``fusion_levels[0]`` of the trial's pipeline)."""
+COVER_LIMIT = 4096
+"""Most combinations of condition branches :meth:`SearchSpace.cover` enumerates."""
+
 KINDS = ("float", "int", "categorical", "fixed")
 TOP_KEYS = ("description", "params")
 _KIND_KEYS: dict[str, tuple[str, ...]] = {
@@ -214,6 +219,49 @@ class SearchSpace:
                 values[p.name] = p.draw(rng)
         return values
 
+    def cover(self, limit: int = COVER_LIMIT) -> list[dict]:
+        """Flat configs that together take every branch of the space, deterministically (no random draws).
+
+        Every param referenced by a ``when`` condition (a "driver") is enumerated jointly over its representative
+        values (see :func:`representatives`): each choice of a categorical, and for a range its bounds, every
+        condition threshold on it and a value between (or next to) consecutive thresholds. A condition is a
+        conjunction of comparisons of drivers against those thresholds, so its truth value is constant between
+        consecutive representatives: every combination of condition outcomes that some sample can reach is
+        reached by one of these configs. Every other param takes its first representative there, and each of its
+        other representatives (range bounds, every choice) once more in a config where it is active.
+
+        Args:
+            limit: Most driver combinations to enumerate.
+
+        Returns:
+            Flat configs (active params only, fixed params included), in a fixed order.
+
+        Raises:
+            SpecError: The conditions have more than ``limit`` branch combinations.
+        """
+        thresholds: dict[str, list] = {}
+        for p in self.params:
+            for ref, conds in p.when.items():
+                for op, v in conds.items():
+                    thresholds.setdefault(ref, []).extend(v if op == "in" else [v])
+        reps = {p.name: representatives(p, thresholds.get(p.name, [])) for p in self.params}
+        configs: list[dict] = [{}]
+        for p in self.params:
+            values = reps[p.name] if p.name in thresholds else reps[p.name][:1]
+            branched: list[dict] = []
+            for c in configs:
+                branched.extend([{**c, p.name: copy.deepcopy(v)} for v in values] if p.active(c) else [c])
+            configs = branched
+            if len(configs) > limit:
+                raise SpecError(f"{self.path}: params: the when-conditions make more than {limit} branch "
+                                f"combinations to check (at {p.name}); condition on fewer params")
+        extra = []
+        for p in self.params:
+            base = next((c for c in configs if p.name in c), None)
+            if p.name not in thresholds and base is not None:
+                extra.extend({**base, p.name: copy.deepcopy(v)} for v in reps[p.name][1:])
+        return configs + extra
+
     def dataset_names(self) -> set[str]:
         """Dataset names the params address through ``datasets.<name>.…``."""
         return {p.name.split(".")[1] for p in self.params if p.name.startswith("datasets.")}
@@ -232,6 +280,39 @@ class SearchSpace:
             parts = p.name.split(".")
             if parts[0] == "datasets" and not parts[1].lstrip("-").isdigit() and parts[1] not in known:
                 raise SpecError(f"{self.path}: params.{p.name}: unknown dataset {parts[1]!r}; allowed: {known}")
+
+
+def representatives(p: Param, thresholds: list) -> list:
+    """Values of ``p`` that take every outcome of comparisons against ``thresholds`` that its domain allows.
+
+    A fixed param gives its value, a categorical every choice. A range gives its bounds and every threshold inside
+    it; when there are thresholds, a continuous one also the midpoint between each two consecutive such values, a
+    discrete one (int, or float with a step) the grid values next to each threshold instead (both grid neighbours
+    of one off the grid).
+
+    Args:
+        p: The param.
+        thresholds: Values that conditions compare ``p`` with (any type: non-numbers are ignored for ranges).
+
+    Returns:
+        Distinct values inside the domain, in a fixed order (the first is the domain's first choice or its low).
+    """
+    if p.kind == "fixed":
+        return [p.value]
+    if p.kind == "categorical":
+        return list(p.choices)
+    low, high = p.low, p.high
+    numbers = [t for t in thresholds if _is_number(t)]
+    step = p.step if p.kind == "float" else (p.step or 1)
+    if step:  # grid index k of the grid value at or below t: k - 1, k, k + 1 around t on the grid, k, k + 1 off it
+        near = {math.floor((t - low) / step + 1e-9) + d for t in numbers for d in (-1, 0, 1, 2)}
+        points = {low, high} | {round(low + k * step, 12) for k in near if low <= low + k * step <= high}
+    else:
+        points = {low, high} | {t for t in numbers if low <= t <= high}
+        if len(points) > 2:
+            points |= {(a + b) / 2 for a, b in zip(sorted(points), sorted(points)[1:])}
+    cast = int if p.kind == "int" else float
+    return [cast(v) for v in sorted(points, key=lambda v: (v != low, v))]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -534,6 +615,30 @@ def load_space(path: str | Path) -> SearchSpace:
 # --------------------------------------------------------------------------------------------------------------------
 # Applying a trial config, and the Ray searcher
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def check_levels(space: SearchSpace, configs: list[dict], levels: list, stage: str) -> None:
+    """Refuse a space whose trials would silently train only the first of several pipeline fusion levels.
+
+    A trial of a stage in :data:`LEVEL_STAGES` trains one fusion level: ``fusion_level`` when the trial has one,
+    else the pipeline's ``fusion_levels`` must name exactly one.
+
+    Args:
+        space: The job's space.
+        configs: Configs covering every branch of the space (:meth:`SearchSpace.cover`).
+        levels: The pipeline's ``fusion_levels``.
+        stage: The job's stage.
+
+    Raises:
+        SpecError: One line naming both fixes.
+    """
+    if stage not in LEVEL_STAGES or len(levels) == 1 or all(FUSION_LEVEL in c for c in configs):
+        return
+    where = "does not search it" if FUSION_LEVEL not in space.names() else "leaves it unset in some branch"
+    raise SpecError(f"{space.path}: params.{FUSION_LEVEL}: a {stage} trial trains one fusion level, but the pipeline "
+                    f"has fusion_levels {list(levels)} and the space {where}; add "
+                    f"`{FUSION_LEVEL}: {{type: categorical, choices: {list(levels)}}}` to the space, or set the "
+                    f"pipeline's fusion_levels to one level")
 
 
 def _beta_level(name: str) -> int | None:

@@ -12,16 +12,24 @@ import gc
 import tempfile
 from pathlib import Path
 
-from mlfd.config import PipelineSpec, from_dict
+from mlfd.config import PipelineSpec, SpecError, from_dict
 
 STATE_FILE = "state.pt"
 
 
 def trial_spec(config: dict, context: dict) -> PipelineSpec:
-    """The pipeline of one trial: the job's pipeline with the trial's sampled values applied, validated."""
-    from mlfd.tune.spaces import apply_config
+    """The pipeline of one trial: the job's pipeline with the trial's sampled values applied, validated.
 
-    return from_dict(PipelineSpec, apply_config(context["pipeline"], config), path="trial")
+    A trial of a stage that trains one fusion level must name exactly one (``launch.prepare`` refuses a space that
+    would leave several; this guards callers that skip it), rather than silently train the first.
+    """
+    from mlfd.tune.spaces import FUSION_LEVEL, LEVEL_STAGES, apply_config
+
+    spec = from_dict(PipelineSpec, apply_config(context["pipeline"], config), path="trial")
+    if context.get("stage") in LEVEL_STAGES and len(spec.fusion_levels) != 1:
+        raise SpecError(f"trial.fusion_levels: a {context['stage']} trial trains one fusion level, got "
+                        f"{spec.fusion_levels}; search {FUSION_LEVEL!r} or set fusion_levels to one level")
+    return spec
 
 
 NODE_KEY = "node"
