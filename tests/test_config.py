@@ -197,6 +197,9 @@ def test_every_yaml_file_loads(path: Path) -> None:
 
         space = load_space(path)
         assert space.params
+    elif kind == "deploy":  # Kubernetes manifests hold several documents; test_cluster.py checks their commands
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+        assert docs and all(isinstance(d, dict) for d in docs)
     else:  # a YAML file in a place no loader owns: it must at least be safe, valid YAML
         read_yaml(path)
 
