@@ -282,8 +282,8 @@ def stage_job(stage: Stage, ctx: Context, key: str) -> Job | None:
         job = Job("teacher", dataset=stage.label[len("teacher "):])
         ok = teacher_key(ctx, job.dataset) == key
     elif role in ("multi_head", "joint_head"):
-        job = Job("baseline", mode=role)
-        ok = baseline_key(ctx, role) == key
+        job = Job("baseline", dataset=stage.datasets[0] if stage.datasets else None, mode=role)
+        ok = baseline_key(ctx, role, job.dataset) == key
     elif role == "joint_teacher" and level is not None:
         target = stage.datasets[0] if stage.datasets else None
         job = Job("joint", dataset=target, level=level, plan=plan_for(ctx, level, target))
@@ -293,7 +293,7 @@ def stage_job(stage: Stage, ctx: Context, key: str) -> Job | None:
         name = stage.label[len(role) + 1: -(len(lv) + 1)]
         plan = plan_for(ctx, level, name, own=control == "own_teacher")
         job = Job("student", dataset=name, level=level, control=control, plan=plan)
-        ok = student_key(ctx, name, plan, student_variant(ctx, control)) == key
+        ok = student_key(ctx, name, plan, student_variant(ctx, control, name)) == key
     else:
         return None
     if not ok:
@@ -428,6 +428,11 @@ def probe_spec(spec: PipelineSpec) -> PipelineSpec:
     for r in (s.teacher, s.joint.recipe, s.student.recipe, s.baselines.recipe):
         if r is not None:
             r.epochs = 1
+    for d in s.datasets:  # per-dataset overrides of the epochs (a given teacher kept as is stays at 0)
+        if d.teacher.get("epochs"):
+            d.teacher["epochs"] = 1
+        if (d.student.get("recipe") or {}).get("epochs"):
+            d.student["recipe"]["epochs"] = 1
     return s
 
 
@@ -578,7 +583,9 @@ class Planner:
 
     def _recipes(self) -> list:
         s = self.spec
-        return [s.teacher, s.student.recipe, s.joint.recipe] + ([s.baselines.recipe] if s.baselines.recipe else [])
+        names = [d.name for d in s.datasets]
+        return ([s.teacher_for(n) for n in names] + [s.student_for(n).recipe for n in names] + [s.joint.recipe]
+                + ([s.baselines.recipe] if s.baselines.recipe else []))
 
     def _load_data(self) -> tuple[dict[str, DataShape], dict[str, DatasetSplits]]:
         warm = 1
@@ -686,7 +693,7 @@ class Planner:
         with PeakMemory(self.device) as peak:
             net = load_frozen(teacher_stage.train_teacher(pctx, t), t_spec.model, t_data.num_classes, self.device)
             tf = pctx.transform(t_data, t_spec.model, None)
-            dtype = pctx.dtype(pctx.spec.teacher)
+            dtype = pctx.dtype(pctx.spec.teacher_for(t))
             x_all = ds.train.images
             batch = min(EVAL_BATCH, len(ds.train))
             n_batches = max(1, len(ds.train) // batch)
@@ -712,18 +719,22 @@ class Planner:
     def _task(self, job: Job, pctx: _ProbeContext) -> tuple[Any, Any, str, list[str]]:
         """(task, recipe, batch-size field, datasets it trains on) of a job, built on the probe."""
         if job.kind == "teacher":
-            return (ClassifierTask(pctx, job.dataset, pctx.spec.dataset(job.dataset).model, pctx.spec.teacher),
-                    pctx.spec.teacher, "teacher.batch_size", [job.dataset])
+            recipe = pctx.spec.teacher_for(job.dataset)
+            where = (f"datasets.{job.dataset}.teacher" if "batch_size" in pctx.spec.dataset(job.dataset).teacher
+                     else "teacher")
+            return (ClassifierTask(pctx, job.dataset, pctx.spec.dataset(job.dataset).model, recipe), recipe,
+                    f"{where}.batch_size", [job.dataset])
         if job.kind == "baseline":
-            model, recipe = baseline_model(pctx)
+            model, recipe = baseline_model(pctx, job.dataset)
             where = "baselines.recipe" if pctx.spec.baselines.recipe is not None else "teacher"
             return (SharedTask(pctx, job.mode, model, recipe), recipe, f"{where}.batch_size",
                     [d.name for d in pctx.spec.datasets])
         if job.kind == "joint":
             return JointTask(pctx, job.plan), pctx.spec.joint.recipe, "joint.recipe.batch_size", list(job.plan.datasets)
-        sspec = student_variant(pctx, job.control)
-        return (StudentTask(pctx, job.dataset, job.plan, sspec), sspec.recipe, "student.recipe.batch_size",
-                [job.dataset])
+        sspec = student_variant(pctx, job.control, job.dataset)
+        where = (f"datasets.{job.dataset}.student.recipe" if "batch_size" in
+                 (pctx.spec.dataset(job.dataset).student.get("recipe") or {}) else "student.recipe")
+        return (StudentTask(pctx, job.dataset, job.plan, sspec), sspec.recipe, f"{where}.batch_size", [job.dataset])
 
     def _probe(self, job: Job, pctx: _ProbeContext) -> dict:
         """Speeds and peak memory of a job's task on the probe, measured once per task shape: a student's controls
@@ -737,7 +748,7 @@ class Planner:
                 emb = getattr(getattr(task, "joint", None), "embedding_shapes", None)
                 del task
             self._probes[memo] = {"ips": ips, "eval_ips": eval_ips, "peak": peak.peak, "batch_field": batch_field,
-                                  "names": names, "emb": emb, "label": job}
+                                  "names": names, "emb": emb, "label": job, "recipe": recipe}
         return self._probes[memo]
 
     def _measure_stage(self, sp: StagePlan, job: Job, pctx: _ProbeContext, shapes: dict[str, DataShape],
@@ -748,14 +759,11 @@ class Planner:
         names, emb = m["names"], m["emb"]
         notes = ["speed of the plain student"] if m["label"] is not job else []
         sp.measured_peak = m["peak"]
-        recipe = {"teacher": spec.teacher, "joint": spec.joint.recipe, "student": spec.student.recipe,
-                  "baseline": spec.baselines.recipe or spec.teacher}[job.kind]
+        recipe = m["recipe"]  # the effective recipe (per-dataset overrides applied)
         sp.batch_size, sp.epochs = recipe.batch_size, recipe.epochs
         val = sum(shapes[n].val for n in names)
         test = sum(shapes[n].test for n in names)
-        if job.kind == "teacher" and (spec.dataset(job.dataset).model.checkpoint
-                                      or spec.dataset(job.dataset).model.pretrained):
-            sp.epochs = 0  # train_teacher loads it and evaluates it on val and test
+        if job.kind == "teacher" and sp.epochs == 0:  # a given teacher kept as is: loaded, evaluated on val and test
             notes.append("loaded, not trained")
         sp.eval_images = sp.epochs * val + val + test
         if job.kind == "baseline":  # one batch of every dataset per step; an epoch covers the largest dataset
@@ -776,7 +784,7 @@ class Planner:
         else:
             images = sum(shapes[n].image_bytes() for n in names)
             sp.resident_bytes, sp.resident_what = images, f"images {_fmt_bytes(images)}"
-            if job.kind == "student" and spec.student.targets == "cache" and emb is not None:
+            if job.kind == "student" and spec.student_for(job.dataset).targets == "cache" and emb is not None:
                 n = shapes[job.dataset]
                 per = shapes[job.dataset].classes + sum(math.prod(s) for s in emb.values())
                 targets = n.train * per * TARGET_BYTES

@@ -119,7 +119,7 @@ def test_stages_and_keys_are_the_ones_run_builds(tmp_path: Path) -> None:
         assert [st.label for st, *_ in listed] == [st.label for st in plan_stages(spec)]
         assert all(job is not None for *_, job in listed)  # every stage of the default pipeline is measured
         kinds = [kind for _, kind, _, _ in listed]
-        assert kinds.count("teacher") == 3 and kinds.count("baseline") == 2 and kinds.count("joint") == 2
+        assert kinds.count("teacher") == 3 and kinds.count("baseline") == 6 and kinds.count("joint") == 2
         assert kinds.count("student") == 18  # 3 datasets x 2 levels x (student, own teacher, no KD)
         assert len({key for _, _, key, _ in listed}) == len(listed)
         _, kind, key, _ = listed[0]
