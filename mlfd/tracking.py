@@ -26,6 +26,7 @@ TAG_STAGE = "mlfd.stage"
 TAG_ROLE = "mlfd.role"
 TAG_DATASET = "mlfd.dataset"
 TAG_LEVEL = "mlfd.fusion_level"
+TAG_SEED = "mlfd.seed"
 TAG_PARENT = "mlflow.parentRunId"
 SECRET_WORDS = ("password", "token", "secret", "credential", "api_key", "apikey")
 STATE_FILE = "tracking.json"
@@ -603,7 +604,8 @@ def log_best_model(t: Tracker, run_id: str, best_yaml: Path, art, study: str, re
 
 
 class PipelineTracking:
-    """``mlfd run`` logging: one parent run, one child per stage with its epoch curves and final val/test metrics."""
+    """``mlfd run`` logging: one parent run, one child per stage and run seed (tag ``mlfd.seed``; with several seeds
+    the child's name ends in ``[seed s]``) with its epoch curves and final val/test metrics."""
 
     def __init__(self, tracking_uri: str, spec, out: Path):
         Tracker.check_reachable(tracking_uri)
@@ -618,7 +620,8 @@ class PipelineTracking:
 
     def log_stage(self, stage, art, rows: list[dict], curves: list[dict]) -> None:
         t = self.tracker
-        tags = {TAG_PARENT: self.parent, TAG_ROLE: stage.role, TAG_STAGE: stage.label, "mlfd.artifact": art.key}
+        tags = {TAG_PARENT: self.parent, TAG_ROLE: stage.role, TAG_STAGE: stage.label, TAG_SEED: str(stage.seed),
+                "mlfd.artifact": art.key}
         if stage.levels != "-":
             tags[TAG_LEVEL] = stage.levels[1:]
         datasets = sorted({r["dataset"] for r in rows})

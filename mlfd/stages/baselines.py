@@ -22,7 +22,8 @@ from mlfd.stages.common import (Context, EvalLoaders, dataset_key_spec, eval_mod
 from mlfd.store import Artifact, ArtifactStore
 
 KIND = "baseline"
-VERSION = 3  # in the artifact key (see mlfd.store.ArtifactStore.key); 3: per-architecture, alternate multi-head
+VERSION = 4  # in the artifact key (see mlfd.store.ArtifactStore.key); 3: per-architecture, alternate multi-head;
+# 4: a lone last training sample joins the batch before it (mlfd.data.batch_bounds)
 MODES = ("multi_head", "joint_head")
 
 

@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 
 from mlfd.config import to_dict
-from mlfd.data import to_device
+from mlfd.data import batch_bounds, to_device
 from mlfd.engine import evaluate_logits, fit
 from mlfd.losses import ce_loss
 from mlfd.models import JointTeacher
@@ -26,7 +26,7 @@ from mlfd.stages.common import (EVAL_BATCH, SPLITS, Context, dataset_key_spec, s
 from mlfd.store import Artifact, ArtifactStore, load_torch, read_features, write_features
 
 KIND = "joint"
-VERSION = 2  # in the artifact key: see mlfd.store.ArtifactStore.key
+VERSION = 3  # in the artifact key: see mlfd.store.ArtifactStore.key; 3: no training batch of one sample (batch_bounds)
 TARGETS_KIND = "joint_targets"
 
 
@@ -100,7 +100,7 @@ class JointTask:
         self.sample = torch.cat([torch.arange(n) for n in sizes])
 
     def steps_per_epoch(self) -> int:
-        return -(-self.ds_id.numel() // self.recipe.batch_size)
+        return len(batch_bounds(self.ds_id.numel(), self.recipe.batch_size, train=True))
 
     def _inputs(self, d: str, split: str, idx: torch.Tensor) -> list[torch.Tensor]:
         idx = to_device(idx, self.ctx.device)  # every cached split lives on the training device (load_cache)
@@ -109,8 +109,8 @@ class JointTask:
     def train_batches(self, epoch: int) -> Iterator:
         self.gen.manual_seed(self.recipe.seed * 1000 + epoch)
         perm = torch.randperm(self.ds_id.numel(), generator=self.gen)
-        for s in range(0, perm.numel(), self.recipe.batch_size):
-            b = perm[s: s + self.recipe.batch_size]
+        for a, z in batch_bounds(perm.numel(), self.recipe.batch_size, train=True):
+            b = perm[a:z]
             yield self.ds_id[b], self.sample[b]
 
     def train_step(self, batch) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ from mlfd.stages.teachers import train_teacher
 from mlfd.store import Artifact, ArtifactStore
 
 KIND = "student"
-VERSION = 2  # in the artifact key: see mlfd.store.ArtifactStore.key
+VERSION = 3  # in the artifact key: see mlfd.store.ArtifactStore.key; 3: no training batch of one sample (batch_bounds)
 
 
 def _to_view(x: torch.Tensor, src_mean, src_std, dst_size: int, dst_mean, dst_std) -> torch.Tensor:

@@ -18,7 +18,8 @@ from mlfd.stages.common import (Context, EvalLoaders, build_level_model, dataset
 from mlfd.store import Artifact, ArtifactStore
 
 KIND = "teacher"
-VERSION = 2  # in the artifact key: a checkpointed or pretrained teacher is fine-tuned unless its epochs are 0
+VERSION = 3  # in the artifact key; 2: a checkpointed or pretrained teacher is fine-tuned unless its epochs are 0;
+# 3: a lone last training sample joins the batch before it (mlfd.data.batch_bounds)
 
 
 class ClassifierTask:
