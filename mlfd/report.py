@@ -61,11 +61,6 @@ def _pipeline_names() -> tuple[list[str], dict[str, str]]:
     return list(ROLE_ORDER), dict(ROLE_TITLES)
 
 
-def _role_key(role: str, levels: str, order: list[str]) -> tuple[int, str]:
-    """Sort key of a (role, levels) row: the pipeline's role order, then the level name."""
-    return (order.index(role) if role in order else len(order), str(levels))
-
-
 def _slug(name: Any) -> str:
     """A file-name-safe version of a dataset or study name."""
     s = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("._")
