@@ -14,9 +14,10 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM: what Kubernetes and Slurm expect of a jo
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from mlfd.config import load_pipeline, smoke_pipeline
+    from mlfd.config import load_pipeline, parse_seeds, smoke_pipeline
 
-    spec = load_pipeline(args.pipeline, args.set)  # before importing torch: a bad file fails in a fraction of a second
+    seeds = [f"seeds={parse_seeds(args.seeds)}"] if args.seeds is not None else []
+    spec = load_pipeline(args.pipeline, args.set + seeds)  # before importing torch: a bad file fails in a fraction of a second
     if args.smoke:
         spec = smoke_pipeline(spec)
     from mlfd.stages.pipeline import preflight, results_table, run_pipeline
@@ -138,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--store", default=None, help="artifact store directory (default: OUT/store)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, e.g. --set student.alpha=0.5 --set datasets.mnist.model.arch=test_vit")
+    r.add_argument("--seeds", default=None, metavar="S,S,...",
+                   help="run seeds, e.g. 0,1,2: every stage is trained once per seed and the tables give mean ± std "
+                        "(n) (overrides the pipeline's seeds:; the data splits stay the same)")
     r.add_argument("--smoke", action="store_true", help="tiny data and 1-2 epochs: finishes in under 2 minutes")
     r.add_argument("--quiet", action="store_true", help="no progress output")
     r.add_argument("--tracking-uri", default=None,

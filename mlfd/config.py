@@ -329,6 +329,10 @@ class PipelineSpec:
     controls: ControlSpec = field(default_factory=ControlSpec)
     only_students: Optional[list] = None
     """Train students (and their controls) only for these dataset names; None: all. Used by per-student searches."""
+    seeds: list = field(default_factory=lambda: [0])
+    """Run seeds: ``mlfd run`` trains every stage once per seed. Run seed ``s`` is added to the seed of every recipe
+    (teacher, joint, student, baselines, and the per-dataset overrides that set one), so seed 0 runs the recipes as
+    written and keeps their artifacts; the data splits (``split_seed``) are the same for every seed."""
 
     def validate(self, path: str = "pipeline") -> None:
         _check(len(self.datasets) >= 2, f"{path}.datasets", f"needs at least 2 datasets, got {len(self.datasets)}")
@@ -344,6 +348,11 @@ class PipelineSpec:
         if self.only_students is not None:
             for n in self.only_students:
                 _check(n in names, f"{path}.only_students", f"unknown dataset {n!r}; allowed: {names}")
+        _check(len(self.seeds) >= 1, f"{path}.seeds", "needs at least one seed; allowed: a list of integers >= 0")
+        for sd in self.seeds:
+            is_seed = isinstance(sd, int) and not isinstance(sd, bool) and sd >= 0
+            _check(is_seed, f"{path}.seeds", f"seeds must be integers >= 0, got {sd!r}")
+        _check(len(set(self.seeds)) == len(self.seeds), f"{path}.seeds", f"has duplicates: {self.seeds}")
         self.teacher.validate(f"{path}.teacher", min_epochs=0)
         self.joint.validate(f"{path}.joint")
         self.student.validate(f"{path}.student")
@@ -379,6 +388,20 @@ class PipelineSpec:
         for lvl in s.betas:
             _check(lvl <= top, f"{path}.student.betas.{lvl}",
                    f"beta for level {lvl} above the highest fusion level {top}; allowed levels: 1..{top}")
+
+    def for_seed(self, seed: int) -> PipelineSpec:
+        """The pipeline of run seed ``seed``: every recipe seed shifted by ``seed`` (per-dataset overrides that set a
+        seed too), ``seeds: [seed]``; ``for_seed(0)`` equals the spec apart from ``seeds``."""
+        s = copy.deepcopy(self)
+        s.seeds = [seed]
+        for r in [s.teacher, s.joint.recipe, s.student.recipe] + ([s.baselines.recipe] if s.baselines.recipe else []):
+            r.seed += seed
+        for d in s.datasets:
+            recipe = d.student.get("recipe")
+            for over in (d.teacher, recipe if isinstance(recipe, dict) else {}):
+                if isinstance(over.get("seed"), int) and not isinstance(over.get("seed"), bool):
+                    over["seed"] += seed
+        return s
 
     def dataset(self, name: str) -> DatasetSpec:
         for d in self.datasets:
@@ -672,6 +695,14 @@ def set_path(data: dict, key: str, value: Any) -> None:
             if cur.get(part) is None:
                 cur[part] = {}
             cur = cur[part]
+
+
+def parse_seeds(text: str) -> list[int]:
+    """The run seeds of ``--seeds 0,1,2``; a one-line SpecError for anything else."""
+    parts = [p.strip() for p in text.split(",")]
+    if not text.strip() or not all(p.isdigit() for p in parts):
+        raise SpecError(f"--seeds {text}: expected a comma-separated list of integers >= 0, e.g. 0,1,2")
+    return [int(p) for p in parts]
 
 
 def apply_overrides(data: dict, overrides: list[str] | None) -> dict:

@@ -30,6 +30,7 @@ from typing import Any
 import pandas as pd
 
 from mlfd.errors import SpecError
+from mlfd.stages.results import PM, ROLE_ORDER, ROLE_TITLES, aggregate_results, cell_stat, results_table
 from mlfd.store import atomic_write_bytes, atomic_write_text
 from mlfd.tracking import log_report_to_mlflow  # noqa: F401  (moved to tracking: only it imports mlflow)
 
@@ -49,7 +50,6 @@ CURVE_METRIC = "val/acc1"
 TOP_TRIALS = 10
 MIN_IMPORTANCE_TRIALS = 3
 DPI = 110
-PM = "±"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -58,15 +58,8 @@ PM = "±"
 
 
 def _pipeline_names() -> tuple[list[str], dict[str, str]]:
-    """``ROLE_ORDER`` and ``ROLE_TITLES`` of :mod:`mlfd.stages.pipeline` (imported lazily: it pulls in torch)."""
-    from mlfd.stages.pipeline import ROLE_ORDER, ROLE_TITLES
-
+    """``ROLE_ORDER`` and ``ROLE_TITLES`` of the pipeline's results."""
     return list(ROLE_ORDER), dict(ROLE_TITLES)
-
-
-def _role_key(role: str, levels: str, order: list[str]) -> tuple[int, str]:
-    """Sort key of a (role, levels) row: the pipeline's role order, then the level name."""
-    return (order.index(role) if role in order else len(order), str(levels))
 
 
 def _slug(name: Any) -> str:
@@ -129,64 +122,7 @@ def _figure(width: float, height: float) -> Any:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Stat:
-    """An accuracy over seeds.
-
-    Attributes:
-        mean: Mean over seeds (NaN when no value).
-        std: Sample standard deviation over seeds (ddof=1); 0 for a single seed.
-        n: Number of seeds.
-    """
-
-    mean: float
-    std: float
-    n: int
-
-    def fmt(self) -> str:
-        """``62.25`` for one seed, ``62.25 ± 0.31`` for several, ``""`` when missing."""
-        if self.n == 0 or not _finite(self.mean):
-            return ""
-        return f"{self.mean:.2f}" if self.n <= 1 else f"{self.mean:.2f} {PM} {self.std:.2f}"
-
-
-def aggregate_results(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean and std over seeds of each (dataset, role, levels, split).
-
-    Rows of the same seed are averaged first (so duplicates do not count as extra seeds); the std is the sample
-    standard deviation (ddof=1) over seeds, 0 when there is one seed.
-
-    Args:
-        df: ``results.parquet`` rows (``seed`` is optional; missing means one seed).
-
-    Returns:
-        Columns ``dataset, role, levels, split, acc1_mean, acc1_std, acc5_mean, acc5_std, n_seeds``, datasets in
-        order of first appearance.
-    """
-    df = df.copy()
-    if "seed" not in df.columns:
-        df["seed"] = 0
-    keys = ["dataset", "role", "levels", "split"]
-    for k in keys:
-        df[k] = df[k].astype(str)
-    per_seed = df.groupby(keys + ["seed"], sort=False)[["acc1", "acc5"]].mean().reset_index()
-    g = per_seed.groupby(keys, sort=False)
-    out = g[["acc1", "acc5"]].agg(["mean", "std"])
-    out.columns = [f"{a}_{b}" for a, b in out.columns]
-    out["n_seeds"] = g["seed"].nunique()
-    out = out.reset_index()
-    for c in ("acc1_std", "acc5_std"):
-        out[c] = out[c].where(out["n_seeds"] > 1, 0.0).fillna(0.0)
-    return out
-
-
-def _stat(agg: pd.DataFrame, dataset: str, role: str, levels: str, split: str, k: str) -> Stat:
-    """The aggregated accuracy ``k`` (acc1/acc5) of one cell, or an empty Stat."""
-    m = agg[(agg["dataset"] == dataset) & (agg["role"] == role) & (agg["levels"] == levels) & (agg["split"] == split)]
-    if not len(m) or not _finite(m.iloc[0][f"{k}_mean"]):
-        return Stat(float("nan"), float("nan"), 0)
-    r = m.iloc[0]
-    return Stat(float(r[f"{k}_mean"]), float(r[f"{k}_std"]), int(r["n_seeds"]))
+_stat = cell_stat
 
 
 def _datasets(df: pd.DataFrame) -> list[str]:
@@ -194,10 +130,8 @@ def _datasets(df: pd.DataFrame) -> list[str]:
 
 
 def comparison_table(df: pd.DataFrame) -> str:
-    """The Table-2-style comparison: rows = model and levels, columns = dataset x split x acc@k.
-
-    With one seed this is exactly :func:`mlfd.stages.pipeline.results_table`; with several, each cell reads
-    ``mean ± std`` over seeds (same rows and columns).
+    """The Table-2-style comparison: rows = model and levels, columns = dataset x split x acc@k; cells read
+    ``mean ± std (n=k)`` over seeds when there are several (the same table as ``results.md``).
 
     Args:
         df: ``results.parquet`` rows.
@@ -205,21 +139,7 @@ def comparison_table(df: pd.DataFrame) -> str:
     Returns:
         A Markdown table.
     """
-    from mlfd.stages.pipeline import results_table
-
-    agg = aggregate_results(df)
-    if int(agg["n_seeds"].max()) <= 1:
-        return results_table(df)
-    order, titles = _pipeline_names()
-    datasets = _datasets(agg)
-    header = ["Model", "Levels"] + [f"{d} {s} acc@{k}" for d in datasets for s in SPLITS for k in (1, 5)]
-    keys = sorted({(r, lv) for r, lv in zip(agg["role"], agg["levels"])}, key=lambda t: _role_key(*t, order))
-    rows = []
-    for role, lv in keys:
-        cells = [titles.get(role, role), lv]
-        cells += [_stat(agg, d, role, lv, s, f"acc{k}").fmt() for d in datasets for s in SPLITS for k in (1, 5)]
-        rows.append(cells)
-    return _md_table(header, rows)
+    return results_table(df)
 
 
 def delta_table(df: pd.DataFrame) -> str | None:
@@ -650,7 +570,8 @@ def _results_section(results: pd.DataFrame | None, curves: pd.DataFrame | None, 
         seeds = sorted(set(results["seed"])) if "seed" in results.columns else [0]
         md += ["## Results (Table 2 style)", ""]
         md.append("Top-1 / top-5 accuracy in %. " + (
-            f"Cells are mean {PM} sample std (ddof=1) over seeds {', '.join(map(str, seeds))}." if n > 1 else
+            f"Cells are mean {PM} sample std (ddof=1) over seeds {', '.join(map(str, seeds))}, with the number of "
+            "seeds n; the data splits are the same for every seed." if n > 1 else
             f"One seed ({', '.join(map(str, seeds))})."))
         md += ["", comparison_table(results), ""]
         delta = delta_table(results)

@@ -49,13 +49,17 @@ STORE_SCHEMA = 1
 CODE_VERSIONS: dict[str, int] = {
     "data": 1,  # mlfd.data: sources, splits, subsets, decoding, transforms; part of every key
     # 2: timm optimizers (no decay on norm/bias) and schedulers, a real one-cycle; 3: a checkpointed or pretrained
-    # teacher is fine-tuned unless its epochs are 0
-    "teacher": 3,
+    # teacher is fine-tuned unless its epochs are 0; 4: a lone last training sample joins the batch before it
+    "teacher": 4,
     "features": 2,  # stages/cache.py. 2: record batches written as extracted, storage type from joint.cache_dtype
-    "joint": 3,  # 2: timm optimizers and schedulers; 3: metrics say where the caches were read from
+    # 2: timm optimizers and schedulers; 3: metrics say where the caches were read from; 4: no training batch of one
+    "joint": 4,
     "joint_targets": 2,  # stages/joint.py: T*'s targets for the students. 2: written batch by batch, storage type
-    "student": 3,  # 2: timm optimizers and schedulers; 3: level 1 and logits from one head call
-    "baseline": 3,  # 2: timm optimizers and schedulers; 3: one per student architecture, alternate multi-head batches
+    # 2: timm optimizers and schedulers; 3: level 1 and logits from one head call; 4: no training batch of one
+    "student": 4,
+    # 2: timm optimizers and schedulers; 3: one per student architecture, alternate multi-head batches; 4: no
+    # training batch of one
+    "baseline": 4,
 }
 """Code version of each artifact kind, mixed into its keys: bump a kind's entry when its artifacts change."""
 

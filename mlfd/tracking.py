@@ -27,6 +27,7 @@ TAG_STAGE = "mlfd.stage"
 TAG_ROLE = "mlfd.role"
 TAG_DATASET = "mlfd.dataset"
 TAG_LEVEL = "mlfd.fusion_level"
+TAG_SEED = "mlfd.seed"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_NODE = "mlfd.node"
 """Ray node id a trial ran on (of its latest report); ``mlfd.node_ip`` and ``mlfd.hostname`` go with it."""
@@ -605,7 +606,8 @@ def log_best_model(t: Tracker, run_id: str, best_yaml: Path, art, study: str, re
 
 
 class PipelineTracking:
-    """``mlfd run`` logging: one parent run, one child per stage with its epoch curves and final val/test metrics."""
+    """``mlfd run`` logging: one parent run, one child per stage and run seed (tag ``mlfd.seed``; with several seeds
+    the child's name ends in ``[seed s]``) with its epoch curves and final val/test metrics."""
 
     def __init__(self, tracking_uri: str, spec, out: Path):
         Tracker.check_reachable(tracking_uri)
@@ -620,7 +622,8 @@ class PipelineTracking:
 
     def log_stage(self, stage, art, rows: list[dict], curves: list[dict]) -> None:
         t = self.tracker
-        tags = {TAG_PARENT: self.parent, TAG_ROLE: stage.role, TAG_STAGE: stage.label, "mlfd.artifact": art.key}
+        tags = {TAG_PARENT: self.parent, TAG_ROLE: stage.role, TAG_STAGE: stage.label, TAG_SEED: str(stage.seed),
+                "mlfd.artifact": art.key}
         if stage.levels != "-":
             tags[TAG_LEVEL] = stage.levels[1:]
         if "cache_on_device" in art.meta():  # joint teachers: were the feature caches read whole on the device?

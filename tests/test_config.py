@@ -614,3 +614,54 @@ def test_paper_pipelines_carry_table_1(name: str, archs: list, size: int, optimi
         assert (s.temperature, s.alpha, (s.beta(1), s.beta(2)), s.w_ce) == (temperature, alpha, betas, 1.0)
     assert [m.arch for m, _ in spec.baseline_groups()] == archs  # each column's baselines: its own architecture
     assert spec.baselines.multi_head_batching == "alternate" and spec.baselines.recipe is None
+
+
+def test_seeds_field_and_the_seeds_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    from mlfd.cli import EXIT_BAD_INPUT, main
+
+    assert load_pipeline(PIPELINE).seeds == [0]
+    assert load_pipeline(PIPELINE, ["seeds=[0,1]"]).seeds == [0, 1]
+    assert load_pipeline(PIPELINE, ["seeds=[2, 0, 1]"]).seeds == [2, 0, 1]
+    assert config.parse_seeds("0,1,2") == [0, 1, 2] and config.parse_seeds(" 3 ") == [3]
+    for bad, msg in (("seeds=[]", "pipeline.seeds: needs at least one seed"),
+                     ("seeds=[0,0]", "pipeline.seeds: has duplicates"),
+                     ("seeds=[0,-1]", "pipeline.seeds: seeds must be integers >= 0, got -1"),
+                     ("seeds=[0,x]", "pipeline.seeds: seeds must be integers >= 0, got 'x'"),
+                     ("seeds=3", "pipeline.seeds: expected a list, got 3")):
+        with pytest.raises(SpecError, match=msg.replace("[", r"\[")):
+            load_pipeline(PIPELINE, [bad])
+    for bad in ("0,x", "", "0,,1", "-1", "1.5"):
+        with pytest.raises(SpecError, match=r"^--seeds .*: expected a comma-separated list of integers >= 0"):
+            config.parse_seeds(bad)
+        capsys.readouterr()
+        assert main(["run", str(PIPELINE), "--seeds", bad, "--no-tracking", "--out", "/nonexistent/never"]) \
+            == EXIT_BAD_INPUT
+        err = capsys.readouterr().err
+        assert err.startswith(f"mlfd: error: --seeds {bad}: expected") and err.count("\n") == 1
+    assert main(["run", str(PIPELINE), "--seeds", "1,1", "--no-tracking", "--out", "/nonexistent/never"]) \
+        == EXIT_BAD_INPUT
+    assert capsys.readouterr().err == "mlfd: error: pipeline.seeds: has duplicates: [1, 1]\n"
+
+
+def test_for_seed_shifts_every_recipe_seed_and_nothing_else(default: PipelineSpec) -> None:
+    data = to_dict(default)
+    data["baselines"]["recipe"] = to_dict(RecipeSpec(seed=4))
+    data["datasets"][0]["teacher"] = {"seed": 7, "lr": 0.01}
+    data["datasets"][1]["student"] = {"recipe": {"seed": 5}, "alpha": 0.3}
+    spec = from_dict(PipelineSpec, data)
+    assert to_dict(spec.for_seed(0)) == to_dict(spec)
+    s = spec.for_seed(10)
+    assert to_dict(spec) == data  # not modified
+    a, b = to_dict(spec), to_dict(s)
+    shifted = [("teacher", "seed"), ("joint", "recipe", "seed"), ("student", "recipe", "seed"),
+               ("baselines", "recipe", "seed"), ("datasets", 0, "teacher", "seed"),
+               ("datasets", 1, "student", "recipe", "seed")]
+    for path in shifted:
+        x, y = a, b
+        for p in path[:-1]:
+            x, y = x[p], y[p]
+        assert y[path[-1]] == x[path[-1]] + 10
+        x[path[-1]] = y[path[-1]]
+    a["seeds"] = [10]
+    assert a == b  # the seeds and nothing else
+    assert s.teacher_for(default.datasets[0].name).seed == 17 and s.teacher_for(default.datasets[0].name).lr == 0.01

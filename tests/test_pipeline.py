@@ -443,7 +443,7 @@ def test_baselines_per_student_architecture(tmp_path: Path) -> None:
         art = st.build(ctx)
         m = read_metrics(art)
         assert m["arch"] == ("test_resnet" if st.datasets == ["mnist"] else "test_convnext")
-        rows = _rows(m, st.role, st.levels, st.datasets)
+        rows = _rows(m, st.role, st.levels, 0, st.datasets)
         assert {r["dataset"] for r in rows} == set(st.datasets) and len(rows) == 2  # val and test
     assert len([k for k in _artifacts(tmp_path / "store") if k.startswith("baseline/")]) == 4
 
@@ -487,3 +487,135 @@ def test_multi_head_alternates_datasets_with_equal_weights(tmp_path: Path) -> No
     for (name, p), q in zip(alt.module.named_parameters(), cat.module.parameters()):
         if p.grad is not None or q.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Seeds
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _seeded(tmp_path: Path, seeds: list[int]) -> PipelineSpec:
+    """The tiny pipeline at fusion level 1 with one baseline and no controls, over ``seeds``."""
+    return _edited(tmp_path, lambda d: d.update(fusion_levels=[1], seeds=seeds,
+                                                baselines={"multi_head": True, "joint_head": False},
+                                                controls={"own_teacher": False, "no_kd": False}))
+
+
+def test_seed_zero_keeps_the_keys_and_other_seeds_change_every_trained_key(tmp_path: Path) -> None:
+    from mlfd.stages.baselines import baseline_key
+    from mlfd.stages.cache import cache_key
+    from mlfd.stages.joint import joint_key
+    from mlfd.stages.students import student_key
+    from mlfd.stages.teachers import teacher_key
+
+    def keys(spec: PipelineSpec) -> list[str]:
+        ctx = Context(spec=spec, store=ArtifactStore(tmp_path / "store"), progress=False)
+        plan = plan_for(ctx, 1)
+        return [teacher_key(ctx, "mnist"), cache_key(ctx, "mnist", "digits", 1), joint_key(ctx, plan),
+                student_key(ctx, "digits", plan, spec.student_for("digits")), baseline_key(ctx, "multi_head", "mnist")]
+
+    def edit(d: dict) -> None:  # per-dataset seeds are shifted too
+        d["datasets"][1]["teacher"] = {"seed": 7}
+        d["datasets"][1]["student"] = {"recipe": {"seed": 5}}
+
+    spec = _edited(tmp_path, edit)
+    assert spec.seeds == [0]
+    assert keys(spec.for_seed(0)) == keys(spec)
+    one, two = spec.for_seed(1), spec.for_seed(2)
+    assert (one.teacher_for("mnist").seed, one.teacher_for("digits").seed, one.student_for("digits").recipe.seed,
+            one.joint.recipe.seed, one.seeds) == (1, 8, 6, 1, [1])
+    k0, k1, k2 = keys(spec), keys(one), keys(two)
+    assert all(a != b != c != a for a, b, c in zip(k0, k1, k2))  # teacher, cache, joint, student, baseline
+    assert keys(spec.for_seed(1)) == k1
+    assert from_dict(PipelineSpec, to_dict(spec)).seeds == [0]
+    assert spec.dataset("mnist").split_seed == one.dataset("mnist").split_seed == 0  # splits fixed across seeds
+
+
+@pytest.mark.slow
+def test_two_seeds_train_twice_reuse_per_seed_and_report_mean_std(tmp_path: Path) -> None:
+    """seeds [0, 1]: every trained stage twice with different weights and keys; seed 1 again reuses everything;
+    results.md / report.md give mean ± std (n=2) of the per-seed rows; MLflow has one child per stage and seed."""
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+
+    from mlfd.report import write_report
+    from mlfd.stages.teachers import teacher_key
+    from mlfd.tracking import TAG_PARENT, TAG_SEED, TAG_STAGE, PipelineTracking
+
+    spec = _seeded(tmp_path, [0, 1])
+    store = tmp_path / "store"
+    out = tmp_path / "run"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = PipelineTracking(uri, spec, out)
+    df = run_pipeline(spec, out, store=store, progress=False, log=tracking.log_stage)
+    tracking.finish(write_report(out))
+    assert list(df.columns) == RESULT_COLUMNS and sorted(set(df["seed"])) == [0, 1]
+    assert len(df[df.seed == 0]) == len(df[df.seed == 1]) == len(df) // 2
+    assert not df.duplicated(["dataset", "role", "levels", "split", "seed"]).any()
+    assert set(pd.read_parquet(out / "curves.parquet")["seed"]) == {0, 1}
+
+    arts = _artifacts(store)
+    for kind, n in (("teacher", 4), ("features", 8), ("joint", 2), ("student", 4), ("baseline", 4)):
+        assert len([k for k in arts if k.startswith(f"{kind}/")]) == n, kind  # 2 per seed (baselines: 2 archs)
+    t0, t1 = (ArtifactStore(store).get("teacher", teacher_key(Context(spec=spec.for_seed(s), store=ArtifactStore(
+        store), progress=False), "mnist")) for s in (0, 1))
+    assert t0.key != t1.key and not all(_same(_state(t0), _state(t1), skip="<none>"))
+
+    # the same seed again trains nothing and gives the same rows
+    again = run_pipeline(_seeded(tmp_path, [1]), tmp_path / "again", store=store, progress=False)
+    assert _artifacts(store) == arts
+    pd.testing.assert_frame_equal(again.reset_index(drop=True), df[df.seed == 1].reset_index(drop=True))
+
+    # mean ± std (n=2) of the per-seed rows, in results.md and report.md
+    md, report = (out / "results.md").read_text(), (out / "report.md").read_text()
+    for role, title, lv in (("student", "Students", "L1"), ("dataset_specific", "Dataset-specific models", "-")):
+        line = next(x for x in md.splitlines() if x.startswith(f"| {title} | {lv} |"))
+        assert line in report
+        cells = line.strip("| ").split(" | ")[2:]
+        i = 0
+        for d in ("mnist", "digits"):
+            for split in ("val", "test"):
+                for k in ("acc1", "acc5"):
+                    v = df[(df.dataset == d) & (df.role == role) & (df.split == split)].sort_values("seed")[k]
+                    assert len(v) == 2
+                    assert cells[i] == f"{np.mean(v):.2f} ± {np.std(v, ddof=1):.2f} (n=2)"
+                    i += 1
+
+    c = MlflowClient(tracking_uri=uri)
+    runs = c.search_runs([c.get_experiment_by_name(spec.name).experiment_id], max_results=1000)
+    kids = [r for r in runs if TAG_PARENT in r.data.tags]
+    n_stages = len(plan_stages(spec))
+    assert len(kids) == 2 * n_stages
+    assert sorted(r.data.tags[TAG_SEED] for r in kids) == ["0"] * n_stages + ["1"] * n_stages
+    teacher1 = next(r for r in kids if r.data.tags[TAG_STAGE] == "teacher mnist [seed 1]")
+    row = df[(df.dataset == "mnist") & (df.role == "dataset_specific") & (df.split == "test") & (df.seed == 1)]
+    assert teacher1.data.tags[TAG_SEED] == "1"
+    assert teacher1.data.metrics["test/acc1"] == pytest.approx(float(row.acc1.iloc[0]))
+
+
+def test_a_train_split_one_over_a_multiple_of_the_batch_trains(tmp_path: Path) -> None:
+    """120 train images in batches of 17 (7 x 17 + 1): the last sample joins the batch before it (a batch of one
+    crashes BatchNorm in training mode), in the loaders and the joint teacher's batches, and every sample is seen."""
+    from mlfd.data import batch_bounds, make_loader
+    from mlfd.stages.joint import JointTask
+    from mlfd.stages.teachers import ClassifierTask, train_teacher
+
+    assert batch_bounds(120, 17, train=True)[-1] == (102, 120) and len(batch_bounds(120, 17, train=True)) == 7
+    assert batch_bounds(120, 17)[-1] == (119, 120)  # evaluation keeps its order and sizes
+    assert batch_bounds(1, 17, train=True) == [(0, 1)] and batch_bounds(18, 17, drop_last=True, train=True) == [(0, 17)]
+    spec = _edited(tmp_path, lambda d: (d["teacher"].update(batch_size=17), d["joint"]["recipe"].update(batch_size=239),
+                                        d.update(fusion_levels=[2])))
+    ctx = Context(spec=spec, store=ArtifactStore(tmp_path / "store"), progress=False)
+    ds = ctx.data("mnist")
+    assert ds.train.labels.numel() == 120
+    task = ClassifierTask(ctx, "mnist", spec.dataset("mnist").model, spec.teacher_for("mnist"))
+    sizes = [y.numel() for _, y in task.train_batches(0)]
+    assert sizes == [17] * 6 + [18] and task.steps_per_epoch() == 7
+    loader = make_loader(ds.train.images, ds.train.labels, 17, True, 0)
+    assert sorted(torch.cat([i for i, _, _ in loader]).tolist()) == list(range(120))
+    for name in ("mnist", "digits"):
+        assert read_metrics(train_teacher(ctx, name))["epochs"] == 1  # crashed in BatchNorm before the fix
+    joint = JointTask(ctx, plan_for(ctx, 2))
+    n = joint.ds_id.numel()
+    assert n == 240 and [b[0].numel() for b in joint.train_batches(0)] == [240] and joint.steps_per_epoch() == 1
+    assert read_metrics(train_joint(ctx, plan_for(ctx, 2)))["epochs"] == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -119,11 +120,12 @@ def parse_table(lines: list[str]) -> list[dict[str, str]]:
     return [dict(zip(header, r)) for r in body]
 
 
-def parse_cell(cell: str) -> tuple[float, float | None]:
-    if "±" in cell:
-        m, s = cell.split("±")
-        return float(m), float(s)
-    return float(cell), None
+def parse_cell(cell: str) -> tuple[float, float | None, int]:
+    """``mean ± std (n=k)`` -> (mean, std, k); a one-seed ``mean`` -> (mean, None, 1)."""
+    m = re.fullmatch(r"(-?[0-9.]+) ± ([0-9.]+) \(n=([0-9]+)\)", cell)
+    if m:
+        return float(m[1]), float(m[2]), int(m[3])
+    return float(cell), None, 1
 
 
 def expected(df: pd.DataFrame, d: str, role: str, lv: str, split: str, k: str) -> tuple[float, float, int]:
@@ -172,9 +174,9 @@ def test_comparison_table_is_mean_and_std_over_seeds(report: tuple[Path, dict[st
         for dset in DATASETS:
             for split in ("val", "test"):
                 for k in (1, 5):
-                    mean, std = parse_cell(r[f"{dset} {split} acc@{k}"])
+                    mean, std, cell_n = parse_cell(r[f"{dset} {split} acc@{k}"])
                     e_mean, e_std, n = expected(df, dset, role, lv, split, f"acc{k}")
-                    assert n == 2
+                    assert n == cell_n == 2
                     assert mean == pytest.approx(round(e_mean, 2), abs=1e-9)
                     assert std == pytest.approx(round(e_std, 2), abs=1e-9)
                     checked += 1
@@ -238,9 +240,9 @@ def test_ablation_table_per_level(report: tuple[Path, dict[str, Path], str]) -> 
     for r, (role, lv) in zip(rows, keys):
         for dset in DATASETS:
             for split in ("val", "test"):
-                e_mean, e_std, _ = expected(df, dset, role, lv, split, "acc1")
+                e_mean, e_std, n = expected(df, dset, role, lv, split, "acc1")
                 assert parse_cell(r[f"{dset} {split} acc@1"]) == (pytest.approx(round(e_mean, 2)),
-                                                                   pytest.approx(round(e_std, 2)))
+                                                                   pytest.approx(round(e_std, 2)), n)
 
 
 def test_search_sections(report: tuple[Path, dict[str, Path], str]) -> None:

@@ -22,8 +22,25 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
+def batch_bounds(n: int, batch_size: int, drop_last: bool = False, train: bool = False) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each batch over ``n`` samples in order.
+
+    A training epoch (``train``) never ends on a batch of one sample: that sample joins the batch before it (BatchNorm
+    cannot normalize a single sample in training mode), so the last batch holds ``batch_size + 1``.
+    """
+    count = n // batch_size if drop_last else -(-n // batch_size)
+    bounds = [(b * batch_size, min(n, (b + 1) * batch_size)) for b in range(count)]
+    if train and len(bounds) >= 2 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
 class _EpochLoader:
-    """What both loaders share: batch count, and a per-epoch sample order drawn from ``seed + epoch``."""
+    """What both loaders share: batch count, and a per-epoch sample order drawn from ``seed + epoch``.
+
+    A shuffled (training) loader never yields a last batch of one sample: it joins the batch before it
+    (:func:`batch_bounds`).
+    """
 
     def __init__(self, n: int, labels: torch.Tensor, batch_size: int, shuffle: bool, seed: int,
                  device: str | torch.device, drop_last: bool, name: str):
@@ -36,9 +53,11 @@ class _EpochLoader:
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.epoch = 0
 
+    def _bounds(self) -> list[tuple[int, int]]:
+        return batch_bounds(self.labels.shape[0], self.batch_size, self.drop_last, train=self.shuffle)
+
     def __len__(self) -> int:
-        n = self.labels.shape[0]
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return len(self._bounds())
 
     def _next_batches(self, device: torch.device) -> list[torch.Tensor]:
         """This epoch's batches of sample indices (int64 on ``device``, one copy there), and start the next epoch."""
@@ -48,7 +67,7 @@ class _EpochLoader:
         else:
             order = torch.arange(n, device=device)
         self.epoch += 1
-        return [order[b * self.batch_size:(b + 1) * self.batch_size] for b in range(len(self))]
+        return [order[a:b] for a, b in self._bounds()]
 
 
 class TensorLoader(_EpochLoader):

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 import torch
 
 from mlfd.config import to_dict
-from mlfd.data import to_device
+from mlfd.data import batch_bounds, to_device
 from mlfd.engine import evaluate_logits, fit
 from mlfd.losses import ce_loss
 from mlfd.models import JointTeacher
@@ -129,7 +129,7 @@ class JointTask:
         self.sample = torch.cat([torch.arange(n) for n in sizes])
 
     def steps_per_epoch(self) -> int:
-        return -(-self.ds_id.numel() // self.recipe.batch_size)
+        return len(batch_bounds(self.ds_id.numel(), self.recipe.batch_size, train=True))
 
     def _inputs(self, d: str, split: str, idx: torch.Tensor) -> list[torch.Tensor]:
         """Every teacher's float32 features of samples ``idx`` of ``d``'s ``split``, on the device (``idx`` on the
@@ -145,8 +145,8 @@ class JointTask:
         read, so the two ways give the same weights)."""
         self.gen.manual_seed(self.recipe.seed * 1000 + epoch)
         perm = torch.randperm(self.ds_id.numel(), generator=self.gen)
-        for s in range(0, perm.numel(), self.recipe.batch_size):
-            b = perm[s: s + self.recipe.batch_size]
+        for a, z in batch_bounds(perm.numel(), self.recipe.batch_size, train=True):
+            b = perm[a:z]
             yield self.ds_id[b], self.sample[b]
 
     def _prepare(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple:

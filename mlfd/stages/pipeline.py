@@ -13,28 +13,16 @@ from mlfd.config import PipelineSpec, save_pipeline
 from mlfd.stages.baselines import train_baseline
 from mlfd.stages.common import Context, read_metrics
 from mlfd.stages.joint import plan_for, train_joint
+from mlfd.stages.results import CURVE_COLUMNS, RESULT_COLUMNS, ROLE_ORDER, ROLE_TITLES, results_table
 from mlfd.stages.students import train_student
 from mlfd.stages.teachers import train_teacher
 from mlfd.store import Artifact, ArtifactStore, atomic_write_bytes, atomic_write_text
 
-RESULT_COLUMNS = ["dataset", "role", "levels", "split", "acc1", "acc5", "epochs", "seed"]
-ROLE_ORDER = ["dataset_specific", "multi_head", "joint_head", "joint_teacher", "student", "student_own_teacher",
-              "student_no_kd"]
-ROLE_TITLES = {
-    "dataset_specific": "Dataset-specific models",
-    "multi_head": "Multi-head model",
-    "joint_head": "Joint-head model",
-    "joint_teacher": "Joint teacher",
-    "student": "Students",
-    "student_own_teacher": "Students, own teacher only (control)",
-    "student_no_kd": "Students, KD weight 0 (control)",
-}
+__all__ = ["CURVE_COLUMNS", "RESULT_COLUMNS", "ROLE_ORDER", "ROLE_TITLES", "Stage", "plan_stages", "preflight",
+           "results_table", "run_pipeline", "write_results"]
 
 
-CURVE_COLUMNS = ["dataset", "role", "levels", "epoch", "metric", "value"]
-
-
-def _curves(metrics: dict, role: str, levels: str) -> list[dict]:
+def _curves(metrics: dict, role: str, levels: str, seed: int) -> list[dict]:
     """Per-epoch curve rows (long format) from an artifact's history; multi-dataset stages give one curve each."""
     rows = []
     single = metrics.get("dataset")
@@ -45,15 +33,15 @@ def _curves(metrics: dict, role: str, levels: str) -> list[dict]:
             parts = k.split("/")
             if single is None and len(parts) == 3 and parts[0] == "val":  # val/<dataset>/acc1
                 rows.append({"dataset": parts[1], "role": role, "levels": levels, "epoch": int(h["epoch"]),
-                             "metric": f"val/{parts[2]}", "value": float(v)})
+                             "metric": f"val/{parts[2]}", "value": float(v), "seed": seed})
             elif single is not None or parts[0] == "train":
                 rows.append({"dataset": single or "all", "role": role, "levels": levels, "epoch": int(h["epoch"]),
-                             "metric": k, "value": float(v)})
+                             "metric": k, "value": float(v), "seed": seed})
     return rows
 
 
-def _rows(metrics: dict, role: str, levels: str, datasets: list[str] | None = None) -> list[dict]:
-    """Result rows from an artifact's metrics.json (single- or multi-dataset)."""
+def _rows(metrics: dict, role: str, levels: str, seed: int, datasets: list[str] | None = None) -> list[dict]:
+    """Result rows from an artifact's metrics.json (single- or multi-dataset); ``seed`` is the run seed."""
     rows = []
     for split in ("val", "test"):
         block = metrics[split]
@@ -61,7 +49,7 @@ def _rows(metrics: dict, role: str, levels: str, datasets: list[str] | None = No
         for d, m in per.items():
             if datasets is None or d in datasets:
                 rows.append({"dataset": d, "role": role, "levels": levels, "split": split, "acc1": float(m["acc1"]),
-                             "acc5": float(m["acc5"]), "epochs": int(metrics["epochs"]), "seed": int(metrics["seed"])})
+                             "acc5": float(m["acc5"]), "epochs": int(metrics["epochs"]), "seed": seed})
     return rows
 
 
@@ -75,6 +63,8 @@ class Stage:
     build: Callable[[Context], Artifact]
     datasets: list[str] | None = None
     """Report only these datasets of a multi-dataset artifact (per-target joint teachers)."""
+    seed: int = 0
+    """The run seed whose spec (:meth:`PipelineSpec.for_seed`) ``build`` is given."""
 
 
 def plan_stages(spec: PipelineSpec) -> list[Stage]:
@@ -138,23 +128,33 @@ def run_pipeline(spec: PipelineSpec, out: Path, store: Path | None = None, progr
                  log: Callable[..., None] | None = None) -> pd.DataFrame:
     """Run what is missing of ``spec`` and write ``out/results.parquet``, ``out/results.md`` and the resolved spec.
 
+    Every stage runs once per run seed in ``spec.seeds``, with that seed's spec (:meth:`PipelineSpec.for_seed`): the
+    artifacts of different seeds have different keys, the data splits are the same.
+
     Args:
         store: artifact store directory (default ``out/store``); share it between runs to reuse stage outputs.
         log: called as ``log(stage, artifact, rows, curves)`` after each stage (MLflow tracking hooks in here).
     """
     out = Path(out).resolve()
-    ctx = Context(spec=spec, store=ArtifactStore(store or out / "store"), progress=progress)
+    artifacts = ArtifactStore(store or out / "store")
     save_pipeline(spec, out / "pipeline.yaml")
-    stages = plan_stages(spec)
+    runs = []  # (stage, its seed's context): every stage of seed 0, then of seed 1, ...
+    for seed in spec.seeds:
+        ctx = Context(spec=spec.for_seed(seed), store=artifacts, progress=progress)
+        for st in plan_stages(ctx.spec):
+            if len(spec.seeds) > 1:
+                st.label = f"{st.label} [seed {seed}]"
+            st.seed = seed
+            runs.append((st, ctx))
     rows: list[dict] = []
     curves: list[dict] = []
-    for i, st in enumerate(stages):
+    for i, (st, ctx) in enumerate(runs):
         if progress:
-            print(f"[{i + 1}/{len(stages)}] {st.label}", file=sys.stderr, flush=True)
+            print(f"[{i + 1}/{len(runs)}] {st.label}", file=sys.stderr, flush=True)
         art = st.build(ctx)
         metrics = read_metrics(art)
-        stage_rows = _rows(metrics, st.role, st.levels, st.datasets)
-        stage_curves = [c for c in _curves(metrics, st.role, st.levels)
+        stage_rows = _rows(metrics, st.role, st.levels, st.seed, st.datasets)
+        stage_curves = [c for c in _curves(metrics, st.role, st.levels, st.seed)
                         if st.datasets is None or c["dataset"] in st.datasets]
         rows.extend(stage_rows)
         curves.extend(stage_curves)
@@ -174,26 +174,8 @@ def _parquet(df: pd.DataFrame, path: Path) -> None:
 
 
 def write_results(df: pd.DataFrame, curves: pd.DataFrame, out: Path) -> None:
-    """results.parquet (one row per dataset x role x levels x split), curves.parquet (per epoch), results.md."""
+    """results.parquet (one row per dataset x role x levels x split x run seed), curves.parquet (per epoch and
+    seed), results.md (mean ± std (n) over seeds, :func:`mlfd.stages.results.results_table`)."""
     _parquet(df, out / "results.parquet")
     _parquet(curves, out / "curves.parquet")
     atomic_write_text(out / "results.md", results_table(df) + "\n")
-
-
-def results_table(df: pd.DataFrame) -> str:
-    """A Markdown table shaped like the paper's Table 2: rows = model (and levels), columns = dataset x split x k."""
-    datasets = list(dict.fromkeys(df["dataset"]))
-    header = ["Model", "Levels"] + [f"{d} {s} acc@{k}" for d in datasets for s in ("val", "test") for k in (1, 5)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    keys = sorted({(r, lv) for r, lv in zip(df["role"], df["levels"])},
-                  key=lambda t: (ROLE_ORDER.index(t[0]) if t[0] in ROLE_ORDER else 99, t[1]))
-    for role, lv in keys:
-        sub = df[(df["role"] == role) & (df["levels"] == lv)]
-        cells = [ROLE_TITLES.get(role, role), lv]
-        for d in datasets:
-            for s in ("val", "test"):
-                m = sub[(sub["dataset"] == d) & (sub["split"] == s)]
-                for k in ("acc1", "acc5"):
-                    cells.append(f"{m[k].mean():.2f}" if len(m) else "")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
