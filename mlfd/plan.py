@@ -14,7 +14,7 @@ one epoch per recipe, and a few timed steps of each stage's task:
 * peak memory: on a GPU ``torch.cuda.max_memory_allocated`` over the probe, on a CPU the growth of the process's
   peak resident set (``VmHWM`` after resetting it through ``/proc/self/clear_refs``). The probe's own data is
   swapped for what the stage holds whole at full size: its images (unless streamed from files), the feature caches
-  of a joint teacher (unless ``cache_on_device: false``) or a student's cached targets.
+  of a joint teacher (unless it reads them out of core: ``joint.cache_on_device``) or a student's cached targets.
 
 The estimates are ``images x epochs / (images/s)`` plus the evaluation passes ``fit`` makes (val every epoch, test
 once); they leave out early stops, loading the data before the first step, a student's pass of T* over its cached
@@ -362,10 +362,13 @@ def _sync(device: torch.device) -> None:
 
 
 def _batch_images(batch: Any) -> int:
-    """Samples in one task batch: ``(x, y)``, ``(idx, x, y)``, ``(ds_id, sample)`` or a list of such."""
+    """Samples in one task batch: ``(x, y)``, ``(idx, x, y[, targets])``, a baseline's ``(dataset index, x, y)``, a
+    list of such, or a joint teacher's ``(groups, inputs)`` whose groups are ``(dataset index, sample indices)``."""
     if isinstance(batch, list):
         return sum(_batch_images(b) for b in batch)
-    return int(batch[0].shape[0])
+    if isinstance(batch[0], list):  # JointTask: (groups, prefetched inputs or None)
+        return sum(int(idx.numel()) for _, idx in batch[0])
+    return int(next(t for t in batch if isinstance(t, torch.Tensor)).shape[0])  # skips a dataset index
 
 
 def _endless(task: Any) -> Iterator[Any]:
@@ -436,14 +439,13 @@ def probe_spec(spec: PipelineSpec) -> PipelineSpec:
     return s
 
 
-def cache_on_device(spec: PipelineSpec) -> str:
-    """The pipeline's ``cache_on_device`` setting (``auto``/``true``/``false``); ``true`` when the spec has no such
-    field (the joint teacher then holds every cache on the device)."""
-    for owner in (spec, spec.joint):
-        value = getattr(owner, "cache_on_device", None)
-        if value is not None:
-            return str(value).lower()
-    return "true"
+def caches_on_device(spec: PipelineSpec, nbytes: int, budget: int) -> bool:
+    """Whether a joint teacher holds its ``nbytes`` of caches whole on the device: ``joint.cache_on_device``, and for
+    ``auto`` the rule of :func:`mlfd.stages.cache.place_caches` (at most ``cache_memory_fraction`` of ``budget``)."""
+    j = spec.joint
+    if j.cache_on_device == "auto":
+        return nbytes <= j.cache_memory_fraction * budget
+    return bool(j.cache_on_device)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -736,6 +738,18 @@ class Planner:
                  (pctx.spec.dataset(job.dataset).student.get("recipe") or {}) else "student.recipe")
         return (StudentTask(pctx, job.dataset, job.plan, sspec), sspec.recipe, f"{where}.batch_size", [job.dataset])
 
+    def _recipe(self, job: Job) -> Any:
+        """The effective recipe a job trains with at full size (per-dataset overrides applied; the probe's own spec
+        cuts the epochs)."""
+        ctx = self.keys_ctx
+        if job.kind == "teacher":
+            return self.spec.teacher_for(job.dataset)
+        if job.kind == "joint":
+            return self.spec.joint.recipe
+        if job.kind == "baseline":
+            return baseline_model(ctx, job.dataset)[1]
+        return student_variant(ctx, job.control, job.dataset).recipe
+
     def _probe(self, job: Job, pctx: _ProbeContext) -> dict:
         """Speeds and peak memory of a job's task on the probe, measured once per task shape: a student's controls
         train the same network on the same batches, so they reuse the student's figures."""
@@ -748,7 +762,7 @@ class Planner:
                 emb = getattr(getattr(task, "joint", None), "embedding_shapes", None)
                 del task
             self._probes[memo] = {"ips": ips, "eval_ips": eval_ips, "peak": peak.peak, "batch_field": batch_field,
-                                  "names": names, "emb": emb, "label": job, "recipe": recipe}
+                                  "names": names, "emb": emb, "label": job}
         return self._probes[memo]
 
     def _measure_stage(self, sp: StagePlan, job: Job, pctx: _ProbeContext, shapes: dict[str, DataShape],
@@ -759,7 +773,7 @@ class Planner:
         names, emb = m["names"], m["emb"]
         notes = ["speed of the plain student"] if m["label"] is not job else []
         sp.measured_peak = m["peak"]
-        recipe = m["recipe"]  # the effective recipe (per-dataset overrides applied)
+        recipe = self._recipe(job)
         sp.batch_size, sp.epochs = recipe.batch_size, recipe.epochs
         val = sum(shapes[n].val for n in names)
         test = sum(shapes[n].test for n in names)
@@ -777,10 +791,9 @@ class Planner:
             feats = sum(caches[t, d, job.level].total_bytes for t in job.plan.teachers for d in job.plan.datasets)
             probe_held = sum(_probe_cache_bytes(caches[t, d, job.level], probes[d]) for t in job.plan.teachers
                              for d in job.plan.datasets)
-            setting = cache_on_device(spec)
-            sp.resident_bytes = feats if setting == "true" else 0
-            sp.resident_what = f"cached features {_fmt_bytes(feats)}" + ("" if setting == "true" else
-                                                                         f" (cache_on_device: {setting})")
+            on_device = caches_on_device(spec, feats, _budget(self.device)[0])
+            sp.resident_bytes = feats if on_device else 0
+            sp.resident_what = f"cached features {_fmt_bytes(feats)}" + ("" if on_device else " (read out of core)")
         else:
             images = sum(shapes[n].image_bytes() for n in names)
             sp.resident_bytes, sp.resident_what = images, f"images {_fmt_bytes(images)}"
@@ -816,7 +829,7 @@ class Planner:
 
 def fit_warning(sp: StagePlan, budget: int, device: str) -> str:
     """One line when a stage's estimated peak exceeds ``budget`` bytes, naming the switch that makes it fit; "" when it
-    fits. A joint teacher that holds its caches on the device: ``cache_on_device: false``. Another stage: the batch
+    fits. A joint teacher that holds its caches on the device: ``joint.cache_on_device: false``. Another stage: the batch
     size at which its working memory (taken as proportional to the batch) leaves room for what it holds whole, else
     streamed images."""
     if sp.peak_bytes is None or budget <= 0 or sp.peak_bytes <= budget:
@@ -824,12 +837,12 @@ def fit_warning(sp: StagePlan, budget: int, device: str) -> str:
     where = f"{sp.label}: needs about {_fmt_bytes(sp.peak_bytes)}, {_fmt_bytes(budget)} on {device}"
     working = sp.peak_bytes - sp.resident_bytes
     if sp.kind == "joint" and sp.resident_bytes > 0 and working < budget:
-        return f"{where}; it holds its {sp.resident_what} whole: set cache_on_device: false to stream them"
+        return f"{where}; it holds its {sp.resident_what} whole: set joint.cache_on_device: false (out of core)"
     batch = int(sp.batch_size * (budget - sp.resident_bytes) / working) if working > 0 else 0
     if batch >= 1:
         return f"{where}; lower {sp.batch_field} to {batch} or less"
     if sp.kind == "joint":
-        return f"{where}; it holds its {sp.resident_what} whole: set cache_on_device: false to stream them"
+        return f"{where}; it holds its {sp.resident_what} whole: set joint.cache_on_device: false (out of core)"
     return (f"{where}; it holds its {sp.resident_what} whole: stream the images from their files (folder source, "
             f"options.stream: true) or lower {sp.batch_field}")
 
