@@ -180,7 +180,7 @@ class Tracker:
         return self.flush() > 0
 
     def _journal(self, fn: str, args: tuple, kwargs: dict, err: Exception | None = None,
-                 placeholder: str | None = None) -> None:
+                 placeholder: str | None = None, reuse: dict[str, str] | None = None) -> None:
         if not self._warned:
             why = f" ({type(err).__name__})" if err is not None else ""
             warnings.warn(f"MLflow server at {safe_uri(self.uri)} unreachable{why}; tracking calls "
@@ -192,6 +192,8 @@ class Tracker:
         entry = {"fn": fn, "args": _jsonable(args), "kwargs": _jsonable(kwargs)}
         if placeholder:
             entry["placeholder"] = placeholder
+        if reuse:
+            entry["reuse"] = reuse
         with open(self.journal, "a") as f:
             f.write(json.dumps(entry) + "\n")
 
@@ -206,6 +208,13 @@ class Tracker:
             args = self._resolve(_from_jsonable(c["fn"], c["args"]))
             kwargs = self._resolve(_from_jsonable(c["fn"], c["kwargs"]))
             try:
+                # a run to continue if one carries these tags (looked up now: the server was away when asked)
+                found = self._search_run(self._resolve(c["reuse"])) if c.get("reuse") else None
+                if found is not None:
+                    self.client.update_run(found, status="RUNNING")
+                    self._remember(c["placeholder"], found)
+                    done += 1
+                    continue
                 res = getattr(self.client, c["fn"])(*args, **kwargs)
             except Exception as e:  # noqa: BLE001
                 if _transient(e):
@@ -279,15 +288,19 @@ class Tracker:
         """The oldest run of the experiment carrying ``tags`` (a read: never journalled; None if unreachable)."""
         if _mentions_pending(tags) or time.monotonic() < self._down_until:
             return None
-        flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
         try:
-            runs = self.client.search_runs([self.experiment_id], filter_string=flt, max_results=5,
-                                           order_by=["attributes.start_time ASC"])
+            return self._search_run(tags)
         except Exception as e:  # noqa: BLE001
             if not _transient(e):
                 raise
             self._down_until = time.monotonic() + RETRY_AFTER_S
             return None
+
+    def _search_run(self, tags: dict[str, str]) -> str | None:
+        """The oldest run of the experiment carrying ``tags`` (raises what the client raises)."""
+        flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        runs = self.client.search_runs([self.experiment_id], filter_string=flt, max_results=5,
+                                       order_by=["attributes.start_time ASC"])
         return runs[0].info.run_id if runs else None
 
     def start_run(self, name: str, tags: dict[str, str], reuse: dict[str, str] | None = None) -> str:
@@ -298,13 +311,27 @@ class Tracker:
         import uuid
 
         tags = self._resolve(tags)
-        if reuse:
-            rid = self.find_run(self._resolve(reuse))
-            if rid is not None:
-                self.call("update_run", rid, status="RUNNING")
-                return rid
         args, kwargs = (self.experiment_id,), {"run_name": name, "tags": tags}
         err = None
+        if reuse:
+            reuse = self._resolve(reuse)
+            looked = not (self._pending() or _mentions_pending(reuse))
+            if looked:
+                try:
+                    rid = self._search_run(reuse)
+                except Exception as e:  # noqa: BLE001
+                    if not _transient(e):
+                        raise
+                    self._down_until = time.monotonic() + RETRY_AFTER_S
+                    err, looked = e, False
+                else:
+                    if rid is not None:
+                        self.call("update_run", rid, status="RUNNING")
+                        return rid
+            if not looked:  # whether a run to continue exists is asked again when the journal is replayed
+                placeholder = PENDING_PREFIX + uuid.uuid4().hex
+                self._journal("create_run", args, kwargs, err, placeholder=placeholder, reuse=reuse)
+                return placeholder
         if not (self._pending() or _mentions_pending(tags)):
             try:
                 return self.client.create_run(*args, **kwargs).info.run_id

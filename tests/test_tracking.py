@@ -370,11 +370,17 @@ def test_tracker_journal_keeps_calls_while_server_is_down(tmp_path: Path, journa
         assert child.startswith(PENDING_PREFIX)
         t.log_metrics(child, {"val/acc1": 30.0}, step=1)
         t.end_run(child)
+        # a run to continue, asked for while away: whether it exists is decided at replay, so no duplicate
+        again = t.start_run("trial", {"mlfd.trial_id": "t1"}, reuse={"mlfd.trial_id": "t1"})
+        assert again.startswith(PENDING_PREFIX)
+        t.log_metrics(again, {"val/acc1": 25.0}, step=3)
+        t.end_run(again)
         elapsed = time.monotonic() - t0
         assert elapsed < 60, f"journalling took {elapsed:.0f} s: MLflow's HTTP retries are not bounded"
         entries = [json.loads(ln) for ln in journal.read_text().splitlines()]
         assert [e["fn"] for e in entries] == ["log_batch", "log_batch", "set_terminated", "create_run", "log_batch",
-                                              "set_terminated"]
+                                              "set_terminated", "create_run", "log_batch", "set_terminated"]
+        assert entries[6]["reuse"] == {"mlfd.trial_id": "t1"} and "reuse" not in entries[3]
         assert "hunter2" not in journal.read_text()
 
         server.start().wait_ready()  # the same port and database
@@ -383,7 +389,7 @@ def test_tracker_journal_keeps_calls_while_server_is_down(tmp_path: Path, journa
 
         c = client(server.uri)
         run = c.get_run(rid)
-        assert [(m.step, m.value) for m in c.get_metric_history(rid, "val/acc1")] == [(1, 10.0), (2, 20.0)]
+        assert [(m.step, m.value) for m in c.get_metric_history(rid, "val/acc1")] == [(1, 10.0), (2, 20.0), (3, 25.0)]
         assert run.data.metrics["train/loss/kd"] == 0.5 and "skipped" not in run.data.metrics
         assert run.data.params == {"student.alpha": "0.25", "tracking.password": "***",
                                    "job.tracking_uri": "http://***@mlflow.example:5000"}
@@ -392,6 +398,7 @@ def test_tracker_journal_keeps_calls_while_server_is_down(tmp_path: Path, journa
         assert len(kids) == 1 and kids[0].data.tags["mlfd.trial_id"] == "t2"
         assert kids[0].data.metrics == {"val/acc1": 30.0} and kids[0].info.status == "FINISHED"
         assert t.resolve_id(child) == kids[0].info.run_id
+        assert t.resolve_id(again) == rid and len(c.search_runs([run.info.experiment_id])) == 2
     finally:
         server.stop()
 
