@@ -78,10 +78,8 @@ def test_synthetic_counts_follow_the_known_table_and_the_split_rules() -> None:
 def test_paper_t1_cache_sizes_from_the_known_counts_and_the_models_shapes() -> None:
     """The T1 setting (CIFAR-100 + TinyImageNet + ImageNet-Sketch, 220,889 images, resnet18 / efficientnet_b0 /
     seresnext26d_32x4d at 224 px): the float16 caches of design.md, 1.7 / 83.1 / 120.5 / 235.5 GB at L1-L4."""
-    data = json.loads(json.dumps(PAPER_LIKE))
-    for d, arch in zip(data["datasets"], ("resnet18", "efficientnet_b0", "seresnext26d_32x4d")):
-        d["model"] = {"arch": arch, "input_size": 224}
-    spec = from_dict(PipelineSpec, data)
+    spec = load_pipeline(ROOT / "pipelines" / "paper_t1.yaml")  # the shipped file; its data folders need not exist
+    assert [d.model.arch for d in spec.datasets] == ["resnet18", "efficientnet_b0", "seresnext26d_32x4d"]
     shapes = [synthetic_shape(d, i) for i, d in enumerate(spec.datasets)]
     assert sum(s.total for s in shapes) == 220_889
     levels = [LevelModel(create_model(d.model, 10), 224).level_shapes() for d in spec.datasets]

@@ -369,10 +369,15 @@ def finished_trials(exp: Path) -> list[str]:
     return [t for t, status in snapshot_status(exp).items() if status == "TERMINATED"]
 
 
-def check_resumed(out: Path, args: list, saved: dict, lines_before: dict) -> Search:
-    """After the final --resume: every trial once, none lost, finished trials untouched, unfinished continued."""
+def check_resumed(out: Path, args: list, saved: dict, lines_before: dict, running_before: frozenset = frozenset()
+                  ) -> Search:
+    """After the final --resume: every trial once, none lost, finished trials untouched, unfinished continued.
+
+    ``running_before``: trials in flight at an earlier interruption of the same search (they may have repeated an
+    epoch from their checkpoint then, as the ones unfinished in ``saved`` may have now)."""
     s = read_search(out, [str(a) for a in args])
-    check_trials(s, ["digits"], RESUME_SAMPLES, rerun={t for t, status in saved.items() if status != "TERMINATED"})
+    check_trials(s, ["digits"], RESUME_SAMPLES,
+                 rerun={t for t, status in saved.items() if status != "TERMINATED"} | set(running_before))
     epochs = dict(zip(s.trials["trial_id"], s.trials["epochs"]))
     assert set(saved) <= set(epochs), "a trial of the interrupted search is missing after --resume"
     exp = experiment_dir(out, "digits")
@@ -428,6 +433,7 @@ def test_driver_interrupted_at_four_points_then_resumed(mlfd_cli, tmp_path: Path
     finished, saved, lines_before = interrupt_when(mlfd_cli, [*args, "--resume"], signal.SIGINT, finished_trials,
                                                    "a trial finished")
     done = frozenset(t for t, status in saved.items() if status == "TERMINATED")
+    in_flight = frozenset(saved) - done  # stopped mid-trial by the Ctrl-C: resumed from a checkpoint
     assert set(finished) <= done  # what the snapshot said had finished is what --resume starts from
     assert not (out / "trials.parquet").exists()
     teachers = {p.name for p in (store / "teacher").iterdir() if not p.name.startswith(".")}
@@ -452,7 +458,7 @@ def test_driver_interrupted_at_four_points_then_resumed(mlfd_cli, tmp_path: Path
     last = mlfd_cli(*args, "--resume", timeout=600)
     assert last.proc.returncode == 0, last.output[-5000:]
     assert not last.cleanup(grace=30)
-    s = check_resumed(out, args, saved, lines_now)
+    s = check_resumed(out, args, saved, lines_now, running_before=in_flight)
     same = [s.trials, table]
     same = [df.drop(columns="path").sort_values("trial_id").reset_index(drop=True) for df in same]
     pd.testing.assert_frame_equal(*same)  # the last --resume re-ran nothing and wrote the same table
