@@ -32,7 +32,6 @@ import pandas as pd
 from mlfd.errors import SpecError
 from mlfd.stages.results import PM, ROLE_ORDER, ROLE_TITLES, aggregate_results, cell_stat, results_table
 from mlfd.store import atomic_write_bytes, atomic_write_text
-from mlfd.tracking import log_report_to_mlflow  # noqa: F401  (moved to tracking: only it imports mlflow)
 
 RESULTS_FILE = "results.parquet"
 CURVES_FILE = "curves.parquet"

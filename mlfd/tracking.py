@@ -656,22 +656,3 @@ class PipelineTracking:
             t.log_artifact(self.parent, p, "report")
         t.end_run(self.parent, status)
 
-
-def log_report_to_mlflow(files: dict[str, Path], run_id: str, tracking_uri: str, artifact_path: str = "report"
-                         ) -> None:
-    """Log a report's files (report.md and the PNGs) as artifacts of an existing MLflow run.
-
-    Uses an explicit :class:`mlflow.MlflowClient`, so the process-wide tracking URI and active run are untouched.
-
-    Args:
-        files: What :func:`mlfd.report.write_report` returned.
-        run_id: The MLflow run to attach them to.
-        tracking_uri: Its tracking URI (``sqlite:///...`` or a server URL).
-        artifact_path: Folder inside the run's artifacts.
-    """
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    for path in dict.fromkeys(Path(p) for p in files.values()):
-        if path.suffix in (".md", ".png") and path.is_file():
-            client.log_artifact(run_id, str(path), artifact_path=artifact_path)

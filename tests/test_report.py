@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from mlfd.config import SpecError
-from mlfd.report import (SearchInfo, add_report_parser, aggregate_results, comparison_table, log_report_to_mlflow,
-                         order_trials, top_trials_table, write_report)
+from mlfd.report import (SearchInfo, add_report_parser, aggregate_results, comparison_table, order_trials,
+                         top_trials_table, write_report)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ["digits", "mnist"]
@@ -342,16 +342,3 @@ def test_cli_subcommand(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     args = parser.parse_args(["report", str(tmp_path / "missing")])
     with pytest.raises(SpecError):
         args.func(args)
-
-
-def test_log_report_to_mlflow(tmp_path: Path, report: tuple[Path, dict[str, Path], str]) -> None:
-    from mlflow import MlflowClient
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.create_experiment("report-test", artifact_location=str(tmp_path / "artifacts"))
-    run = client.create_run(exp)
-    _, files, _ = report
-    log_report_to_mlflow(files, run.info.run_id, uri)
-    logged = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "report")}
-    assert logged == {p.name for p in files.values()}

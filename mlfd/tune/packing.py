@@ -443,16 +443,6 @@ def _child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, path) if p)}
 
 
-def measure_peak_memory(spec: PipelineSpec | dict, stage: str, study: str | None, device: str = "cuda") -> int:
-    """Peak memory in bytes of one trial of ``stage`` for ``study``, from a dry run in a child process.
-
-    On CUDA: the caching allocator's reserved peak over the trial's phases (upstream build, training steps with
-    backward and optimizer step, val evaluation); the per-process CUDA context is not included (see
-    :data:`CONTEXT_RESERVE_BYTES`). On CPU: the child's peak RSS.
-    """
-    return probe(spec, stage, [study], device).peak_bytes
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # What `mlfd tune` calls
 # --------------------------------------------------------------------------------------------------------------------
