@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from mlfd.config import SpecError
-from mlfd.report import (SearchInfo, add_report_parser, aggregate_results, comparison_table, order_trials,
-                         top_trials_table, write_report)
+from mlfd.report import SearchInfo, add_report_parser, order_trials, top_trials_table, write_report
+from mlfd.stages.results import aggregate_results
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ["digits", "mnist"]
@@ -163,7 +163,7 @@ def test_files_are_written_and_pngs_are_images(report: tuple[Path, dict[str, Pat
             assert f"]({path.name})" in md  # linked relative to report.md
 
 
-def test_comparison_table_is_mean_and_std_over_seeds(report: tuple[Path, dict[str, Path], str]) -> None:
+def test_results_table_is_mean_and_std_over_seeds(report: tuple[Path, dict[str, Path], str]) -> None:
     d, _, md = report
     df = pd.read_parquet(d / "results.parquet")
     rows = parse_table(section(md, "## Results"))
@@ -196,10 +196,7 @@ def test_aggregate_ignores_duplicate_rows_of_one_seed() -> None:
 
 
 def test_single_seed_table_is_the_pipeline_table(tmp_path: Path) -> None:
-    from mlfd.stages.pipeline import results_table
-
     df = make_results(seeds=[3])
-    assert comparison_table(df) == results_table(df)
     write_run(tmp_path, df, curves=False)
     md = write_report(tmp_path)["report"].read_text()
     assert "±" not in "\n".join(section(md, "## Results"))
