@@ -1,8 +1,9 @@
 """MLflow tracking: one experiment per job, one parent run per search study (or pipeline run), one child per trial/stage.
 
 The only package that imports mlflow (with :mod:`mlfd.tune.mlflow_callback`). All calls go through one
-:class:`MlflowClient` bound to the job's tracking URI (no process-wide state), and every call that fails because the server went away is kept in a local JSONL journal
-and retried later, with a warning, so a search never dies because tracking did.
+:class:`MlflowClient` bound to the job's tracking URI (no process-wide state), and every call that fails because the
+server went away is kept in a local JSONL journal and retried later, with a warning, so a search never dies because
+tracking did.
 
 The package: :mod:`~mlfd.tracking.client` (the client, its journal of failed calls, run tags),
 :mod:`~mlfd.tracking.redaction` (credentials kept out of params, tags and logged files),
