@@ -1,4 +1,4 @@
-"""Memory-aware packing of trials on fractional GPUs (mlfd/tune/packing.py, design.md section 3).
+"""Memory-aware packing of trials on fractional GPUs (mlfd/tune/packing/, design.md section 3).
 
 The arithmetic is checked with real numbers (an H200's 143,771 MiB, the 0.29 GiB peak of a ResNet-18 trial at 32 px
 from shared/reference/gpu-ceilings.json); the dry run on CPU here (its GPU path is the same code with CUDA memory
