@@ -452,17 +452,54 @@ def _hints(cls) -> dict:
     return _HINTS[cls]
 
 
-def _type_name(tp) -> str:
+def type_name(tp: Any) -> str:
+    """How a message names what a field of type hint ``tp`` accepts: ``an integer or null``, ``one of 'a', 'b'``.
+
+    The one wording of the spec's type errors (:func:`from_dict`) and the search-space checks (:mod:`mlfd.tune.spaces`).
+    """
+    if tp is Any:
+        return "any value"
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+        return " or ".join(type_name(a) for a in typing.get_args(tp))
     if tp is type(None):
         return "null"
-    if dataclasses.is_dataclass(tp):
+    if dataclasses.is_dataclass(tp) or tp is dict or origin is dict:
         return "a mapping"
-    return getattr(tp, "__name__", str(tp))
+    if tp is list or origin is list:
+        return "a list"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, getattr(tp, "__name__",
+                                                                                                        str(tp)))
+
+
+def is_number(v: Any) -> bool:
+    """An int or float, not a bool."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def admits(tp: Any, v: Any) -> bool:
+    """Whether a scalar field of type hint ``tp`` accepts the value ``v`` as it is (what :func:`from_dict` accepts;
+    an int is a valid float). ``typing.Any`` accepts everything; containers and dataclasses accept no scalar."""
+    if tp is Any:
+        return True
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return any(admits(a, v) for a in typing.get_args(tp))
+    if tp is type(None):
+        return v is None
+    if origin is Literal:
+        return any(v == a and type(v) is type(a) for a in typing.get_args(tp))
+    if tp is bool:
+        return isinstance(v, bool)
+    if tp is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if tp is float:
+        return is_number(v)
+    if tp is str:
+        return isinstance(v, str)
+    return False
 
 
 def _convert(value: Any, tp, path: str) -> Any:
@@ -483,7 +520,7 @@ def _convert(value: Any, tp, path: str) -> Any:
                 return _convert(value, a, path)
             except SpecError as e:
                 errors.append(e)
-        raise SpecError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        raise SpecError(f"{path}: expected {type_name(tp)}, got {value!r}")
     if origin is Literal:
         allowed = typing.get_args(tp)
         _check(value in allowed, path, f"got {value!r}; allowed: {', '.join(map(str, allowed))}")

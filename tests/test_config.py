@@ -396,7 +396,7 @@ def _mutate(data: dict, key: str, value: object) -> dict:
     ("datasets.2.model.checkpoint", "/nonexistent/t.pt", r"^pipeline\.datasets\[2\]\.model\.checkpoint: file not"),
     ("datasets.2.model.kwargs", [1], r"^pipeline\.datasets\[2\]\.model\.kwargs: expected a mapping"),
     ("datasets.0.options", None, r"^pipeline\.datasets\[0\]\.options: expected a mapping, got None"),
-    ("datasets.0.max_train", "10", r"^pipeline\.datasets\[0\]\.max_train: expected int or null, got '10'"),
+    ("datasets.0.max_train", "10", r"^pipeline\.datasets\[0\]\.max_train: expected an integer or null, got '10'"),
     ("fusion_levels", [], r"^pipeline\.fusion_levels: needs at least one level"),
     ("fusion_levels", [1, 1], r"^pipeline\.fusion_levels: has duplicates"),
     ("fusion_levels", [True], r"^pipeline\.fusion_levels: levels must be integers in 1\.\.4, got True"),

@@ -1,4 +1,4 @@
-"""Memory-aware packing of trials on fractional GPUs (mlfd/tune/packing.py, design.md section 3).
+"""Memory-aware packing of trials on fractional GPUs (mlfd/tune/packing/, design.md section 3).
 
 The arithmetic is checked with real numbers (an H200's 143,771 MiB, the 0.29 GiB peak of a ResNet-18 trial at 32 px
 from shared/reference/gpu-ceilings.json); the dry run on CPU here (its GPU path is the same code with CUDA memory
@@ -174,10 +174,10 @@ def test_limited_task_cuts_the_epoch():
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="measure_peak_memory measures CUDA memory: no GPU here")
-def test_measure_peak_memory_on_cuda():
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the dry run on CUDA measures GPU memory: no GPU here")
+def test_probe_on_cuda():
     spec = smoke_pipeline(load_pipeline(ROOT / "pipelines" / "offline_default.yaml"))
-    peak = packing.measure_peak_memory(spec, "students", "mnist", "cuda")
+    peak = packing.probe(spec, "students", ["mnist"], "cuda").peak_bytes
     assert 1 * MIB < peak < 40 * GIB
     assert torch.cuda.memory_reserved() == 0  # the driver (this process) took no GPU memory
 

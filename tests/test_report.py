@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from mlfd.config import SpecError
-from mlfd.report import (SearchInfo, add_report_parser, aggregate_results, comparison_table, log_report_to_mlflow,
-                         order_trials, top_trials_table, write_report)
+from mlfd.report import SearchInfo, add_report_parser, order_trials, top_trials_table, write_report
+from mlfd.stages.results import aggregate_results
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ["digits", "mnist"]
@@ -163,7 +163,7 @@ def test_files_are_written_and_pngs_are_images(report: tuple[Path, dict[str, Pat
             assert f"]({path.name})" in md  # linked relative to report.md
 
 
-def test_comparison_table_is_mean_and_std_over_seeds(report: tuple[Path, dict[str, Path], str]) -> None:
+def test_results_table_is_mean_and_std_over_seeds(report: tuple[Path, dict[str, Path], str]) -> None:
     d, _, md = report
     df = pd.read_parquet(d / "results.parquet")
     rows = parse_table(section(md, "## Results"))
@@ -196,10 +196,7 @@ def test_aggregate_ignores_duplicate_rows_of_one_seed() -> None:
 
 
 def test_single_seed_table_is_the_pipeline_table(tmp_path: Path) -> None:
-    from mlfd.stages.pipeline import results_table
-
     df = make_results(seeds=[3])
-    assert comparison_table(df) == results_table(df)
     write_run(tmp_path, df, curves=False)
     md = write_report(tmp_path)["report"].read_text()
     assert "±" not in "\n".join(section(md, "## Results"))
@@ -342,16 +339,3 @@ def test_cli_subcommand(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     args = parser.parse_args(["report", str(tmp_path / "missing")])
     with pytest.raises(SpecError):
         args.func(args)
-
-
-def test_log_report_to_mlflow(tmp_path: Path, report: tuple[Path, dict[str, Path], str]) -> None:
-    from mlflow import MlflowClient
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.create_experiment("report-test", artifact_location=str(tmp_path / "artifacts"))
-    run = client.create_run(exp)
-    _, files, _ = report
-    log_report_to_mlflow(files, run.info.run_id, uri)
-    logged = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "report")}
-    assert logged == {p.name for p in files.values()}

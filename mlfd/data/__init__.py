@@ -5,12 +5,12 @@ from mlfd.config import register_check
 from mlfd.data.base import DatasetSplits, FileImages, ImageSet, RawData
 from mlfd.data.loader import StreamLoader, TensorLoader, batch_bounds, make_loader, to_device
 from mlfd.data.sources import SOURCES
-from mlfd.data.splits import clear_dataset_cache, load_dataset
+from mlfd.data.splits import load_dataset
 from mlfd.data.transforms import BatchTransform
 from mlfd.errors import SpecError
 
 __all__ = ["SOURCES", "BatchTransform", "DatasetSplits", "FileImages", "ImageSet", "RawData", "StreamLoader",
-           "TensorLoader", "batch_bounds", "check_source", "clear_dataset_cache", "load_dataset", "make_loader", "to_device"]
+           "TensorLoader", "batch_bounds", "check_source", "load_dataset", "make_loader", "to_device"]
 
 
 def check_source(name: str, path: str) -> None:

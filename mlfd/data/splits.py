@@ -178,6 +178,3 @@ def load_dataset(spec: DatasetSpec, path: str | None = None) -> DatasetSplits:
     return _CACHE[key]
 
 
-def clear_dataset_cache() -> None:
-    """Forget every memoised dataset (frees their memory once no caller holds them)."""
-    _CACHE.clear()

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from mlfd.config import _check, apply_overrides, from_dict, read_yaml, to_dict
+from mlfd.config import _check, apply_overrides, from_dict, read_yaml
 from mlfd.errors import SpecError
 
 STAGES = ("students", "joint", "teachers", "multi_head", "joint_head")
@@ -126,10 +126,6 @@ def load_job(path: str | Path, smoke: bool = False, overrides: list[str] | None 
 def resolve(base: Path, p: str) -> Path:
     q = Path(p).expanduser()
     return q if q.is_absolute() else (base / q).resolve()
-
-
-def job_dict(job: JobSpec) -> dict:
-    return to_dict(job)
 
 
 __all__ = ["JobSpec", "SchedulerSpec", "ResourcesSpec", "STAGES", "load_job", "resolve", "SpecError"]
