@@ -58,6 +58,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
     if args.connect_timeout <= 0:
         raise SpecError(f"--connect-timeout: must be > 0 seconds, got {args.connect_timeout:g}")
+    if args.lost_node_timeout < 0:
+        raise SpecError(f"--lost-node-timeout: must be >= 0 seconds (0: wait for ever), got {args.lost_node_timeout:g}")
     load_job(args.job, smoke=args.smoke, overrides=args.set)  # before importing Ray and torch: a bad file fails fast
     from mlfd.tracking import SearchTracking
     from mlfd.tune.launch import handle_sigterm, run_search
@@ -65,7 +67,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     handle_sigterm()  # SIGTERM stops the search like Ctrl-C from here on (exit 143)
     out = Path(args.out).resolve()
     df = run_search(args.job, out, smoke=args.smoke, resume=args.resume, address=args.address, overrides=args.set,
-                    tracking=SearchTracking(out, register=args.register), connect_timeout=args.connect_timeout)
+                    tracking=SearchTracking(out, register=args.register), connect_timeout=args.connect_timeout,
+                    lost_node_timeout=args.lost_node_timeout)
     cols = [c for c in ("study", "trial_id", "status", "epochs", "best/val/acc1") if c in df.columns]
     if len(df):
         print(df[cols].to_string(index=False))
@@ -159,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "Running on a cluster)")
     t.add_argument("--connect-timeout", type=float, default=60.0, metavar="SECONDS",
                    help="give up joining the --address cluster after SECONDS (default: 60); exit 2")
+    t.add_argument("--lost-node-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="stop the search (state saved, exit 2) when trials have waited SECONDS for resources that no "
+                        "live node has, e.g. after losing a node (default: 30; 0: wait for ever, e.g. for an "
+                        "autoscaler)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a job field (num_samples=4, resources.gpu=0) or a pipeline field "
                         "(pipeline.student.recipe.epochs=3)")

@@ -22,3 +22,9 @@ class CorruptArtifact(SpecError):
 
 class StorageError(OSError):
     """Writing outputs failed (disk full, permissions). Nothing stored earlier was touched."""
+
+
+class NodeLost(SpecError):
+    """A search stopped because no live node of the Ray cluster can host its waiting trials (a node was lost).
+
+    The experiment state is saved: ``mlfd tune --resume`` on a healthy cluster finishes the search."""

@@ -7,6 +7,8 @@
   store's lock files work across the nodes' processes here; on NFS they need a server with lock support).
   The worker node (its raylet and its workers) is SIGKILLed while a trial runs there: the trial continues on the head
   from its last checkpoint and the search completes, every trial once in trials.parquet and in MLflow.
+* When no surviving node can host a trial (trials of 2 CPUs, the only 2-CPU node lost), the search stops with its state
+  saved, exit 2 and one line naming the lost node; ``--resume`` after a fresh node joined finishes it.
 * A cluster that cannot be reached fails within ``--connect-timeout`` with exit 2 and a one-line cause; Ctrl-C and
   SIGTERM stop the driver while it waits.
 * SIGTERM in the middle of a (local) search stops it like Ctrl-C: exit 143, MLflow runs KILLED, the --resume hint,
@@ -30,7 +32,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import CLI_ENV, CliRun, descendants, identity, same_process
+from conftest import CLI_ENV, CliRun, descendants, identity, same_process, snapshot_status
 from test_tracking import MlflowServer, all_runs, client, free_port, history_len, split_runs
 from test_tune import JOB, experiment_dir, one_line_error, read_search, result_lines, same_epoch, tiny, wait_for
 
@@ -61,10 +63,17 @@ from ray.cluster_utils import Cluster
 # pid: this cluster is reached only through its address.
 ray._private.utils.write_ray_address = lambda *args, **kwargs: None
 c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-c.add_node(num_cpus=1)
+c.add_node(num_cpus=int(sys.argv[1]))
 c.wait_for_nodes()
-nodes = [{"node_id": n.node_id, "raylet": n.all_processes["raylet"][0].process.pid} for n in c.list_all_nodes()]
-print(json.dumps({"address": c.address, "nodes": nodes}), flush=True)
+info = lambda n: {"node_id": n.node_id, "raylet": n.all_processes["raylet"][0].process.pid}
+print(json.dumps({"address": c.address, "nodes": [info(n) for n in c.list_all_nodes()]}), flush=True)
+for line in sys.stdin:  # "add CPUS LOST_NODE_ID": forget a killed worker, add a fresh one
+    _, cpus, lost = line.split()
+    for n in [n for n in c.worker_nodes if n.node_id == lost]:
+        c.remove_node(n, allow_graceful=False)
+    n = c.add_node(num_cpus=int(cpus))
+    c.wait_for_nodes(timeout=120)
+    print(json.dumps(info(n)), flush=True)
 while True:
     time.sleep(3600)
 """
@@ -77,9 +86,11 @@ def cluster_env(loopback: bool = True) -> dict:
 
 @dataclass
 class LocalCluster:
-    """A two-node Ray cluster (head + worker, 1 CPU each) in a child process; stopped by the pids it started."""
+    """A two-node Ray cluster (head with 1 CPU, worker with ``worker_cpus``) in a child process; stopped by the pids
+    it started."""
 
     root: Path
+    worker_cpus: int = 1
     proc: subprocess.Popen | None = None
     address: str = ""
     head: dict = field(default_factory=dict)
@@ -88,8 +99,9 @@ class LocalCluster:
 
     def start(self, timeout: float = 240) -> LocalCluster:
         self.log = open(self.root / "cluster.log", "w+")
-        self.proc = subprocess.Popen([sys.executable, "-c", CLUSTER_SCRIPT], cwd=self.root, env=cluster_env(),
-                                     stdout=subprocess.PIPE, stderr=self.log, text=True, start_new_session=True)
+        self.proc = subprocess.Popen([sys.executable, "-c", CLUSTER_SCRIPT, str(self.worker_cpus)], cwd=self.root,
+                                     env=cluster_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True, start_new_session=True)
         deadline = time.monotonic() + timeout
         line = ""
         while not line:
@@ -105,6 +117,16 @@ class LocalCluster:
 
     def record(self) -> None:
         self.spawned.update(descendants(self.proc.pid))
+
+    def replace_worker(self, cpus: int) -> dict:
+        """A fresh worker node with ``cpus`` CPUs in place of the (killed) worker; it becomes ``self.worker``."""
+        self.proc.stdin.write(f"add {cpus} {self.worker['node_id']}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline().strip()
+        assert line, f"cluster could not add a node:\n{self.tail()}"
+        self.worker = json.loads(line)
+        self.record()
+        return self.worker
 
     def node_processes(self, node: dict) -> dict[int, str]:
         """A node's raylet and everything it started (its workers)."""
@@ -139,6 +161,7 @@ class LocalCluster:
             while time.monotonic() < deadline and any(i and same_process(p, i) for p, i in alive.items()):
                 time.sleep(0.3)
         self.proc.wait(10)
+        self.proc.stdin.close()
         self.log.close()
         return {p: i for p, i in alive.items() if i and same_process(p, i)}
 
@@ -185,6 +208,86 @@ def running_on(exp: Path, node_id: str) -> list[str]:
         if last.get("node") == node_id and last.get("training_iteration", CLUSTER_EPOCHS) < CLUSTER_EPOCHS - 1:
             found.append(d.name.split("_")[2])
     return found
+
+
+LOST_SAMPLES = 2
+# Trials of 2 CPUs: only the 2-CPU worker can host one (the head has 1 CPU). A name of its own keeps its MLflow
+# experiment apart from the other searches on the module's server.
+LOST_ARGS = ["--set=name=lost-node", f"--set=num_samples={LOST_SAMPLES}", "--set=resources.cpu=2", "--set=seed=37"]
+
+
+@pytest.mark.slow
+def test_losing_the_only_node_that_fits_stops_and_resumes(mlflow_server: MlflowServer, mlfd_cli,
+                                                          tmp_path: Path) -> None:
+    """Head 1 CPU + worker 2 CPUs, trials of 2 CPUs; the worker is SIGKILLed while a trial runs there. No live node
+    can host the trials, so the search stops (state saved) with exit 2 and one line naming the lost node; a fresh
+    2-CPU worker joins and ``--resume`` finishes it: every trial once in trials.parquet and in MLflow.
+
+    Before the module's other cluster tests: its own cluster, so that two clusters never run at once.
+    """
+    cluster = LocalCluster(tmp_path, worker_cpus=2)
+    try:
+        cluster.start()
+        shared = tmp_path / "shared"  # this machine's disk stands in for the NFS volume every node mounts
+        (shared / "store").mkdir(parents=True)
+        out = shared / "out"
+        args = tune_args(out, shared, cluster.address, mlflow_server.uri, *LOST_ARGS)
+        run = mlfd_cli.start(*args, "--lost-node-timeout", "5", env=cluster_env())
+        exp = out / "ray" / "lost-node-digits"
+        lost = cluster.worker["node_id"]
+        killed = wait_for(run, lambda: running_on(exp, lost), "a trial reported an epoch on the worker", timeout=600)
+        gone = cluster.kill_node(cluster.worker)
+        t0 = time.monotonic()
+        assert run.wait(300) == 2, run.output[-5000:]
+        print(f"stopped {time.monotonic() - t0:.1f} s after the node was killed")
+        # One line, the last one (Ray Tune has logged the trial's failure, with the traceback of the lost actor, above).
+        errors = [line for line in run.output.splitlines() if line.startswith("mlfd: error:")]
+        assert len(errors) == 1 and run.output.strip().splitlines()[-1] == errors[0], run.output[-3000:]
+        for words in (f"lost Ray node {lost} (127.0.0.1): no live node can host a waiting trial ([CPU=2]",
+                      f"--resume --out {out}"):
+            assert words in errors[0], errors[0]
+        assert "2 trial(s) wait for resources that no live Ray node has; the search stops in 5 s" in run.output
+        assert not [p for p, i in gone.items() if same_process(p, i)], "worker node processes survived SIGKILL"
+        assert not run.cleanup(grace=30)
+        # Nothing lost: Tune saved the state with the killed trial still to finish, and no MLflow run is RUNNING.
+        assert snapshot_status(exp)[killed[0]] != "TERMINATED", snapshot_status(exp)
+        c = client(mlflow_server.uri)
+        parents, children = split_runs(all_runs(c, "lost-node"))
+        assert [r.info.status for r in parents] == ["KILLED"], [r.info.status for r in parents]
+        assert {r.info.status for r in children} <= {"KILLED", "FINISHED"}, [r.info.status for r in children]
+
+        fresh = cluster.replace_worker(2)["node_id"]
+        resumed = mlfd_cli.start(*args, "--resume", env=cluster_env())
+        assert resumed.wait(600) == 0, resumed.output[-5000:]
+        assert not resumed.cleanup(grace=30)
+    finally:
+        left = cluster.stop() if cluster.proc is not None else {}
+    assert not left, f"cluster processes still alive after teardown: {left}"
+
+    df = read_search(out, [str(a) for a in args]).trials
+    assert sorted(df["trial_id"]) == sorted(d.name.split("_")[2] for d in exp.glob("run_stage_*")), df["trial_id"]
+    assert len(df) == LOST_SAMPLES and df["trial_id"].is_unique
+    assert (df["status"] == "TERMINATED").all() and (df["epochs"] == CLUSTER_EPOCHS).all() and \
+        (df["error"] == "").all(), df[["trial_id", "status", "epochs", "error"]]
+    assert set(df["node"]) <= {lost, fresh}, (df["node"], lost, fresh)  # never on the 1-CPU head
+    for _, r in df.iterrows():
+        lines = [json.loads(x) for x in result_lines(exp, r["trial_id"])]
+        iters = [x["training_iteration"] for x in lines]
+        first: dict[int, dict] = {}
+        for x in lines:
+            first.setdefault(x["training_iteration"], x)
+        if r["trial_id"] in killed:  # continued on the fresh worker from its checkpoint
+            assert r["nodes"] == f"{lost},{fresh}" and r["node"] == fresh, r[["nodes", "node"]]
+            assert iters.count(1) == 1, f"trial {r['trial_id']} restarted from scratch: {iters}"
+        assert sorted(first) == list(range(1, CLUSTER_EPOCHS + 1)) and iters == sorted(iters), iters
+        assert all(same_epoch(x, first[x["training_iteration"]]) for x in lines), iters
+
+    parents, children = split_runs(all_runs(c, "lost-node"))
+    assert [r.info.status for r in parents] == ["FINISHED"], [r.info.status for r in parents]
+    assert sorted(r.data.tags[TAG_TRIAL] for r in children) == sorted(df["trial_id"])
+    for r in children:
+        assert r.info.status == "FINISHED", (r.info.run_name, r.info.status)
+        assert history_len(c, r.info.run_id, "val/acc1") == CLUSTER_EPOCHS
 
 
 @pytest.mark.slow
@@ -370,6 +473,59 @@ def test_cluster_resources_are_checked() -> None:
     check_cluster_resources(gpu, {"CPU": 64.0, "GPU": 8.0}, "h:1")
     with pytest.raises(SpecError, match="resources.cpu: a trial asks for 4 CPUs but the cluster at h:1 has 2"):
         check_cluster_resources(cpu, {"CPU": 2.0}, "h:1")
+
+
+def ray_node(node_id: str, alive: bool, cpus: float, gpus: float = 0.0, ip: str = "127.0.0.1") -> dict:
+    """A ``ray.nodes()`` entry: ``Resources`` are the node's totals (a dead node keeps its last ones)."""
+    res = {"CPU": cpus, "memory": 2e9, "object_store_memory": 1e9, f"node:{ip}": 1.0}
+    return {"NodeID": node_id, "Alive": alive, "NodeManagerAddress": ip, "NodeManagerHostname": "host",
+            "Resources": {**res, **({"GPU": gpus} if gpus else {})}}
+
+
+def test_lost_node_decision() -> None:
+    """Whether pending trials can ever run: a request against the totals of the live nodes, not what is free now."""
+    from types import SimpleNamespace
+
+    from ray.tune import PlacementGroupFactory
+
+    from mlfd.tune.watch import lost_nodes, stuck_reason, trial_bundles, unhostable
+
+    head, worker, dead = ray_node("aa", True, 1), ray_node("bb", True, 2), ray_node("bb", False, 2)
+    two = [{"CPU": 2.0, "GPU": 0.0}]
+    assert not unhostable([head, worker], two)  # healthy: a trial merely queued behind others on the worker
+    assert unhostable([head, dead], two)  # the only node that fits was lost
+    assert not unhostable([head, dead], [{"CPU": 1.0}])  # the survivor hosts 1-CPU trials: Ray retries them there
+    assert unhostable([head, ray_node("cc", True, 1)], two)  # 2 CPUs in all, but on no single node
+    assert unhostable([], [{"CPU": 1.0}]) and not unhostable([head], [{"CPU": 0.5, "GPU": 0.0}])
+    gpu = ray_node("gg", True, 8, gpus=1)
+    assert not unhostable([head, gpu], [{"CPU": 1.0, "GPU": 0.25}]) and unhostable([head], [{"CPU": 1.0, "GPU": 0.25}])
+    assert unhostable([head, worker], [{"CPU": 1.0, "accelerator_type:A100": 0.01}])  # a custom resource no node has
+    # Bundles: each on one node (PACK), or all on one (STRICT_PACK).
+    pack = SimpleNamespace(placement_group_factory=PlacementGroupFactory([{"CPU": 1}, {"CPU": 1}], strategy="PACK"))
+    strict = SimpleNamespace(placement_group_factory=PlacementGroupFactory([{"CPU": 1}, {"CPU": 1}],
+                                                                          strategy="STRICT_PACK"))
+    assert trial_bundles(pack) == [{"CPU": 1}, {"CPU": 1}] and trial_bundles(strict) == [{"CPU": 2}]
+    assert not unhostable([head, ray_node("cc", True, 1)], trial_bundles(pack))
+    assert unhostable([head, ray_node("cc", True, 1)], trial_bundles(strict))
+    # The lost nodes: those that died during the search if any, else every dead node the cluster remembers.
+    old = ray_node("00", False, 4, ip="10.0.0.9")
+    assert lost_nodes([head, dead, old], before={"00"}) == [dead]
+    assert lost_nodes([head, old], before={"00"}) == [old] and lost_nodes([head, worker]) == []
+    assert stuck_reason([head, dead, old], two, 31.2, before={"00"}) == (
+        "lost Ray node bb (127.0.0.1): no live node can host a waiting trial ([CPU=2]; the largest live node has "
+        "CPU=1) for 31 s")
+    assert stuck_reason([head, ray_node("cc", True, 1)], two, 5) == (
+        "no live node can host a waiting trial ([CPU=2]; the largest live node has CPU=1) for 5 s, and no Ray node "
+        "was lost: the trial asks for more than any node of the cluster has")
+    many = [head] + [ray_node(f"d{i}", False, 2) for i in range(5)]
+    assert "lost Ray node d0 (127.0.0.1), d1 (127.0.0.1), d2 (127.0.0.1), and 2 more:" in stuck_reason(many, two, 30)
+
+
+def test_lost_node_timeout_is_checked(capsys: pytest.CaptureFixture) -> None:
+    from mlfd.cli import main
+
+    rc = main(["tune", str(JOB), "--lost-node-timeout", "-1"])
+    one_line_error(rc, capsys.readouterr().err, "--lost-node-timeout", ">= 0")
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ moved when an upgrade breaks one.
     Ray Tune    OptunaSearch._ot_trials / _ot_study /    the Optuna trial of a Ray trial, to tell a failed one as
                 _completed_trials                        PRUNED + infeasible instead of FAIL
     Optuna      BaseDistribution._contains               whether a value lies in a distribution
+    Ray Tune    Tuner._local_tuner.get_run_config()      the callbacks a restored Tuner runs with (Tuner.restore
+                                                         takes none; they come back pickled with the experiment)
 """
 
 from __future__ import annotations
@@ -41,6 +43,17 @@ def distribution_contains(dist: Any, value: Any) -> bool:
         return False
 
 
+def tuner_callbacks(tuner: Any) -> list | None:
+    """The (mutable) callback list a ``ray.tune.Tuner`` will run with; None under Ray Client (a remote tuner)."""
+    local = getattr(tuner, "_local_tuner", None)
+    if local is None:
+        return None
+    config = local.get_run_config()
+    if config.callbacks is None:
+        config.callbacks = []
+    return config.callbacks
+
+
 def check_private_apis() -> list[str]:
     """The private APIs above that the installed Ray and Optuna no longer have, as ``"<owner>.<name>: <why>"``.
 
@@ -68,6 +81,13 @@ def check_private_apis() -> list[str]:
             missing.append(f"ray.tune.search.optuna.OptunaSearch.{name}: expected a {kind.__name__}")
     if not missing and not isinstance(optuna_search_trial(searcher, "t0"), optuna.Trial):
         missing.append("ray.tune.search.optuna.OptunaSearch._ot_trials: does not map a trial id to an optuna.Trial")
+    from ray.tune import Tuner
+    from ray.tune.impl.tuner_internal import TunerInternal
+
+    if "self._local_tuner = " not in inspect.getsource(Tuner.__init__):
+        missing.append("ray.tune.Tuner._local_tuner: attribute not set by Tuner.__init__")
+    if not callable(getattr(TunerInternal, "get_run_config", None)):
+        missing.append("ray.tune.impl.tuner_internal.TunerInternal.get_run_config: gone")
     dist = FloatDistribution(0.0, 1.0)
     if not callable(getattr(dist, "_contains", None)):
         missing.append("optuna.distributions.BaseDistribution._contains: gone")

@@ -27,7 +27,7 @@ import pandas as pd
 
 from mlfd.config import (PipelineSpec, apply_overrides, dump_yaml, from_dict, read_yaml, smoke_pipeline, spec_hash,
                          to_dict)
-from mlfd.errors import SpecError
+from mlfd.errors import NodeLost, SpecError
 from mlfd.store import atomic_write_bytes, atomic_write_text
 from mlfd.tune._private import result_grid_trials
 from mlfd.tune.job import JobSpec, load_job, resolve
@@ -38,6 +38,9 @@ SEARCH_FILE = "search.json"
 DONE_SUFFIX = ".done"
 CONNECT_TIMEOUT_S = 60.0
 """How long ``mlfd tune --address`` waits for the Ray head to answer (``--connect-timeout``)."""
+LOST_NODE_TIMEOUT_S = 30.0
+"""How long trials may wait for resources that no live node has (a lost node) before the search stops, exit 2
+(``--lost-node-timeout``; see mlfd.tune.watch)."""
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 """Set to 0, Ray keeps a 127.0.0.1 address as it is instead of replacing it with this machine's IP."""
 TERM_GRACE_S = 60
@@ -166,9 +169,13 @@ def _tuner(plan: dict, study: str | None, index: int, callbacks: list, resume: b
                                     {"cpu": job.resources.cpu, "gpu": trial_gpu(plan, job)})
     fs = storage_filesystem(plan["storage_path"])
     if resume and tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
+        from mlfd.tune.watch import rewatch
+
         sweep_partial(exp_path)
-        return tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=False,
-                                  restart_errored=False, storage_filesystem=fs)
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                   restart_errored=False, storage_filesystem=fs)
+        rewatch(tuner, callbacks)  # this command's watch, not the one pickled with the experiment
+        return tuner
     space = load_space(plan["space_file"])
     searcher = make_searcher(space, job.metric, job.mode, seed=job.seed + index,
                              points_to_evaluate=job.points_to_evaluate or None)
@@ -230,15 +237,18 @@ def trial_index(result) -> int | None:
 
 def run_search(job_path: str, out: Path, smoke: bool = False, resume: bool = False, address: str | None = None,
                overrides: list[str] | None = None, tracking=None,
-               connect_timeout: float = CONNECT_TIMEOUT_S) -> pd.DataFrame:
+               connect_timeout: float = CONNECT_TIMEOUT_S, lost_node_timeout: float = LOST_NODE_TIMEOUT_S
+               ) -> pd.DataFrame:
     """Run (or resume) every study of a job; write trials.parquet and best/<study>.yaml. Returns the trial table.
 
     With ``address`` the search joins an existing Ray cluster: the head must answer within ``connect_timeout``
     seconds (:func:`connect`), and the cluster must have what the job asks for, before anything is written to ``out``.
+    Trials that no live node can host for ``lost_node_timeout`` seconds stop the search (``NodeLost``, state saved).
     """
     import ray
 
     from mlfd.tune.mlflow_callback import study_callbacks
+    from mlfd.tune.watch import LostNodeWatch
 
     out = Path(out).resolve()
     if address:  # before the datasets are read: the answers depend on the job file alone
@@ -273,10 +283,12 @@ def run_search(job_path: str, out: Path, smoke: bool = False, resume: bool = Fal
         for i, study in enumerate(plan["studies"]):
             name = _experiment_name(job, study)
             cbs = study_callbacks(tracking, plan, study, trial_context(plan, job, study)) if tracking else []
-            tuner = _tuner(plan, study, i, cbs, resume)
+            watch = LostNodeWatch(lost_node_timeout)
+            tuner = _tuner(plan, study, i, [*cbs, watch], resume)
             print(f"mlfd tune: study {study or job.stage} ({i + 1}/{len(plan['studies'])}) -> "
                   f"{os.path.join(plan['storage_path'], name)}", file=sys.stderr, flush=True)
             results = tuner.fit()
+            watch.raise_if_stopped(f"on a healthy cluster continue it with the same command plus --resume --out {out}")
             if _interrupted(results, job):
                 raise KeyboardInterrupt(f"search interrupted during study {study or job.stage}; finished trials are "
                                         f"kept in {plan['storage_path']}; continue with --resume --out {out}")
@@ -293,7 +305,7 @@ def run_search(job_path: str, out: Path, smoke: bool = False, resume: bool = Fal
             tracking.close()
     except BaseException as e:  # Ctrl-C/SIGTERM -> KILLED, any other error -> FAILED: no parent run is left RUNNING
         if tracking is not None:
-            tracking.interrupted("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            tracking.interrupted("KILLED" if isinstance(e, (KeyboardInterrupt, NodeLost)) else "FAILED")
         if isinstance(e, KeyboardInterrupt) and not str(e) and (out / SEARCH_FILE).is_file():
             raise KeyboardInterrupt(f"search interrupted; continue with --resume --out {out}") from None
         raise
