@@ -1,8 +1,13 @@
-"""``mlfd`` command line: run | plan | tune | export | report | ui."""
+"""``mlfd`` command line: run | plan | tune | export | report | ui.
+
+What the user sees: results and the paths written on stdout; progress and library messages (Python ``logging``,
+``mlfd.*`` loggers) on stderr, one compact line each, at the level ``-q`` / ``-v`` set (:func:`configure_logging`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -65,12 +70,40 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     handle_sigterm()  # SIGTERM stops the search like Ctrl-C from here on (exit 143)
     out = Path(args.out).resolve()
     df = run_search(args.job, out, smoke=args.smoke, resume=args.resume, address=args.address, overrides=args.set,
-                    tracking=SearchTracking(out, register=args.register), connect_timeout=args.connect_timeout)
-    cols = [c for c in ("study", "trial_id", "status", "epochs", "best/val/acc1") if c in df.columns]
-    if len(df):
-        print(df[cols].to_string(index=False))
-    print(f"\nwrote {out / 'trials.parquet'} and {out / 'best'}/<study>.yaml")
+                    tracking=SearchTracking(out, register=args.register), connect_timeout=args.connect_timeout,
+                    verbose=args.verbose)
+    print(search_summary(df, out))
     return 0
+
+
+def search_summary(df, out: Path) -> str:
+    """The final table of ``mlfd tune`` (one row per trial, in Ray's creation order), what it wrote, and the next
+    commands with this search's paths."""
+    import shlex
+
+    metric = next((c for c in df.columns if c.startswith("best/")), None)
+    cols = [c for c in ("study", "trial_index", "trial_id", "status", "epochs", metric, "error") if c in df.columns]
+    lines = []
+    if len(df):
+        table = df.sort_values([c for c in ("study", "trial_index") if c in df.columns], kind="stable")[cols].copy()
+        if "trial_index" in table:
+            table["trial_index"] = [str(int(i)) if i == i and i is not None else "-" for i in table["trial_index"]]
+        if "error" in table:
+            if (table["error"] != "").any():
+                table["error"] = table["error"].str.slice(0, 60)
+            else:
+                table = table.drop(columns="error")
+        lines += [table.rename(columns={"trial_index": "#"}).to_string(index=False, na_rep="-"), ""]
+    o = shlex.quote(str(out))
+    studies = list(dict.fromkeys(df["study"])) if "study" in df.columns else []
+    steps = [(f"mlfd report {o}", "report.md and plots"),
+             *[(f"mlfd export {o} --study {s} --out best-{s}.yaml", "the best trial as a pipeline YAML")
+               for s in studies],
+             (f"mlfd ui --out {o}", "the MLflow UI of this search")]
+    width = max(len(c) for c, _ in steps)
+    lines += [f"wrote {out / 'trials.parquet'} and {out / 'best'}/<study>.yaml", "next:",
+              *[f"  {c:<{width}}  # {why}" for c, why in steps]]
+    return "\n".join(lines)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -129,6 +162,51 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _add_verbosity(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only (no progress)")
+    g.add_argument("-v", "--verbose", action="store_true",
+                   help="debug messages too; mlfd tune also shows Ray's own output (kept in OUT/logs/ray.log)")
+
+
+def configure_logging(quiet: bool = False, verbose: bool = False) -> None:
+    """Library messages (``mlfd.*`` loggers) to stderr, one line each: ``mlfd: warning: ...`` for warnings,
+    the message alone for progress; ``quiet``: warnings and errors only; ``verbose``: debug messages too.
+    Called again (``main`` in-process), it replaces its handler."""
+    log = logging.getLogger("mlfd")
+    for h in [h for h in log.handlers if isinstance(h, _StderrHandler)]:
+        log.removeHandler(h)
+    handler = _StderrHandler()
+    handler.setFormatter(_CliFormatter())
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when a record comes (pytest's capture replaces it per test)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+class _CliFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = ("mlfd: error: " if record.levelno >= logging.ERROR else
+                  "mlfd: warning: " if record.levelno >= logging.WARNING else "")
+        text = prefix + record.getMessage()
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlfd", description="Multi-Level Feature Distillation: run and search.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -143,7 +221,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run seeds, e.g. 0,1,2: every stage is trained once per seed and the tables give mean ± std "
                         "(n) (overrides the pipeline's seeds:; the data splits stay the same)")
     r.add_argument("--smoke", action="store_true", help="tiny data and 1-2 epochs: finishes in under 2 minutes")
-    r.add_argument("--quiet", action="store_true", help="no progress output")
     r.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db); http://host:port for a server")
     r.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
@@ -179,12 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_report_parser(sub)
     add_ui_parser(sub)
+    for command in sub.choices.values():
+        _add_verbosity(command)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_logging(args.quiet, args.verbose)
     try:
         return args.func(args)
     except SpecError as e:

@@ -8,11 +8,11 @@ and retried later, with a warning, so a search never dies because tracking did.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
 import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -20,6 +20,8 @@ from typing import Any
 
 from mlfd.config import to_dict
 from mlfd.errors import SpecError
+
+_logger = logging.getLogger(__name__)
 
 TAG_TRIAL = "mlfd.trial_id"
 TAG_STUDY = "mlfd.study"
@@ -185,8 +187,7 @@ class Tracker:
             why = f" ({type(err).__name__})" if err is not None else ""
             warnings.warn(f"MLflow server at {safe_uri(self.uri)} unreachable{why}; tracking calls "
                           f"are kept in {self.journal} and retried", RuntimeWarning, stacklevel=3)
-            print(f"mlfd: warning: MLflow unreachable; tracking calls kept in {self.journal} and retried",
-                  file=sys.stderr, flush=True)
+            _logger.warning("MLflow unreachable; tracking calls kept in %s and retried", self.journal)
             self._warned = True
         self.journal.parent.mkdir(parents=True, exist_ok=True)
         entry = {"fn": fn, "args": _jsonable(args), "kwargs": _jsonable(kwargs)}
@@ -233,8 +234,8 @@ class Tracker:
         if self._drain_gave_up:
             timeout = 0.0
         deadline = time.monotonic() + timeout
-        print(f"mlfd: MLflow calls are waiting in {self.journal}; replaying them (waiting up to {timeout:.0f} s for "
-              f"{safe_uri(self.uri)})", file=sys.stderr, flush=True)
+        _logger.info("mlfd: MLflow calls are waiting in %s; replaying them (waiting up to %.0f s for %s)", self.journal,
+                     timeout, safe_uri(self.uri))
         while True:
             left = self.flush()
             if not left or time.monotonic() >= deadline:
@@ -489,7 +490,7 @@ class SearchTracking:
             try:
                 self.tracker.end_run(rid, status)
             except Exception as e:  # noqa: BLE001
-                print(f"mlfd: warning: could not mark the MLflow run of study {key!r} {status}: {e}", file=sys.stderr)
+                _logger.warning("could not mark the MLflow run of study %r %s: %s", key, status, e)
 
     def close(self) -> None:
         """At the end of a search: replay what waits in the journal (waiting up to DRAIN_S for the server); say
@@ -498,8 +499,8 @@ class SearchTracking:
             return
         left = self.tracker.drain()
         if left:
-            print(f"mlfd: warning: {left} MLflow calls are still in {self.tracker.journal}; the next mlfd tune --resume "
-                  f"--out {self.out} replays them", file=sys.stderr, flush=True)
+            _logger.warning("%d MLflow calls are still in %s; the next mlfd tune --resume --out %s replays them", left,
+                            self.tracker.journal, self.out)
 
     def finish_study(self, plan: dict, study: str | None, best_yaml: Path | None) -> None:
         """Log the study's best trial under the parent: test metrics, weights, a loadable model, the YAML."""
@@ -525,8 +526,8 @@ class SearchTracking:
                         raise
                     warnings.warn(f"MLflow unreachable: the best model of study {key!r} was not logged ({e})",
                                   RuntimeWarning, stacklevel=2)
-                    print(f"mlfd: warning: MLflow unreachable; the best model of study {key!r} was not logged "
-                          f"(its weights are in {art.path})", file=sys.stderr, flush=True)
+                    _logger.warning("MLflow unreachable; the best model of study %r was not logged (its weights are in "
+                                    "%s)", key, art.path)
         trials = self.out / "trials.parquet"
         if trials.is_file():
             t.log_artifact(rid, trials)

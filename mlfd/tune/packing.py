@@ -30,6 +30,7 @@ import dataclasses
 import gc
 import itertools
 import json
+import logging
 import math
 import os
 import subprocess
@@ -42,6 +43,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 from mlfd.config import PipelineSpec, from_dict, to_dict
 from mlfd.errors import SpecError
+
+_logger = logging.getLogger(__name__)
 
 GIB = 2**30
 MIB = 2**20
@@ -496,7 +499,7 @@ def plan_gpu(job: Any, pipeline: dict, space: Any, studies: Sequence[str | None]
     line = (f"mlfd tune: packing: one trial peaks at {gib(peak)} GiB ({res.peak_phase}, dry run at the space's "
             f"memory-worst corner) on a {gib(total)} GiB {res.device_name or 'GPU'}; gpu: {gpu} -> {fraction:g}, "
             f"{packs} trial{'s' if packs > 1 else ''} per GPU{cap}")
-    (log or (lambda m: print(m, file=sys.stderr, flush=True)))(line)
+    (log or _logger.info)(line)
     return fraction
 
 
