@@ -4,11 +4,11 @@
   failed), and a progress line per study (trials done/total, running, best so far with its trial, elapsed, ETA).
   On a terminal the progress line is redrawn in place; elsewhere (a log file, CI) it is written only when a trial
   ends, so logs stay short. It writes through the ``mlfd.tune.progress`` logger: ``-q`` silences it.
-* :class:`ThirdPartyLogs` sends the records of Ray's and Optuna's loggers (Ray Tune's tables when asked for,
-  the token-auth banner, snapshot warnings, Optuna's "new study" lines) to ``OUT/logs/ray.log`` instead of the
-  screen; ``--verbose`` shows them on screen as well.
+* :class:`ThirdPartyLogs` sends the records of Ray's, Optuna's and MLflow's loggers (the token-auth banner, snapshot
+  warnings, Optuna's "new study" lines, MLflow's notices) to ``OUT/logs/ray.log`` instead of the screen;
+  ``--verbose`` shows them on screen as well (and Ray Tune's own progress tables, which are off otherwise).
 
-Both pickle without streams or handlers: Ray stores callbacks with the experiment, and a restored study brings
+The view pickles without streams or handlers: Ray stores callbacks with the experiment, and a restored study brings
 its pickled view back (reset by :meth:`LiveView.setup` at the start of every session).
 """
 
@@ -26,8 +26,8 @@ from ray.tune import Callback
 _logger = logging.getLogger(__name__)
 
 RAY_LOG = Path("logs") / "ray.log"
-"""Where Ray's and Optuna's log records go, relative to the search's output directory."""
-THIRD_PARTY_LOGGERS = ("ray", "ray.data", "optuna")
+"""Where Ray's, Optuna's and MLflow's log records go, relative to the search's output directory."""
+THIRD_PARTY_LOGGERS = ("ray", "ray.data", "optuna", "mlflow")
 """Loggers that write to the screen on their own (a handler of their own and no propagation)."""
 REDRAW_S = 0.5
 """Seconds between two redraws of the progress line on a terminal."""
@@ -189,9 +189,9 @@ class LiveView(Callback):
 
 
 class ThirdPartyLogs:
-    """Ray's and Optuna's log records: held in memory until :meth:`open` names the file (so that a search refused
-    before it claims its output directory writes nothing there), then written to it; on screen too with ``verbose``.
-    :meth:`restore` puts the loggers back as they were."""
+    """Ray's, Optuna's and MLflow's log records: held in memory until :meth:`open` names the file (so that a search
+    refused before it claims its output directory writes nothing there), then written to it; on screen too with
+    ``verbose``. :meth:`restore` puts the loggers back as they were."""
 
     def __init__(self, verbose: bool):
         self.verbose = verbose
@@ -199,17 +199,21 @@ class ThirdPartyLogs:
         self.buffer.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         self.file: logging.Handler | None = None
         self.saved: dict[str, tuple[list, bool]] = {}
+        self._take(self.buffer)
+
+    def _take(self, target: logging.Handler) -> None:
+        """Point every logger of THIRD_PARTY_LOGGERS at ``target`` (again: MLflow, imported later, resets its own
+        logger's handlers)."""
         for name in THIRD_PARTY_LOGGERS:
             log = logging.getLogger(name)
-            self.saved[name] = (list(log.handlers), log.propagate)
-            if not verbose:  # Ray's and Optuna's own handlers write to the screen
-                for h in list(log.handlers):
-                    if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
-                        log.removeHandler(h)
-            log.addHandler(self.buffer)
+            if not any(h in (self.buffer, self.file) for h in log.handlers):  # not ours yet, or reset since
+                self.saved[name] = (list(log.handlers), log.propagate)
+            for h in list(log.handlers):
+                on_screen = isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+                if h is self.buffer or (on_screen and not self.verbose):
+                    log.removeHandler(h)
+            log.addHandler(target)
             log.propagate = False
-        if logging.getLogger("ray").level == logging.NOTSET:
-            logging.getLogger("ray").setLevel(logging.INFO)
 
     def open(self, path: Path) -> None:
         """Write what was held, and every later record, to ``path``."""
@@ -218,10 +222,7 @@ class ThirdPartyLogs:
         self.file.setFormatter(self.buffer.formatter)
         self.buffer.setTarget(self.file)
         self.buffer.flush()
-        for name in THIRD_PARTY_LOGGERS:
-            log = logging.getLogger(name)
-            log.removeHandler(self.buffer)
-            log.addHandler(self.file)
+        self._take(self.file)
 
     def restore(self) -> None:
         for name, (handlers, propagate) in self.saved.items():
