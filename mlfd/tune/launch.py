@@ -7,7 +7,7 @@ Layout of an output directory::
     OUT/store/              artifact store shared by every trial and study
     OUT/trials.parquet      one row per trial
     OUT/best/<study>.yaml   the best trial of each study as a standalone pipeline
-    OUT/logs/ray.log        what Ray and Optuna log (on screen only with ``verbose``; see progress.py)
+    OUT/logs/ray.log        what Ray, Optuna and MLflow log (on screen only with ``verbose``; see progress.py)
 """
 
 from __future__ import annotations
@@ -242,7 +242,7 @@ def run_search(job_path: str, out: Path, smoke: bool = False, resume: bool = Fal
     With ``address`` the search joins an existing Ray cluster: the head must answer within ``connect_timeout``
     seconds (:func:`connect`), and the cluster must have what the job asks for, before anything is written to ``out``.
 
-    What Ray and Optuna print or log goes to ``OUT/logs/ray.log``; with ``verbose`` also to the screen, with Ray Tune's
+    What Ray, Optuna and MLflow log goes to ``OUT/logs/ray.log``; with ``verbose`` also to the screen, with Ray Tune's
     own progress tables and the trial workers' output. The live view (progress.py) logs to ``mlfd.tune.progress``.
     """
     from mlfd.tune.progress import RAY_LOG, ThirdPartyLogs
@@ -250,9 +250,15 @@ def run_search(job_path: str, out: Path, smoke: bool = False, resume: bool = Fal
     out = Path(out).resolve()
     quiet_ray(verbose)
     logs = ThirdPartyLogs(verbose)
+
+    def claimed() -> None:
+        logs.open(out / RAY_LOG)
+        _logger.info("mlfd tune: Ray's own output goes to %s (%s)", out / RAY_LOG,
+                     "and here" if verbose else "--verbose shows it here")
+
     try:
         return _run_search(job_path, out, smoke, resume, address, overrides, tracking, connect_timeout, verbose,
-                           lambda: logs.open(out / RAY_LOG))
+                           claimed)
     finally:
         logs.restore()
 
@@ -303,8 +309,6 @@ def _run_search(job_path: str, out: Path, smoke: bool, resume: bool, address: st
             tracking.open(plan)
         open_output(out, plan, resume)
         claimed()
-        _logger.info("mlfd tune: Ray's own output goes to %s%s", out / "logs" / "ray.log",
-                     "" if verbose else " (--verbose shows it here)")
         if job.stage in ("students", "joint"):
             prebuild_teachers(plan, job)
         for i, study in enumerate(plan["studies"]):
