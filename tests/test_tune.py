@@ -234,6 +234,37 @@ def test_live_view_lines_and_log_levels(capsys: pytest.CaptureFixture) -> None:
     configure_logging()
 
 
+def test_live_view_redraws_in_place_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a terminal the progress line is drawn over itself (carriage return, clear line); a trial's line replaces
+    it and the progress line comes back under it; the study's end leaves the last one on screen."""
+    import io
+    from types import SimpleNamespace as Trial
+
+    from mlfd.cli import configure_logging
+    from mlfd.tune.progress import LiveView
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    done = Trial(trial_id="0a1b2c39", experiment_tag="1_x=1", status="TERMINATED",
+                 last_result={"training_iteration": 3, "val/acc1": 50.0}, metric_analysis={"val/acc1": {"max": 52.5}})
+    running = Trial(trial_id="9d9d9d9d", experiment_tag="2_x=2", status="RUNNING", last_result={}, metric_analysis={})
+    configure_logging()
+    view = LiveView("digits", "val/acc1", "max", max_epochs=3)
+    view.setup(total_num_samples=2)
+    view.start -= 5
+    view.on_step_end(0, [done, running])
+    view.on_trial_complete(0, [done, running], done)
+    running.status = "TERMINATED"
+    view.on_experiment_end([done, running])
+    clear, bar = "\r\x1b[2K", "  digits [##########----------] 1/2 done, 1 running, best val/acc1 52.50 (#1), 5s, ETA "
+    assert sys.stderr.getvalue() == (
+        f"{clear}{bar}?{clear}  digits trial #1 (0a1b2c39) finished 3/3 epochs, val/acc1 52.50 (best epoch)\n"
+        f"{clear}{bar}~5s{clear}  digits [####################] 2/2 done, 0 running, best val/acc1 52.50 (#1), 5s\n")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The quickstart smoke search
 # --------------------------------------------------------------------------------------------------------------------
