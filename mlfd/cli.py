@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Callable
 
 from mlfd.errors import SpecError
 
@@ -85,7 +86,11 @@ def search_summary(df, out: Path) -> str:
     cols = [c for c in ("study", "trial_index", "trial_id", "status", "epochs", metric, "error") if c in df.columns]
     lines = []
     if len(df):
-        table = df.sort_values([c for c in ("study", "trial_index") if c in df.columns], kind="stable")[cols].copy()
+        table = df[cols].copy()
+        if "trial_index" in table:  # the studies in the order they ran, each in Ray's creation order
+            order = {s: i for i, s in enumerate(dict.fromkeys(table["study"]))}
+            table = table.iloc[sorted(range(len(table)), key=lambda i: (order[table["study"].iloc[i]],
+                                                                        table["trial_index"].fillna(0).iloc[i]))]
         if "trial_index" in table:
             table["trial_index"] = [str(int(i)) if i == i and i is not None else "-" for i in table["trial_index"]]
         if "error" in table:
@@ -169,17 +174,29 @@ def _add_verbosity(p: argparse.ArgumentParser) -> None:
                    help="debug messages too; mlfd tune also shows Ray's own output (kept in OUT/logs/ray.log)")
 
 
-def configure_logging(quiet: bool = False, verbose: bool = False) -> None:
+def configure_logging(quiet: bool = False, verbose: bool = False) -> Callable[[], None]:
     """Library messages (``mlfd.*`` loggers) to stderr, one line each: ``mlfd: warning: ...`` for warnings,
     the message alone for progress; ``quiet``: warnings and errors only; ``verbose``: debug messages too.
-    Called again (``main`` in-process), it replaces its handler."""
+
+    The records stop at the ``mlfd`` logger (a handler that a library adds to the root logger would print them
+    twice). Returns the function that puts the ``mlfd`` logger back as it was (``main`` calls it at the end, so that
+    in-process callers, pytest's log capture among them, find it unchanged)."""
     log = logging.getLogger("mlfd")
+    before = (list(log.handlers), log.level, log.propagate)
     for h in [h for h in log.handlers if isinstance(h, _StderrHandler)]:
         log.removeHandler(h)
     handler = _StderrHandler()
     handler.setFormatter(_CliFormatter())
     log.addHandler(handler)
     log.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+
+    def restore() -> None:
+        log.handlers[:] = before[0]
+        log.setLevel(before[1])
+        log.propagate = before[2]
+
+    return restore
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -264,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(args.quiet, args.verbose)
+    restore_logging = configure_logging(args.quiet, args.verbose)
     try:
         return args.func(args)
     except SpecError as e:
@@ -286,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlfd: {'stopped by SIGTERM' if term else 'interrupted'}{': ' + str(e) if str(e) else ''}",
               file=sys.stderr)
         return EXIT_TERMINATED if term else EXIT_INTERRUPTED
+    finally:
+        restore_logging()
 
 
 if __name__ == "__main__":

@@ -273,6 +273,8 @@ def quiet_ray(verbose: bool) -> None:
     # Frequent snapshots are the point (and CheckpointConfig(num_to_keep=1) forces one after every trial checkpoint):
     # Ray's warning that they may become a bottleneck is off, as its message says to do.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if not verbose:  # MLflow's notices when it creates its database come before OUT/logs exists: warnings only
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 def _run_search(job_path: str, out: Path, smoke: bool, resume: bool, address: str | None,

@@ -78,7 +78,7 @@ class LiveView(Callback):
     def _reset(self, total: int = 0) -> None:
         self.total = total
         self.start = time.monotonic()
-        self.ended_here = 0  # trials that ended in this session (a resumed study starts with some already done)
+        self.ended: set[str] = set()  # trials that ended in this session (a resumed study starts with some done)
         self.last_draw = 0.0
         self.drawn = False  # a progress line is on screen, not yet ended by a newline (terminal only)
         self.enabled = _logger.isEnabledFor(logging.INFO)
@@ -120,8 +120,9 @@ class LiveView(Callback):
 
     def bar(self, trials: list, now: float | None = None) -> str:
         """``  digits [##########----------] 2/4 done, 2 running, best val/acc1 52.00 (#1), 1m05s, ETA ~1m10s``."""
-        done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
-        running = sum(t.status == "RUNNING" for t in trials)
+        ended = self._done(trials)
+        done = len(ended)
+        running = sum(t.status == "RUNNING" and t.trial_id not in ended for t in trials)
         total = max(self.total, len(trials), 1)
         filled = round(BAR_WIDTH * done / total)
         elapsed = (now if now is not None else time.monotonic()) - self.start
@@ -132,8 +133,12 @@ class LiveView(Callback):
         parts.append(clock(elapsed))
         if done < total:
             # Trials still to end, at the pace of those that ended in this session: a rough guide, not a promise.
-            parts.append(f"ETA ~{clock(elapsed / self.ended_here * (total - done))}" if self.ended_here else "ETA ?")
+            parts.append(f"ETA ~{clock(elapsed / len(self.ended) * (total - done))}" if self.ended else "ETA ?")
         return f"  {self.study} [{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {', '.join(parts)}"
+
+    def _done(self, trials: list) -> set[str]:
+        """Ids of the trials that ended: Ray calls the callbacks of a trial that ends before it changes its status."""
+        return {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")} | self.ended
 
     def best(self, trials: list) -> tuple[float, object] | None:
         """(best value of the metric so far, its trial), over every epoch each trial reported."""
@@ -165,13 +170,13 @@ class LiveView(Callback):
         return error_reason(text) or f"see {trial.error_file or 'error.txt in the trial directory'}"
 
     def _trial_ended(self, trials: list, trial, what: str) -> None:
-        self.ended_here += 1
+        self.ended.add(trial.trial_id)
         self._line(f"  {self.study} trial {trial_number(trial)} ({trial.trial_id}) {what}")
         if not self.enabled:
             return
         if self.tty:
             self._draw(trials)
-        elif sum(t.status in ("TERMINATED", "ERROR") for t in trials) < max(self.total, len(trials)):
+        elif len(self._done(trials)) < max(self.total, len(trials)):
             self._line(self.bar(trials))  # the last one is written by on_experiment_end
 
     def _line(self, text: str) -> None:
@@ -199,6 +204,9 @@ class ThirdPartyLogs:
         self.buffer.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         self.file: logging.Handler | None = None
         self.saved: dict[str, tuple[list, bool]] = {}
+        import optuna
+
+        optuna.logging.get_verbosity()  # Optuna installs its screen handler at first use: now, so that it is taken
         self._take(self.buffer)
 
     def _take(self, target: logging.Handler) -> None:
