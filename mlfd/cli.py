@@ -1,10 +1,16 @@
-"""``mlfd`` command line: run | plan | tune | export | report | ui."""
+"""``mlfd`` command line: run | plan | tune | export | report | ui.
+
+What the user sees: results and the paths written on stdout; progress and library messages (Python ``logging``,
+``mlfd.*`` loggers) on stderr, one compact line each, at the level ``-q`` / ``-v`` set (:func:`configure_logging`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
+from typing import Callable
 
 from mlfd.errors import SpecError
 
@@ -68,12 +74,43 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     df = run_search(args.job, out, smoke=args.smoke, resume=args.resume, address=args.address, overrides=args.set,
                     tracking=SearchTracking(out, register=args.register), connect_timeout=args.connect_timeout,
-                    lost_node_timeout=args.lost_node_timeout)
-    cols = [c for c in ("study", "trial_id", "status", "epochs", "best/val/acc1") if c in df.columns]
-    if len(df):
-        print(df[cols].to_string(index=False))
-    print(f"\nwrote {out / 'trials.parquet'} and {out / 'best'}/<study>.yaml")
+                    lost_node_timeout=args.lost_node_timeout, verbose=args.verbose)
+    print(search_summary(df, out))
     return 0
+
+
+def search_summary(df, out: Path) -> str:
+    """The final table of ``mlfd tune`` (one row per trial, in Ray's creation order), what it wrote, and the next
+    commands with this search's paths."""
+    import shlex
+
+    metric = next((c for c in df.columns if c.startswith("best/")), None)
+    cols = [c for c in ("study", "trial_index", "trial_id", "status", "epochs", metric, "error") if c in df.columns]
+    lines = []
+    if len(df):
+        table = df[cols].copy()
+        if "trial_index" in table:  # the studies in the order they ran, each in Ray's creation order
+            order = {s: i for i, s in enumerate(dict.fromkeys(table["study"]))}
+            table = table.iloc[sorted(range(len(table)), key=lambda i: (order[table["study"].iloc[i]],
+                                                                        table["trial_index"].fillna(0).iloc[i]))]
+        if "trial_index" in table:
+            table["trial_index"] = [str(int(i)) if i == i and i is not None else "-" for i in table["trial_index"]]
+        if "error" in table:
+            if (table["error"] != "").any():
+                table["error"] = table["error"].str.slice(0, 60)
+            else:
+                table = table.drop(columns="error")
+        lines += [table.rename(columns={"trial_index": "#"}).to_string(index=False, na_rep="-"), ""]
+    o = shlex.quote(str(out))
+    studies = list(dict.fromkeys(df["study"])) if "study" in df.columns else []
+    steps = [(f"mlfd report {o}", "report.md and plots"),
+             *[(f"mlfd export {o} --study {s} --out best-{s}.yaml", "the best trial as a pipeline YAML")
+               for s in studies],
+             (f"mlfd ui --out {o}", "the MLflow UI of this search")]
+    width = max(len(c) for c, _ in steps)
+    lines += [f"wrote {out / 'trials.parquet'} and {out / 'best'}/<study>.yaml", "next:",
+              *[f"  {c:<{width}}  # {why}" for c, why in steps]]
+    return "\n".join(lines)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -132,6 +169,63 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _add_verbosity(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only (no progress)")
+    g.add_argument("-v", "--verbose", action="store_true",
+                   help="debug messages too; mlfd tune also shows Ray's own output (kept in OUT/logs/ray.log)")
+
+
+def configure_logging(quiet: bool = False, verbose: bool = False) -> Callable[[], None]:
+    """Library messages (``mlfd.*`` loggers) to stderr, one line each: ``mlfd: warning: ...`` for warnings,
+    the message alone for progress; ``quiet``: warnings and errors only; ``verbose``: debug messages too.
+
+    The records stop at the ``mlfd`` logger (a handler that a library adds to the root logger would print them
+    twice). Returns the function that puts the ``mlfd`` logger back as it was (``main`` calls it at the end, so that
+    in-process callers, pytest's log capture among them, find it unchanged)."""
+    log = logging.getLogger("mlfd")
+    before = (list(log.handlers), log.level, log.propagate)
+    for h in [h for h in log.handlers if isinstance(h, _StderrHandler)]:
+        log.removeHandler(h)
+    handler = _StderrHandler()
+    handler.setFormatter(_CliFormatter())
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+
+    def restore() -> None:
+        log.handlers[:] = before[0]
+        log.setLevel(before[1])
+        log.propagate = before[2]
+
+    return restore
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when a record comes (pytest's capture replaces it per test)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+class _CliFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = ("mlfd: error: " if record.levelno >= logging.ERROR else
+                  "mlfd: warning: " if record.levelno >= logging.WARNING else "")
+        text = prefix + record.getMessage()
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlfd", description="Multi-Level Feature Distillation: run and search.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -146,7 +240,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run seeds, e.g. 0,1,2: every stage is trained once per seed and the tables give mean ± std "
                         "(n) (overrides the pipeline's seeds:; the data splits stay the same)")
     r.add_argument("--smoke", action="store_true", help="tiny data and 1-2 epochs: finishes in under 2 minutes")
-    r.add_argument("--quiet", action="store_true", help="no progress output")
     r.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db); http://host:port for a server")
     r.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
@@ -186,12 +279,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_report_parser(sub)
     add_ui_parser(sub)
+    for command in sub.choices.values():
+        _add_verbosity(command)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    restore_logging = configure_logging(args.quiet, args.verbose)
     try:
         return args.func(args)
     except SpecError as e:
@@ -213,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlfd: {'stopped by SIGTERM' if term else 'interrupted'}{': ' + str(e) if str(e) else ''}",
               file=sys.stderr)
         return EXIT_TERMINATED if term else EXIT_INTERRUPTED
+    finally:
+        restore_logging()
 
 
 if __name__ == "__main__":

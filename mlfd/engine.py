@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 import sys
 import time
@@ -21,6 +22,8 @@ from torch import nn
 
 from mlfd.config import RecipeSpec
 from mlfd.losses import topk_hits
+
+_logger = logging.getLogger(__name__)
 
 
 class DivergedError(RuntimeError):
@@ -262,7 +265,7 @@ def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class _Progress:
-    """A tqdm bar on a terminal; silent otherwise (Ray workers, CI logs get one line per epoch instead)."""
+    """A tqdm bar on a terminal; otherwise (Ray workers, CI logs) one line per epoch, logged."""
 
     def __init__(self, total: int, desc: str, enabled: bool):
         self.bar = None
@@ -283,7 +286,7 @@ class _Progress:
         if self.bar is not None:
             self.bar.write(f"{self.desc}: {text}")
         elif self.enabled:
-            print(f"{self.desc}: {text}", file=sys.stderr, flush=True)
+            _logger.info("%s: %s", self.desc, text)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -72,6 +72,8 @@ class Search:
     plan: dict
     args: list[str]
     """The ``mlfd tune`` arguments that made it."""
+    output: str = ""
+    """What the command printed (stdout and stderr together), when a test ran it."""
 
 
 def read_search(out: Path, args: list[str]) -> Search:

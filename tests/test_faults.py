@@ -88,6 +88,10 @@ def test_failed_trials_end_as_error_with_their_reason(fault_search) -> None:
     assert "loss became" in diverged["error"], diverged["error"]
     assert oom["status"] == "ERROR" and "OutOfMemory" in oom["error"], oom.to_dict()
     assert "ran out of host memory" in oom["error"], oom["error"]
+    # The console says so too, one line per failed trial with the reason (mlfd/tune/progress.py).
+    for row, words in ((diverged, "loss became"), (oom, "ran out of host memory")):
+        said = [ln for ln in fault_search[2].splitlines() if f"({row['trial_id']}) FAILED: " in ln]
+        assert len(said) == 1 and words in said[0], (said, fault_search[2][-3000:])
     # The other trials went on and finished every epoch, with real results.
     ok = df[df["config/student.recipe.lr"].eq(0.002) & df["config/joint.width"].eq(128)]
     assert len(ok) == 2 and (ok["status"] == "TERMINATED").all() and (ok["epochs"] == EPOCHS).all(), ok
@@ -102,6 +106,7 @@ def test_killed_worker_is_retried_from_its_checkpoint(fault_search) -> None:
     lines = [json.loads(x) for x in result_lines(exp, killed)]
     (trial_dir,) = exp.glob(f"run_stage_{killed}_*")
     assert "Failure # 1" in (trial_dir / "error.txt").read_text()  # Ray recorded the dead worker, then retried
+    assert sum(f"({killed}) failed, retrying: " in ln for ln in fault_search[2].splitlines()) == 1, fault_search[2]
     # Retried from its checkpoint, not from scratch: the last report came from a restored trial whose iterations
     # since the restore are fewer than its iterations.
     assert lines[-1]["training_iteration"] == EPOCHS

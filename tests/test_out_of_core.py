@@ -177,7 +177,7 @@ def test_auto_placement_both_ways(caplog) -> None:
     cpu = torch.device("cpu")
     free = cache_mod.free_memory(cpu)
     assert free > 0
-    with caplog.at_level(logging.INFO, logger="mlfd.stages.cache"):
+    with caplog.at_level(logging.DEBUG, logger="mlfd.stages.cache"):
         small = place_caches("auto", 1 << 20, cpu, 0.5, "T* L2")
         big = place_caches("auto", 1 << 20, cpu, (1 << 19) / free, "T* L3")
         forced = place_caches(True, 1 << 50, cpu, 0.5, "T* L4")

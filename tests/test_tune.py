@@ -14,6 +14,7 @@ One finished smoke search is shared by the tests that only read it (module fixtu
 from __future__ import annotations
 
 import json
+import logging
 import re
 import signal
 import subprocess
@@ -186,6 +187,86 @@ def test_trial_rows_record_the_creation_index(tmp_path: Path) -> None:
                                          4, "ERROR")]
 
 
+def test_live_view_lines_and_log_levels(capsys: pytest.CaptureFixture) -> None:
+    """The live view's lines off a terminal (a log file, CI): one per ended trial, each followed by the study's
+    progress line; a failed trial's reason is the last line of Ray's error trace. -q silences them; warnings stay."""
+    from types import SimpleNamespace as Trial
+
+    from mlfd.cli import configure_logging
+    from mlfd.tune.progress import LiveView
+
+    trace = ("Failure # 1 (occurred at 2026-12-01_10-00-00)\nray::ImplicitFunc.train() (pid=1, ip=127.0.0.1)\n"
+             "  File \"mlfd/engine.py\", line 9, in fit\nmlfd.engine.DivergedError: student digits: loss became nan "
+             "at epoch 2, step 3\n")
+    done = Trial(trial_id="0a1b2c39", experiment_tag="1_fusion_level=2", status="TERMINATED",
+                 last_result={"training_iteration": 3, "val/acc1": 50.0}, metric_analysis={"val/acc1": {"max": 52.5}})
+    stopped = Trial(trial_id="77e3a8f1", experiment_tag="2_fusion_level=1", status="TERMINATED",
+                    last_result={"training_iteration": 1, "val/acc1": 60.0}, metric_analysis={})
+    failed = Trial(trial_id="5c5c5c5c", experiment_tag="3_fusion_level=1", status="ERROR", last_result={},
+                   metric_analysis={}, get_error=lambda: trace, error_file=None)
+    running = Trial(trial_id="9d9d9d9d", experiment_tag="4_fusion_level=2", status="RUNNING", last_result={},
+                    metric_analysis={})
+    restore = configure_logging()
+    view = LiveView("digits", "val/acc1", "max", max_epochs=3)
+    view.setup(total_num_samples=4)
+    view.start -= 65  # the search started 65 s ago
+    trials = [done, running]
+    view.on_trial_complete(0, trials, done)
+    trials.append(stopped)
+    view.on_trial_complete(0, trials, stopped)
+    trials.append(failed)
+    view.on_trial_error(0, trials, failed)
+    running.status = "TERMINATED"
+    view.on_experiment_end(trials)
+    assert capsys.readouterr().err.splitlines()[:7] == [
+        "  digits trial #1 (0a1b2c39) finished 3/3 epochs, val/acc1 52.50 (best epoch)",
+        "  digits [#####---------------] 1/4 done, 1 running, best val/acc1 52.50 (#1), 1m05s, ETA ~3m15s",
+        "  digits trial #2 (77e3a8f1) stopped early at epoch 1/3 (scheduler), val/acc1 60.00 (best epoch)",
+        "  digits [##########----------] 2/4 done, 1 running, best val/acc1 60.00 (#2), 1m05s, ETA ~1m05s",
+        "  digits trial #3 (5c5c5c5c) FAILED: DivergedError: student digits: loss became nan at epoch 2, step 3",
+        "  digits [###############-----] 3/4 done, 1 running, best val/acc1 60.00 (#2), 1m05s, ETA ~22s",
+        "  digits [####################] 4/4 done, 0 running, best val/acc1 60.00 (#2), 1m05s"]
+    restore()
+    restore = configure_logging(quiet=True)
+    view.setup(total_num_samples=4)
+    view.on_trial_complete(0, trials, done)
+    logging.getLogger("mlfd.tracking").warning("MLflow unreachable")
+    assert capsys.readouterr().err == "mlfd: warning: MLflow unreachable\n"
+    restore()
+
+
+def test_live_view_redraws_in_place_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a terminal the progress line is drawn over itself (carriage return, clear line); a trial's line replaces
+    it and the progress line comes back under it; the study's end leaves the last one on screen."""
+    import io
+    from types import SimpleNamespace as Trial
+
+    from mlfd.cli import configure_logging
+    from mlfd.tune.progress import LiveView
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    done = Trial(trial_id="0a1b2c39", experiment_tag="1_x=1", status="TERMINATED",
+                 last_result={"training_iteration": 3, "val/acc1": 50.0}, metric_analysis={"val/acc1": {"max": 52.5}})
+    running = Trial(trial_id="9d9d9d9d", experiment_tag="2_x=2", status="RUNNING", last_result={}, metric_analysis={})
+    restore = configure_logging()
+    view = LiveView("digits", "val/acc1", "max", max_epochs=3)
+    view.setup(total_num_samples=2)
+    view.start -= 5
+    view.on_step_end(0, [done, running])
+    view.on_trial_complete(0, [done, running], done)
+    running.status = "TERMINATED"
+    view.on_experiment_end([done, running])
+    restore()
+    clear, bar = "\r\x1b[2K", "  digits [##########----------] 1/2 done, 1 running, best val/acc1 52.50 (#1), 5s, ETA "
+    assert sys.stderr.getvalue() == (
+        f"{clear}{bar}?{clear}  digits trial #1 (0a1b2c39) finished 3/3 epochs, val/acc1 52.50 (best epoch)\n"
+        f"{clear}{bar}~5s{clear}  digits [####################] 2/2 done, 0 running, best val/acc1 52.50 (#1), 5s\n")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The quickstart smoke search
 # --------------------------------------------------------------------------------------------------------------------
@@ -199,7 +280,9 @@ def search(mlfd_cli, offline_store: Path, tmp_path_factory: pytest.TempPathFacto
     assert run.proc.returncode == 0, run.output[-5000:]
     left = run.cleanup(grace=30)
     assert not left, f"processes still alive after the search ended: {left}"
-    return read_search(out, args)
+    s = read_search(out, args)
+    s.output = run.output
+    return s
 
 
 @pytest.mark.slow
@@ -212,6 +295,38 @@ def test_smoke_search_one_row_per_trial_and_asha_stops_some(search: Search) -> N
         s = df[df["study"] == study].sort_values("trial_index")
         assert s["trial_index"].tolist() == list(range(1, SMOKE_SAMPLES + 1)), s[["trial_id", "trial_index"]]
         assert (s["config/fusion_level"].iloc[0], s["config/student.alpha"].iloc[0]) == (2, 0.6)
+
+
+@pytest.mark.slow
+def test_console_is_compact_and_warning_free(search: Search) -> None:
+    """What `mlfd tune` prints: a line per stage, one line per trial, a progress line per study, the final table and
+    the next commands; no Ray tables or banners (they are in OUT/logs/ray.log) and no Python warnings."""
+    out, lines = search.out, search.output.splitlines()
+    assert len(lines) <= 60, f"{len(lines)} lines:\n{search.output}"
+    warned = [ln for ln in lines if re.search(r"\w*Warning\b", ln)]
+    assert not warned, "\n".join(warned)
+    for noise in ("Trial status", "View detailed results", "TensorBoard", "Token authentication", "(raylet)",
+                  "snapshotting", "A new study created"):
+        assert noise not in search.output, f"{noise!r} on screen:\n{search.output}"
+    assert "INFO ray.tune" in (out / "logs" / "ray.log").read_text()  # e.g. "Wrote the latest version of all ..."
+    for study in SMOKE_STUDIES:
+        assert sum(ln.startswith(f"mlfd tune: study {study} ") for ln in lines) == 1, search.output
+        bars = [ln for ln in lines if ln.startswith(f"  {study} [")]
+        assert bars and f"{SMOKE_SAMPLES}/{SMOKE_SAMPLES} done, 0 running, best val/acc1 " in bars[-1], bars
+        # Best so far: over every epoch of every trial, stopped early or not (the exported best prefers full runs).
+        df = search.trials[search.trials["study"] == study]
+        top = df[df[METRIC] == df[METRIC].max()]
+        m = re.search(r"best val/acc1 ([\d.]+) \(#(\d+)\)", bars[-1])
+        assert m and m.group(1) == f"{top[METRIC].iloc[0]:.2f}" and int(m.group(2)) in set(top["trial_index"]), bars
+    for _, r in search.trials.iterrows():  # one line per trial, saying how it ended
+        mine = [ln for ln in lines if f" trial #{r['trial_index']} ({r['trial_id']}) " in ln]
+        how = "finished" if r["status"] == "TERMINATED" else f"stopped early at epoch {r['epochs']}/"
+        assert len(mine) == 1 and mine[0].startswith(f"  {r['study']} trial ") and how in mine[0], (mine, r.to_dict())
+        assert f"val/acc1 {r[METRIC]:.2f} (best epoch)" in mine[0], mine
+    tail = [ln.split("  # ")[0].strip() for ln in lines[-len(SMOKE_STUDIES) - 3:]]  # the last lines: what next
+    assert tail == ["next:", f"mlfd report {out}",
+                    *[f"mlfd export {out} --study {s} --out best-{s}.yaml" for s in SMOKE_STUDIES],
+                    f"mlfd ui --out {out}"], lines[-8:]
 
 
 @pytest.mark.slow

@@ -126,7 +126,8 @@ def place_caches(setting: Any, nbytes: int, device: torch.device, fraction: floa
     else:
         out["on_device"] = bool(setting)
         why = f"joint.cache_on_device: {str(setting).lower()}"
-    _logger.info("%s: feature caches %s (%s)", what, "whole on the device" if out["on_device"] else "out of core", why)
+    # DEBUG: one line per stage that reads caches (26 in a smoke run); `mlfd run -v` shows them
+    _logger.debug("%s: feature caches %s (%s)", what, "whole on the device" if out["on_device"] else "out of core", why)
     return out
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -17,6 +17,8 @@ from mlfd.stages.results import CURVE_COLUMNS, RESULT_COLUMNS, ROLE_ORDER, ROLE_
 from mlfd.stages.students import train_student
 from mlfd.stages.teachers import train_teacher
 from mlfd.store import Artifact, ArtifactStore, atomic_write_bytes, atomic_write_text
+
+_logger = logging.getLogger(__name__)
 
 __all__ = ["CURVE_COLUMNS", "RESULT_COLUMNS", "ROLE_ORDER", "ROLE_TITLES", "Stage", "plan_stages", "preflight",
            "results_table", "run_pipeline", "write_results"]
@@ -150,7 +152,7 @@ def run_pipeline(spec: PipelineSpec, out: Path, store: Path | None = None, progr
     curves: list[dict] = []
     for i, (st, ctx) in enumerate(runs):
         if progress:
-            print(f"[{i + 1}/{len(runs)}] {st.label}", file=sys.stderr, flush=True)
+            _logger.info("[%d/%d] %s", i + 1, len(runs), st.label)
         art = st.build(ctx)
         metrics = read_metrics(art)
         stage_rows = _rows(metrics, st.role, st.levels, st.seed, st.datasets)

@@ -4,10 +4,10 @@ failed calls, replayed later), run tags, and params flattened from specs."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -15,6 +15,8 @@ from typing import Any
 
 from mlfd.errors import SpecError
 from mlfd.tracking.redaction import redact, safe_uri
+
+_logger = logging.getLogger(__name__)
 
 TAG_TRIAL = "mlfd.trial_id"
 TAG_STUDY = "mlfd.study"
@@ -153,8 +155,7 @@ class Tracker:
             why = f" ({type(err).__name__})" if err is not None else ""
             warnings.warn(f"MLflow server at {safe_uri(self.uri)} unreachable{why}; tracking calls "
                           f"are kept in {self.journal} and retried", RuntimeWarning, stacklevel=3)
-            print(f"mlfd: warning: MLflow unreachable; tracking calls kept in {self.journal} and retried",
-                  file=sys.stderr, flush=True)
+            _logger.warning("MLflow unreachable; tracking calls kept in %s and retried", self.journal)
             self._warned = True
         self.journal.parent.mkdir(parents=True, exist_ok=True)
         entry = {"fn": fn, "args": _jsonable(args), "kwargs": _jsonable(kwargs)}
@@ -210,8 +211,8 @@ class Tracker:
         if self._drain_gave_up:
             timeout = 0.0
         deadline = time.monotonic() + timeout
-        print(f"mlfd: MLflow calls are waiting in {self.journal}; replaying them (waiting up to {timeout:.0f} s for "
-              f"{safe_uri(self.uri)})", file=sys.stderr, flush=True)
+        _logger.info("mlfd: MLflow calls are waiting in %s; replaying them (waiting up to %.0f s for %s)", self.journal,
+                     timeout, safe_uri(self.uri))
         while True:
             left = self.flush()
             if not left or time.monotonic() >= deadline:

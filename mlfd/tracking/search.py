@@ -5,14 +5,16 @@ model. The child run per trial is :mod:`mlfd.tune.mlflow_callback` (a Ray Tune l
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 import warnings
 from pathlib import Path
 
 from mlfd.config import to_dict
 from mlfd.tracking.client import PENDING_PREFIX, TAG_STAGE, TAG_STUDY, Tracker, _transient, flatten, git_commit
 from mlfd.tracking.redaction import redact_text
+
+_logger = logging.getLogger(__name__)
 
 STATE_FILE = "tracking.json"
 
@@ -98,7 +100,7 @@ class SearchTracking:
             try:
                 self.tracker.end_run(rid, status)
             except Exception as e:  # noqa: BLE001
-                print(f"mlfd: warning: could not mark the MLflow run of study {key!r} {status}: {e}", file=sys.stderr)
+                _logger.warning("could not mark the MLflow run of study %r %s: %s", key, status, e)
 
     def close(self) -> None:
         """At the end of a search: replay what waits in the journal (waiting up to DRAIN_S for the server); say
@@ -107,8 +109,8 @@ class SearchTracking:
             return
         left = self.tracker.drain()
         if left:
-            print(f"mlfd: warning: {left} MLflow calls are still in {self.tracker.journal}; the next mlfd tune --resume "
-                  f"--out {self.out} replays them", file=sys.stderr, flush=True)
+            _logger.warning("%d MLflow calls are still in %s; the next mlfd tune --resume --out %s replays them", left,
+                            self.tracker.journal, self.out)
 
     def finish_study(self, plan: dict, study: str | None, best_yaml: Path | None) -> None:
         """Log the study's best trial under the parent: test metrics, weights, a loadable model, the YAML."""
@@ -134,8 +136,8 @@ class SearchTracking:
                         raise
                     warnings.warn(f"MLflow unreachable: the best model of study {key!r} was not logged ({e})",
                                   RuntimeWarning, stacklevel=2)
-                    print(f"mlfd: warning: MLflow unreachable; the best model of study {key!r} was not logged "
-                          f"(its weights are in {art.path})", file=sys.stderr, flush=True)
+                    _logger.warning("MLflow unreachable; the best model of study %r was not logged (its weights are in "
+                                    "%s)", key, art.path)
         trials = self.out / "trials.parquet"
         if trials.is_file():
             t.log_artifact(rid, trials)

@@ -7,18 +7,19 @@ Layout of an output directory::
     OUT/store/              artifact store shared by every trial and study
     OUT/trials.parquet      one row per trial
     OUT/best/<study>.yaml   the best trial of each study as a standalone pipeline
+    OUT/logs/ray.log        what Ray, Optuna and MLflow log (on screen only with ``verbose``; see progress.py)
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import re
 import signal
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ from mlfd.tune._private import result_grid_trials
 from mlfd.tune.job import JobSpec, load_job, resolve
 from mlfd.tune.packing import plan_gpu, trial_gpu
 from mlfd.tune.trainable import run_stage, stage_epochs
+
+_logger = logging.getLogger(__name__)
 
 SEARCH_FILE = "search.json"
 DONE_SUFFIX = ".done"
@@ -154,10 +157,11 @@ def trial_context(plan: dict, job: JobSpec, study: str | None) -> dict:
             "threads": trial_threads(job)}
 
 
-def _tuner(plan: dict, study: str | None, index: int, callbacks: list, resume: bool):
+def _tuner(plan: dict, study: str | None, index: int, callbacks: list, resume: bool, verbose: bool = False):
     from ray import tune
 
     from mlfd.tune.atomic_fs import storage_filesystem, sweep_partial
+    from mlfd.tune.progress import LiveView
     from mlfd.tune.spaces import load_space, make_searcher
 
     job = from_dict(JobSpec, plan["job"], path="job")
@@ -172,6 +176,7 @@ def _tuner(plan: dict, study: str | None, index: int, callbacks: list, resume: b
         from mlfd.tune.watch import rewatch
 
         sweep_partial(exp_path)
+        # A restored study brings back the callbacks it was started with (MLflow, live view), pickled with it.
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False, storage_filesystem=fs)
         rewatch(tuner, callbacks)  # this command's watch, not the one pickled with the experiment
@@ -179,6 +184,7 @@ def _tuner(plan: dict, study: str | None, index: int, callbacks: list, resume: b
     space = load_space(plan["space_file"])
     searcher = make_searcher(space, job.metric, job.mode, seed=job.seed + index,
                              points_to_evaluate=job.points_to_evaluate or None)
+    view = LiveView(study or job.stage, job.metric, job.mode, stage_epochs(spec, job.stage))
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(metric=job.metric, mode=job.mode, search_alg=searcher,
@@ -186,9 +192,9 @@ def _tuner(plan: dict, study: str | None, index: int, callbacks: list, resume: b
                                     num_samples=job.num_samples, max_concurrent_trials=job.max_concurrent_trials,
                                     reuse_actors=job.reuse_actors),
         run_config=tune.RunConfig(name=name, storage_path=plan["storage_path"], storage_filesystem=fs,
-                                  callbacks=callbacks, checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                  callbacks=[*callbacks, view], checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   failure_config=tune.FailureConfig(max_failures=job.max_failures),
-                                  verbose=1),
+                                  verbose=1 if verbose else 0),  # 0: Ray prints no tables (see quiet_ray)
     )
 
 
@@ -237,20 +243,58 @@ def trial_index(result) -> int | None:
 
 def run_search(job_path: str, out: Path, smoke: bool = False, resume: bool = False, address: str | None = None,
                overrides: list[str] | None = None, tracking=None,
-               connect_timeout: float = CONNECT_TIMEOUT_S, lost_node_timeout: float = LOST_NODE_TIMEOUT_S
-               ) -> pd.DataFrame:
+               connect_timeout: float = CONNECT_TIMEOUT_S, lost_node_timeout: float = LOST_NODE_TIMEOUT_S,
+               verbose: bool = False) -> pd.DataFrame:
     """Run (or resume) every study of a job; write trials.parquet and best/<study>.yaml. Returns the trial table.
 
     With ``address`` the search joins an existing Ray cluster: the head must answer within ``connect_timeout``
     seconds (:func:`connect`), and the cluster must have what the job asks for, before anything is written to ``out``.
     Trials that no live node can host for ``lost_node_timeout`` seconds stop the search (``NodeLost``, state saved).
+
+    What Ray, Optuna and MLflow log goes to ``OUT/logs/ray.log``; with ``verbose`` also to the screen, with Ray Tune's
+    own progress tables and the trial workers' output. The live view (progress.py) logs to ``mlfd.tune.progress``.
     """
+    from mlfd.tune.progress import RAY_LOG, ThirdPartyLogs
+
+    out = Path(out).resolve()
+    quiet_ray(verbose)
+    logs = ThirdPartyLogs(verbose)
+
+    def claimed() -> None:
+        logs.open(out / RAY_LOG)
+        _logger.info("mlfd tune: Ray's own output goes to %s (%s)", out / RAY_LOG,
+                     "and here" if verbose else "--verbose shows it here")
+
+    try:
+        return _run_search(job_path, out, smoke, resume, address, overrides, tracking, connect_timeout,
+                           lost_node_timeout, verbose, claimed)
+    finally:
+        logs.restore()
+
+
+def quiet_ray(verbose: bool) -> None:
+    """Ray Tune's settings for a quiet console (or, ``verbose``, Ray's own), set before Ray Tune reads them."""
+    # Ray Tune's new output engine prints its header table whatever RunConfig(verbose) says; the classic one prints
+    # nothing at verbose 0.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "1" if verbose else "0"
+    # Snapshot experiment state often, so a killed driver loses at most the trials still running.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    # Frequent snapshots are the point (and CheckpointConfig(num_to_keep=1) forces one after every trial checkpoint):
+    # Ray's warning that they may become a bottleneck is off, as its message says to do.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if not verbose:  # MLflow's notices when it creates its database come before OUT/logs exists: warnings only
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
+
+def _run_search(job_path: str, out: Path, smoke: bool, resume: bool, address: str | None,
+                overrides: list[str] | None, tracking, connect_timeout: float, lost_node_timeout: float,
+                verbose: bool, claimed) -> pd.DataFrame:
+    """:func:`run_search` once the console is set up; ``claimed()`` is called once ``out`` holds the search."""
     import ray
 
     from mlfd.tune.mlflow_callback import study_callbacks
     from mlfd.tune.watch import LostNodeWatch
 
-    out = Path(out).resolve()
     if address:  # before the datasets are read: the answers depend on the job file alone
         first = load_job(job_path, smoke, overrides)[0]
         check_resources(first)
@@ -266,11 +310,9 @@ def run_search(job_path: str, out: Path, smoke: bool = False, resume: bool = Fal
     job = from_dict(JobSpec, plan["job"], path="job")
     open_output(out, plan, resume, claim=False)  # a misused --out/--resume is refused before tracking writes to OUT
     spec = from_dict(PipelineSpec, plan["pipeline"], validate=False)
-    # Snapshot experiment state often, so a killed driver loses at most the trials still running.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     rows: list[dict] = []
     try:
-        connect(address, connect_timeout)
+        connect(address, connect_timeout, verbose)
         if address:
             check_cluster_resources(job, ray.cluster_resources(), address)
         if tracking is not None:
@@ -278,15 +320,16 @@ def run_search(job_path: str, out: Path, smoke: bool = False, resume: bool = Fal
             # (otherwise the same command, rerun once the server is up, is refused as "already holds a search").
             tracking.open(plan)
         open_output(out, plan, resume)
+        claimed()
         if job.stage in ("students", "joint"):
             prebuild_teachers(plan, job)
         for i, study in enumerate(plan["studies"]):
             name = _experiment_name(job, study)
             cbs = study_callbacks(tracking, plan, study, trial_context(plan, job, study)) if tracking else []
             watch = LostNodeWatch(lost_node_timeout)
-            tuner = _tuner(plan, study, i, [*cbs, watch], resume)
-            print(f"mlfd tune: study {study or job.stage} ({i + 1}/{len(plan['studies'])}) -> "
-                  f"{os.path.join(plan['storage_path'], name)}", file=sys.stderr, flush=True)
+            tuner = _tuner(plan, study, i, [*cbs, watch], resume, verbose)
+            _logger.info("mlfd tune: study %s (%d/%d), %d trials -> %s", study or job.stage, i + 1,
+                         len(plan["studies"]), job.num_samples, os.path.join(plan["storage_path"], name))
             results = tuner.fit()
             watch.raise_if_stopped(f"on a healthy cluster continue it with the same command plus --resume --out {out}")
             if _interrupted(results, job):
@@ -377,7 +420,7 @@ def wait_for_head(address: str, timeout: float, poll: float = 0.5) -> None:
     if target is None:
         return
     host, port = target
-    print(f"mlfd tune: joining the Ray cluster at {address} (up to {timeout:g} s)", file=sys.stderr, flush=True)
+    _logger.info("mlfd tune: joining the Ray cluster at %s (up to %g s)", address, timeout)
     deadline = time.monotonic() + timeout
     last: OSError | None = None
     while True:
@@ -401,8 +444,9 @@ def wait_for_head(address: str, timeout: float, poll: float = 0.5) -> None:
                     f"({reason}); {cause}")
 
 
-def connect(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -> None:
-    """Start a local Ray cluster (``address`` None) or join an existing one, within ``timeout`` seconds."""
+def connect(address: str | None, timeout: float = CONNECT_TIMEOUT_S, verbose: bool = False) -> None:
+    """Start a local Ray cluster (``address`` None) or join an existing one, within ``timeout`` seconds. The
+    workers' output reaches this console only when ``verbose`` (it is in Ray's session logs in any case)."""
     import ray
 
     handle_sigterm()
@@ -412,7 +456,7 @@ def connect(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -> None:
         wait_for_head(address, timeout)  # again: the head may have gone since the first check
     # Without --address a search starts its own local cluster ("local"): a plain ray.init() would join whatever
     # cluster RAY_ADDRESS or /tmp/ray/ray_current_cluster names (another user's, or a dead one it then waits for).
-    ray.init(address=address or "local", include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address=address or "local", include_dashboard=False, configure_logging=False, log_to_driver=verbose)
     handle_sigterm()  # ray.init replaced it
 
 
@@ -458,11 +502,12 @@ def prebuild_teachers(plan: dict, job: JobSpec) -> None:
         return
     task = ray.remote(_build_teacher).options(num_cpus=job.resources.cpu, num_gpus=trial_gpu(plan, job))
     threads = trial_threads(job)
-    print(f"mlfd tune: teachers for {names} (built once, in parallel, reused by every trial)", file=sys.stderr,
-          flush=True)
+    _logger.info("mlfd tune: teachers for %s (built once, in parallel, reused by every trial)", ", ".join(names))
+    start = time.monotonic()
     refs = [task.remote(plan["pipeline"], plan["store"], n, threads) for n in names]
     pause_point("teachers")
     ray.get(refs)
+    _logger.info("mlfd tune: teachers ready in %.0f s", time.monotonic() - start)
 
 
 PAUSE_ENV = "MLFD_PAUSE_AT"
@@ -474,7 +519,7 @@ def pause_point(name: str) -> None:
     its best YAML and MLflow summary not yet). Without the variable it does nothing."""
     if os.environ.get(PAUSE_ENV) != name:
         return
-    print(f"mlfd tune: paused at {name} ({PAUSE_ENV})", file=sys.stderr, flush=True)
+    _logger.info("mlfd tune: paused at %s (%s)", name, PAUSE_ENV)
     while True:
         time.sleep(1.0)
 

@@ -29,7 +29,7 @@ memory-worst corner), :mod:`~mlfd.tune.packing.probe` (the dry run in a child pr
 
 from __future__ import annotations
 
-import sys
+import logging
 from typing import Any, Callable, Sequence
 
 from mlfd.config import PipelineSpec, from_dict
@@ -42,6 +42,8 @@ __all__ = ["CONTEXT_RESERVE_BYTES", "GIB", "HEADROOM", "MAX_AUTO_TRIALS", "MIB",
            "RAY_RESOURCE_STEP", "LimitedTask", "ProbeResult", "auto_fraction", "check_packing", "fraction_for", "gib",
            "memory_worst_config", "packed_per_gpu", "plan_gpu", "probe", "standin_spec", "trial_gpu",
            "trials_per_gpu"]
+
+_logger = logging.getLogger(__name__)
 
 
 def plan_gpu(job: Any, pipeline: dict, space: Any, studies: Sequence[str | None],
@@ -82,7 +84,7 @@ def plan_gpu(job: Any, pipeline: dict, space: Any, studies: Sequence[str | None]
     line = (f"mlfd tune: packing: one trial peaks at {gib(peak)} GiB ({res.peak_phase}, dry run at the space's "
             f"memory-worst corner) on a {gib(total)} GiB {res.device_name or 'GPU'}; gpu: {gpu} -> {fraction:g}, "
             f"{packs} trial{'s' if packs > 1 else ''} per GPU{cap}")
-    (log or (lambda m: print(m, file=sys.stderr, flush=True)))(line)
+    (log or _logger.info)(line)
     return fraction
 
 
