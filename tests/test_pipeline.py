@@ -620,3 +620,24 @@ def test_a_train_split_one_over_a_multiple_of_the_batch_trains(tmp_path: Path) -
     sizes = [sum(idx.numel() for _, idx in groups) for groups, _ in joint.train_batches(0)]
     assert n == 240 and sizes == [240] and joint.steps_per_epoch() == 1
     assert read_metrics(train_joint(ctx, plan_for(ctx, 2)))["epochs"] == 1
+
+
+def test_a_searched_stage_trial_builds_what_its_key_names(tmp_path: Path) -> None:
+    """StageTrial (the one home of what a trial trains and produces, read by the trainable, the best-model logging,
+    the search summary and the packing dry run): a teacher trial with a per-dataset recipe builds the artifact its
+    output() names, with that recipe; a joint trial names the joint teacher of the pipeline's one level."""
+    from mlfd.stages.joint import joint_key
+    from mlfd.stages.trial import StageTrial
+
+    spec = _edited(tmp_path, lambda d: (d["datasets"][0].update(teacher={"lr": 0.0005, "epochs": 1}),
+                                        d.update(fusion_levels=[2])))
+    ctx = Context(spec=spec, store=ArtifactStore(tmp_path / "store"), progress=False)
+    name = spec.datasets[0].name
+    trial = StageTrial(ctx, "teachers", name)
+    assert trial.recipe().lr == 0.0005 and trial.recipe().epochs == 1 and trial.artifact() is None
+    art = trial.build()
+    assert (art.kind, art.key) == trial.output() and trial.artifact().key == art.key
+    assert read_metrics(art)["epochs"] == 1
+    assert StageTrial(ctx, "joint").output() == ("joint", joint_key(ctx, plan_for(ctx, 2)))
+    with pytest.raises(ValueError, match="not one of"):
+        StageTrial(ctx, "controls")

@@ -186,9 +186,7 @@ def _metrics(art) -> dict:
 def study_summary(search_dir: Path) -> pd.DataFrame:
     """Rows per study: the dataset-specific model, each reference point (``points_to_evaluate``), the best trial."""
     from mlfd.stages.common import Context
-    from mlfd.stages.joint import plan_for
-    from mlfd.stages.students import student_key, student_variant
-    from mlfd.stages.teachers import teacher_key
+    from mlfd.stages.trial import StageTrial
     from mlfd.store import ArtifactStore
     from mlfd.tune.launch import best_row, trial_config
     from mlfd.tune.spaces import apply_config
@@ -205,7 +203,7 @@ def study_summary(search_dir: Path) -> pd.DataFrame:
     for study in dict.fromkeys(trials["study"]):
         st = trials[trials["study"] == study]
         ctx = Context(spec=base, store=store, progress=False)
-        teacher = store.get("teacher", teacher_key(ctx, study))
+        teacher = StageTrial(ctx, "teachers", study).artifact()
         if teacher is not None:
             rows.append({"study": study, "row": "dataset-specific", "trial_id": "", "fusion_level": None,
                          **_metrics(teacher)})
@@ -215,8 +213,7 @@ def study_summary(search_dir: Path) -> pd.DataFrame:
             spec = from_dict(PipelineSpec, apply_config(plan["pipeline"], cfg), validate=False)
             tctx = Context(spec=spec, store=store, progress=False)
             level = spec.fusion_levels[0]
-            art = store.get("student", student_key(tctx, study, plan_for(tctx, level, study),
-                                                   student_variant(tctx, None, study)))
+            art = StageTrial(tctx, "students", study).artifact()
             m = _metrics(art) if art is not None else {"val/acc1": float(r[f"best/{job['metric']}"]),
                                                        "val/acc5": math.nan, "test/acc1": math.nan,
                                                        "test/acc5": math.nan}

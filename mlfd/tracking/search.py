@@ -150,21 +150,14 @@ def best_artifact(plan: dict, best_yaml: Path, study: str | None):
     """The stored artifact of the exported best trial (students and teachers: its trained model)."""
     from mlfd.config import load_pipeline
     from mlfd.stages.common import Context
-    from mlfd.stages.joint import plan_for
-    from mlfd.stages.students import student_key, student_variant
-    from mlfd.stages.teachers import teacher_key
+    from mlfd.stages.trial import StageTrial
     from mlfd.store import ArtifactStore
 
-    spec = load_pipeline(best_yaml)
-    ctx = Context(spec=spec, store=ArtifactStore(plan["store"]), progress=False)
     stage = plan["job"]["stage"]
-    if stage == "students":
-        level = spec.fusion_levels[0]
-        return ctx.store.get("student", student_key(ctx, study, plan_for(ctx, level, study),
-                                                    student_variant(ctx, None, study)))
-    if stage == "teachers":
-        return ctx.store.get("teacher", teacher_key(ctx, study))
-    return None
+    if stage not in ("students", "teachers"):
+        return None
+    ctx = Context(spec=load_pipeline(best_yaml), store=ArtifactStore(plan["store"]), progress=False)
+    return StageTrial(ctx, stage, study).artifact()
 
 
 def log_best_model(t: Tracker, run_id: str, best_yaml: Path, art, study: str, register: str | None) -> None:

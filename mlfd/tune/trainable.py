@@ -1,7 +1,9 @@
 """Ray Tune function trainables: each stage of the pipeline, reporting every epoch, checkpointing, resumable.
 
 A trial's config is the flat sampled parameters; the job's context (the pipeline dict, the stage, the study, where the
-store lives) reaches the trainable through ``tune.with_parameters``, so it stays out of the progress table. The trainable applies the sampled values to the pipeline, builds the upstream artifacts it needs
+store lives) reaches the trainable through ``tune.with_parameters``, so it stays out of the progress table. The
+trainable applies the sampled values to the pipeline, builds the upstream artifacts it needs (what a trial trains
+and reads: :class:`mlfd.stages.trial.StageTrial`)
 through the shared store (built once, under a lock, whichever trial asks first), then trains its own stage with
 ``ray.tune.report`` after each epoch.
 """
@@ -70,6 +72,7 @@ def run_stage(config: dict, context: dict) -> None:
 
     from mlfd.engine import is_out_of_memory, out_of_memory
     from mlfd.stages.common import Context, read_metrics
+    from mlfd.stages.trial import StageTrial
     from mlfd.store import ArtifactStore, load_torch, save_torch
 
     meta = context
@@ -99,17 +102,18 @@ def run_stage(config: dict, context: dict) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             resume = load_torch(Path(d) / STATE_FILE)
+    trial = StageTrial(ctx, stage, study)
     try:
-        existing = ctx.store.get(*_target(ctx, stage, study))
+        existing = trial.artifact()
         if existing is not None:
             # Built by another trial or run (replay its epochs), or by this trial before its final report was
             # recorded (replay the epochs after its checkpoint).
             history = read_metrics(existing)["history"]
             _report_history(history if resume is None else history[resume["epoch"] + 1:], reused=resume is None)
             return
-        _build_upstream(ctx, stage, study)  # teachers, caches, T*: built once in the store, not reported
+        trial.build_upstream()  # teachers, caches, T*: built once in the store, not reported
         ctx.on_epoch, ctx.resume = on_epoch, resume
-        _build(ctx, stage, study)
+        trial.build()
         if final:
             report(final["metrics"], final["state"])
     except Exception as e:
@@ -118,55 +122,10 @@ def run_stage(config: dict, context: dict) -> None:
         raise
     finally:
         # Free CUDA memory promptly when ASHA stops a trial or it ends (the worker process may be reused).
-        del ctx
+        del ctx, trial
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-def _target(ctx, stage: str, study: str | None) -> tuple[str, str]:
-    """(kind, key) of the artifact a trial of ``stage`` produces."""
-    from mlfd.stages.baselines import KIND as BASELINE, baseline_key
-    from mlfd.stages.joint import KIND as JOINT, joint_key, plan_for
-    from mlfd.stages.students import KIND as STUDENT, student_key, student_variant
-    from mlfd.stages.teachers import KIND as TEACHER, teacher_key
-
-    if stage == "students":
-        plan = plan_for(ctx, ctx.spec.fusion_levels[0], study)
-        return STUDENT, student_key(ctx, study, plan, student_variant(ctx, None, study))
-    if stage == "joint":
-        return JOINT, joint_key(ctx, plan_for(ctx, ctx.spec.fusion_levels[0], study))
-    if stage == "teachers":
-        return TEACHER, teacher_key(ctx, study)
-    return BASELINE, baseline_key(ctx, stage)
-
-
-def _build_upstream(ctx, stage: str, study: str | None) -> None:
-    from mlfd.stages.cache import build_cache
-    from mlfd.stages.joint import joint_targets, plan_for
-
-    if stage == "students":
-        joint_targets(ctx, plan_for(ctx, ctx.spec.fusion_levels[0], study), study)
-    elif stage == "joint":
-        plan = plan_for(ctx, ctx.spec.fusion_levels[0], study)
-        for t in plan.teachers:
-            for d in plan.datasets:
-                build_cache(ctx, t, d, plan.level)
-
-
-def _build(ctx, stage: str, study: str | None):
-    from mlfd.stages.baselines import train_baseline
-    from mlfd.stages.joint import plan_for, train_joint
-    from mlfd.stages.students import train_student
-    from mlfd.stages.teachers import train_teacher
-
-    if stage == "students":
-        return train_student(ctx, study, ctx.spec.fusion_levels[0])
-    if stage == "joint":
-        return train_joint(ctx, plan_for(ctx, ctx.spec.fusion_levels[0], study))
-    if stage == "teachers":
-        return train_teacher(ctx, study)
-    return train_baseline(ctx, stage)
 
 
 __all__ = ["run_stage", "stage_epochs", "trial_spec"]

@@ -90,46 +90,27 @@ def standin_spec(spec: PipelineSpec, weights_dir: Path, stage: str) -> PipelineS
 def _phases(ctx: Any, stage: str, studies: Sequence[str | None], steps: int) -> Iterator[tuple[str, Callable]]:
     """(name, thunk) of every phase a trial of ``stage`` (and its shared upstream) goes through."""
     from mlfd.engine import fit
-    from mlfd.stages.baselines import SharedTask, baseline_model
-    from mlfd.stages.cache import build_cache
-    from mlfd.stages.joint import JointTask, joint_targets, plan_for
-    from mlfd.stages.students import StudentTask, student_variant
-    from mlfd.stages.teachers import ClassifierTask
+    from mlfd.stages.trial import StageTrial
 
     spec = ctx.spec
 
-    def dry(make_task: Callable[[], Any], recipe: Any) -> Callable[[], None]:
+    def dry(trial: StageTrial) -> Callable[[], None]:
         def run() -> None:
-            task = make_task()
-            fit(LimitedTask(task, steps), dataclasses.replace(recipe, epochs=1), ctx.device, progress=False)
+            fit(LimitedTask(trial.task(), steps), dataclasses.replace(trial.recipe(), epochs=1), ctx.device,
+                progress=False)
         return run
 
-    def teacher(name: str) -> Callable[[], Any]:
-        return lambda: ClassifierTask(ctx, name, spec.dataset(name).model, spec.teacher_for(name))
-
-    if stage == "teachers":
-        for s in studies:
-            yield f"trial:{s}", dry(teacher(s), spec.teacher_for(s))
-        return
-    if stage in ("multi_head", "joint_head"):
-        model, recipe = baseline_model(ctx)
-        yield f"trial:{stage}", dry(lambda: SharedTask(ctx, stage, model, recipe), recipe)
+    if stage in ("teachers", "multi_head", "joint_head"):
+        for s in studies if stage == "teachers" else [None]:
+            yield f"trial:{s or stage}", dry(StageTrial(ctx, stage, s))
         return
     # students / joint: the teachers are prebuilt as Ray tasks with the same GPU fraction, so they must fit too.
     for d in spec.datasets:
-        yield f"teacher:{d.name}", dry(teacher(d.name), spec.teacher_for(d.name))
-    level = spec.fusion_levels[0]
+        yield f"teacher:{d.name}", dry(StageTrial(ctx, "teachers", d.name))
     for s in studies:
-        plan = plan_for(ctx, level, s)
-        label = s or stage
-        if stage == "students":
-            yield f"upstream:{label}", lambda plan=plan, s=s: joint_targets(ctx, plan, s)
-            yield f"trial:{label}", dry(lambda plan=plan, s=s: StudentTask(ctx, s, plan, student_variant(ctx, None, s)),
-                                        spec.student_for(s).recipe)
-        else:
-            yield f"upstream:{label}", lambda plan=plan: [build_cache(ctx, t, d, plan.level) for t in plan.teachers
-                                                         for d in plan.datasets]
-            yield f"trial:{label}", dry(lambda plan=plan: JointTask(ctx, plan), spec.joint.recipe)
+        trial = StageTrial(ctx, stage, s)
+        yield f"upstream:{s or stage}", trial.build_upstream
+        yield f"trial:{s or stage}", dry(trial)
 
 
 def _measure(fn: Callable[[], Any], device: Any) -> dict:
