@@ -364,14 +364,15 @@ def test_best_trial_of_each_study_is_exported(search: Search) -> None:
 def test_trials_that_ran_every_epoch_leave_their_student_in_the_store(search: Search) -> None:
     """ASHA stops a trial when it reports its last epoch; the student must be saved before that report."""
     from mlfd.stages.common import Context, read_metrics
+    from mlfd.stages.trial import StageTrial
     from mlfd.store import ArtifactStore
-    from mlfd.tune.trainable import _target, trial_spec
+    from mlfd.tune.trainable import trial_spec
 
     store = ArtifactStore(search.plan["store"])
     for _, r in search.trials.iterrows():
         config = json.loads((Path(r["path"]) / "params.json").read_text())
         ctx = Context(spec=trial_spec(config, {"pipeline": search.plan["pipeline"]}), store=store, progress=False)
-        art = store.get(*_target(ctx, "students", r["study"]))
+        art = StageTrial(ctx, "students", r["study"]).artifact()
         if r["status"] == "TERMINATED":
             assert art is not None, f"trial {r['trial_id']} finished but its student is not in the store"
             m = read_metrics(art)
