@@ -26,6 +26,9 @@ from mlfd.errors import SpecError
 
 MAX_LEVEL = 4
 
+SEARCHED_STAGES = ("students", "joint", "teachers", "multi_head", "joint_head")
+"""The stages a tune job can search (``JobSpec.stage``; what a trial of each trains: ``mlfd.stages.trial``)."""
+
 NameCheck = Callable[[str, str], None]
 """``check(value, dotted_path)``: raises :class:`SpecError` when ``value`` is not a name its registry knows."""
 

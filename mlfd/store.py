@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from mlfd.config import spec_hash, to_dict
 from mlfd.errors import CorruptArtifact, SpecError, StorageError
-from mlfd.fileio import atomic_path, atomic_write_bytes, atomic_write_text, fsync_dir, storage_error
+from mlfd.fileio import atomic_write_bytes, atomic_write_text, fsync_dir, storage_error
 
 __all__ = ["MANIFEST", "STORE_SCHEMA", "CODE_VERSIONS", "Artifact", "ArtifactStore", "CorruptArtifact", "SpecError",
            "StorageError", "atomic_write_bytes", "atomic_write_text", "load_torch", "read_features", "save_torch",

@@ -8,7 +8,6 @@ the ``subprocess`` ones run ``python -m mlfd.cli`` to check the real exit code a
 from __future__ import annotations
 
 import copy
-import os
 import subprocess
 import sys
 from collections.abc import Callable

@@ -216,6 +216,15 @@ LOST_SAMPLES = 2
 LOST_ARGS = ["--set=name=lost-node", f"--set=num_samples={LOST_SAMPLES}", "--set=resources.cpu=2", "--set=seed=37"]
 
 
+def epoch_lines(exp: Path, trial_id: str) -> tuple[list[dict], list[int], dict[int, dict]]:
+    """A trial's reported results, their epochs in order, and the first result of each epoch."""
+    lines = [json.loads(x) for x in result_lines(exp, trial_id)]
+    first: dict[int, dict] = {}
+    for x in lines:
+        first.setdefault(x["training_iteration"], x)
+    return lines, [x["training_iteration"] for x in lines], first
+
+
 @pytest.mark.slow
 def test_losing_the_only_node_that_fits_stops_and_resumes(mlflow_server: MlflowServer, mlfd_cli,
                                                           tmp_path: Path) -> None:
@@ -271,11 +280,7 @@ def test_losing_the_only_node_that_fits_stops_and_resumes(mlflow_server: MlflowS
         (df["error"] == "").all(), df[["trial_id", "status", "epochs", "error"]]
     assert set(df["node"]) <= {lost, fresh}, (df["node"], lost, fresh)  # never on the 1-CPU head
     for _, r in df.iterrows():
-        lines = [json.loads(x) for x in result_lines(exp, r["trial_id"])]
-        iters = [x["training_iteration"] for x in lines]
-        first: dict[int, dict] = {}
-        for x in lines:
-            first.setdefault(x["training_iteration"], x)
+        lines, iters, first = epoch_lines(exp, r["trial_id"])
         if r["trial_id"] in killed:  # continued on the fresh worker from its checkpoint
             assert r["nodes"] == f"{lost},{fresh}" and r["node"] == fresh, r[["nodes", "node"]]
             assert iters.count(1) == 1, f"trial {r['trial_id']} restarted from scratch: {iters}"
@@ -318,11 +323,7 @@ def test_search_on_two_nodes_survives_losing_the_worker(cluster: LocalCluster, m
     assert ran_on == {head, worker}, (ran_on, head, worker)  # trials ran on both nodes
     assert set(df["node_ip"]) == {"127.0.0.1"} and (df["hostname"] != "").all()
     for _, r in df.iterrows():
-        lines = [json.loads(x) for x in result_lines(exp, r["trial_id"])]
-        iters = [x["training_iteration"] for x in lines]
-        first: dict[int, dict] = {}
-        for x in lines:
-            first.setdefault(x["training_iteration"], x)
+        lines, iters, first = epoch_lines(exp, r["trial_id"])
         assert r["best/val/acc1"] == max(x["val/acc1"] for x in lines)
         if r["trial_id"] not in killed:
             assert iters == list(range(1, CLUSTER_EPOCHS + 1)), (r["trial_id"], iters)

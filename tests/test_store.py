@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ENV, ROOT
+from conftest import ENV
 
 from mlfd.config import DatasetSpec, JointSpec, RecipeSpec, to_dict  # noqa: E402
 from mlfd.errors import SpecError  # noqa: E402

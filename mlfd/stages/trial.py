@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mlfd.config import RecipeSpec
+from mlfd.config import SEARCHED_STAGES, RecipeSpec
 from mlfd.stages.baselines import KIND as BASELINE, SharedTask, baseline_key, baseline_model, train_baseline
 from mlfd.stages.cache import build_cache
 from mlfd.stages.common import Context
@@ -19,8 +19,6 @@ from mlfd.stages.joint import KIND as JOINT, JointPlan, JointTask, joint_key, jo
 from mlfd.stages.students import KIND as STUDENT, StudentTask, student_key, student_variant, train_student
 from mlfd.stages.teachers import KIND as TEACHER, ClassifierTask, teacher_key, train_teacher
 from mlfd.store import Artifact
-
-SEARCHED_STAGES = ("students", "joint", "teachers", "multi_head", "joint_head")
 
 
 @dataclass(frozen=True)

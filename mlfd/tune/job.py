@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from mlfd.config import _check, apply_overrides, from_dict, read_yaml
+from mlfd.config import SEARCHED_STAGES, _check, apply_overrides, from_dict, read_yaml
 from mlfd.errors import SpecError
 
-STAGES = ("students", "joint", "teachers", "multi_head", "joint_head")
+STAGES = SEARCHED_STAGES
 
 
 @dataclass

@@ -475,12 +475,12 @@ def _build_teacher(pipeline: dict, store: str, name: str, threads: int) -> str:
     import torch
 
     from mlfd.stages.common import Context
-    from mlfd.stages.teachers import train_teacher
+    from mlfd.stages.trial import StageTrial
     from mlfd.store import ArtifactStore
 
     torch.set_num_threads(threads)
     ctx = Context(spec=from_dict(PipelineSpec, pipeline, validate=False), store=ArtifactStore(store), progress=False)
-    return str(train_teacher(ctx, name).path)
+    return str(StageTrial(ctx, "teachers", name).build().path)
 
 
 def prebuild_teachers(plan: dict, job: JobSpec) -> None:
@@ -491,13 +491,13 @@ def prebuild_teachers(plan: dict, job: JobSpec) -> None:
     import ray
 
     from mlfd.stages.common import Context
-    from mlfd.stages.teachers import KIND, teacher_key
+    from mlfd.stages.trial import StageTrial
     from mlfd.store import ArtifactStore
 
     # Teachers already in the store (--resume, a shared store) need no task: a worker only to find them costs seconds.
     ctx = Context(spec=from_dict(PipelineSpec, plan["pipeline"], validate=False), store=ArtifactStore(plan["store"]),
                   progress=False)
-    names = [d.name for d in ctx.spec.datasets if ctx.store.get(KIND, teacher_key(ctx, d.name)) is None]
+    names = [d.name for d in ctx.spec.datasets if StageTrial(ctx, "teachers", d.name).artifact() is None]
     if not names:
         return
     task = ray.remote(_build_teacher).options(num_cpus=job.resources.cpu, num_gpus=trial_gpu(plan, job))
