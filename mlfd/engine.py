@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import math
 import sys
 import time
 import warnings
@@ -50,6 +49,48 @@ def out_of_memory(e: BaseException, what: str) -> OutOfMemory:
     where = "GPU" if isinstance(e, torch.OutOfMemoryError) else "host"
     return OutOfMemory(f"{what} ran out of {where} memory ({first}); lower the batch size or the model/joint width, "
                        f"or give it more memory (resources.gpu)")
+
+
+_injected_oom = 0
+"""Out-of-memory errors still to raise, one at the first step of each next :func:`fit` (see inject_out_of_memory)."""
+
+
+def inject_out_of_memory(times: int = 1) -> None:
+    """Make the first training step of each of the next ``times`` :func:`fit` calls in this process raise
+    ``torch.OutOfMemoryError`` (0 disarms). A fault-injection hook: ``mlfd tune``'s trainable arms it from
+    ``MLFD_FAULT_OOM`` so that its retry path runs for real on a machine whose memory is never short."""
+    global _injected_oom
+    if times < 0:
+        raise ValueError(f"inject_out_of_memory: times must be >= 0, got {times}")
+    _injected_oom = times
+
+
+def _raise_injected_oom() -> None:
+    global _injected_oom
+    if _injected_oom > 0:
+        _injected_oom -= 1
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate the first training batch (injected by "
+                                     "mlfd.engine.inject_out_of_memory)")
+
+
+def accumulation_groups(steps: int, accum: int) -> list[int]:
+    """How many batches each optimizer step of an epoch of ``steps`` batches accumulates with ``grad_accum = accum``:
+    ``accum`` each, the last step the remainder (``steps % accum``) when ``accum`` does not divide ``steps``."""
+    if steps < 0 or accum < 1:
+        raise ValueError(f"accumulation_groups: need steps >= 0 and accum >= 1, got {steps}, {accum}")
+    full, rest = divmod(steps, accum)
+    return [accum] * full + ([rest] if rest else [])
+
+
+ACCUMULATION_VERSION = 2
+"""Version of :func:`fit`'s gradient accumulation, part of the key of an artifact trained with ``grad_accum > 1``."""
+
+
+def accumulation_key(recipe: RecipeSpec) -> dict[str, int]:
+    """What an artifact key adds for a recipe's gradient accumulation: ``{"accumulation": 2}`` when ``grad_accum > 1``
+    (since version 2 the short last group of an epoch is averaged over its own batches, see :func:`fit`), else
+    nothing: ``grad_accum: 1`` trains exactly as before, with the same keys."""
+    return {"accumulation": ACCUMULATION_VERSION} if recipe.grad_accum > 1 else {}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -315,6 +356,15 @@ def fit(
         sync: read the loss back to the host every this many steps (default :func:`sync_every`): a NaN or infinite
             loss raises :class:`DivergedError` naming its step at the next read, and the epoch's end always reads.
 
+    Gradient accumulation (``recipe.grad_accum = a``): each batch the task yields is a micro-batch; the loss of each
+    is divided by the number of micro-batches of its optimizer step (``a``, or the remainder for an epoch's short last
+    group: :func:`accumulation_groups`), their gradients add up, and the optimizer and the lr schedule step once per
+    group, so a step over ``a`` equal micro-batches of ``B/a`` samples has the gradient of one batch of ``B`` (to
+    float rounding; test_engine.py). Layers that look at the batch see the micro-batches: BatchNorm normalizes each
+    micro-batch with its own statistics and updates its running statistics once per micro-batch, so a network with
+    BatchNorm (or any batch-dependent layer) trains close to, not exactly like, the full batch. ``a = 1`` divides each
+    loss by 1: the same numbers as without accumulation. The epoch's ``train/loss`` is the mean over micro-batches.
+
     At return the module holds the best epoch's weights.
     """
     module = task.module
@@ -322,8 +372,9 @@ def fit(
         compile_module(module)
     opt = build_optimizer(module, recipe)
     steps = task.steps_per_epoch()
-    total = max(1, recipe.epochs * math.ceil(steps / recipe.grad_accum))
-    sched = LrSchedule(opt, recipe, total, math.ceil(steps / recipe.grad_accum))
+    groups = accumulation_groups(steps, recipe.grad_accum)
+    total = max(1, recipe.epochs * len(groups))
+    sched = LrSchedule(opt, recipe, total, len(groups))
     dtype = amp_dtype(device, recipe.amp)
     every = sync_every(device, sync)
     scaler = torch.amp.GradScaler("cuda") if dtype is torch.float16 else None
@@ -347,6 +398,8 @@ def fit(
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             for i, batch in enumerate(task.train_batches(epoch)):
+                if i == 0:
+                    _raise_injected_oom()
                 with autocast(device, dtype):
                     losses = task.train_step(batch)
                 loss = losses["loss"]
@@ -354,7 +407,8 @@ def fit(
                 if (i + 1) % every == 0:
                     stats.check(desc, epoch + 1)
                     bar.update(every, {"loss": f"{float(stats.last):.3f}"})
-                scaled = loss / recipe.grad_accum
+                group = i // recipe.grad_accum
+                scaled = loss / (groups[group] if group < len(groups) else recipe.grad_accum)
                 (scaler.scale(scaled) if scaler else scaled).backward()
                 if (i + 1) % recipe.grad_accum == 0 or i + 1 == steps:
                     sched.update(opt_step)

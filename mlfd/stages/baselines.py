@@ -12,10 +12,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from mlfd.config import ModelSpec, RecipeSpec, to_dict
+from mlfd.config import ModelSpec, PipelineSpec, RecipeSpec, to_dict
 from mlfd.data import make_loader
 from mlfd.data.transforms import autoaugment_key
-from mlfd.engine import fit, use_channels_last
+from mlfd.engine import accumulation_key, fit, use_channels_last
 from mlfd.losses import ce_loss
 from mlfd.models import create_model
 from mlfd.stages.common import (Context, EvalLoaders, dataset_key_spec, eval_model, save_module, seed_everything,
@@ -148,10 +148,15 @@ def baseline_model(ctx: Context, name: str | None = None) -> tuple[ModelSpec, Re
     The backbone is ``baselines.model`` if set, else that dataset's student architecture; the recipe is
     ``baselines.recipe`` if set, else the effective teacher recipe of the first dataset with that architecture.
     """
-    name = name or ctx.spec.datasets[0].name
-    for model, names in ctx.spec.baseline_groups():
+    return baseline_spec(ctx.spec, name)
+
+
+def baseline_spec(spec: PipelineSpec, name: str | None = None) -> tuple[ModelSpec, RecipeSpec]:
+    """:func:`baseline_model` of a pipeline spec (no context needed)."""
+    name = name or spec.datasets[0].name
+    for model, names in spec.baseline_groups():
         if name in names:
-            return model, ctx.spec.baselines.recipe or ctx.spec.teacher_for(names[0])
+            return model, spec.baselines.recipe or spec.teacher_for(names[0])
     raise KeyError(name)  # unreachable: every dataset is in one group
 
 
@@ -161,7 +166,7 @@ def baseline_key(ctx: Context, mode: str, name: str | None = None) -> str:
     how = {"batching": ctx.spec.baselines.multi_head_batching} if mode == "multi_head" else {}
     return ArtifactStore.key(KIND, {"mode": mode, "model": to_dict(model), "recipe": to_dict(recipe),
                                     "data": [dataset_key_spec(d) for d in ctx.spec.datasets], **how,
-                                    **autoaugment_key(recipe.augment)})
+                                    **autoaugment_key(recipe.augment), **accumulation_key(recipe)})
 
 
 def train_baseline(ctx: Context, mode: str, name: str | None = None) -> Artifact:

@@ -18,7 +18,7 @@ import torch
 
 from mlfd.config import to_dict
 from mlfd.data import batch_bounds, to_device
-from mlfd.engine import evaluate_logits, fit
+from mlfd.engine import accumulation_key, evaluate_logits, fit
 from mlfd.losses import ce_loss
 from mlfd.models import JointTeacher
 from mlfd.stages.cache import (Prefetcher, build_cache, cache_key, open_cache, place_caches, resident,
@@ -67,7 +67,8 @@ def joint_key(ctx: Context, plan: JointPlan) -> str:
     return ArtifactStore.key(KIND, {"joint": joint, "level": plan.level,
                                     "teachers": plan.teachers,
                                     "datasets": plan.datasets,
-                                    "data": [dataset_key_spec(ctx.spec.dataset(d)) for d in plan.datasets]}, inputs)
+                                    "data": [dataset_key_spec(ctx.spec.dataset(d)) for d in plan.datasets],
+                                    **accumulation_key(ctx.spec.joint.recipe)}, inputs)
 
 
 class _Features:

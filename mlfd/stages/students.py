@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from mlfd.config import StudentSpec, to_dict
 from mlfd.data import make_loader, to_device
 from mlfd.data.transforms import autoaugment_key
-from mlfd.engine import fit, use_channels_last
+from mlfd.engine import accumulation_key, fit, use_channels_last
 from mlfd.losses import mlfd_loss
 from mlfd.models import Student
 from mlfd.stages.common import (Context, EvalLoaders, build_level_model, dataset_key_spec, eval_model, load_frozen,
@@ -107,7 +107,8 @@ def student_key(ctx: Context, name: str, plan: JointPlan, sspec: StudentSpec) ->
     ds = ctx.spec.dataset(name)
     return ArtifactStore.key(KIND, {"data": dataset_key_spec(ds), "model": to_dict(ds.student_net),
                                     "student": to_dict(sspec), "level": plan.level,
-                                    **autoaugment_key(sspec.recipe.augment)}, {"joint": joint_key(ctx, plan)})
+                                    **autoaugment_key(sspec.recipe.augment), **accumulation_key(sspec.recipe)},
+                             {"joint": joint_key(ctx, plan)})
 
 
 def train_student(ctx: Context, name: str, level: int, control: str | None = None) -> Artifact:

@@ -11,7 +11,7 @@ import torch
 from mlfd.config import to_dict
 from mlfd.data import make_loader
 from mlfd.data.transforms import autoaugment_key
-from mlfd.engine import fit, use_channels_last
+from mlfd.engine import accumulation_key, fit, use_channels_last
 from mlfd.losses import ce_loss
 from mlfd.models import create_model
 from mlfd.stages.common import (Context, EvalLoaders, build_level_model, dataset_key_spec, eval_model, save_module,
@@ -59,7 +59,8 @@ def teacher_key(ctx: Context, name: str) -> str:
     ds = ctx.spec.dataset(name)
     recipe = ctx.spec.teacher_for(name)
     return ArtifactStore.key(KIND, {"data": dataset_key_spec(ds), "model": to_dict(ds.model),
-                                    "recipe": to_dict(recipe), **autoaugment_key(recipe.augment)})
+                                    "recipe": to_dict(recipe), **autoaugment_key(recipe.augment),
+                                    **accumulation_key(recipe)})
 
 
 def train_teacher(ctx: Context, name: str) -> Artifact:

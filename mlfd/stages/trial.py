@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mlfd.config import SEARCHED_STAGES, RecipeSpec
-from mlfd.stages.baselines import KIND as BASELINE, SharedTask, baseline_key, baseline_model, train_baseline
+from mlfd.config import SEARCHED_STAGES, PipelineSpec, RecipeSpec, from_dict, to_dict
+from mlfd.stages.baselines import (KIND as BASELINE, SharedTask, baseline_key, baseline_model, baseline_spec,
+                                  train_baseline)
 from mlfd.stages.cache import build_cache
 from mlfd.stages.common import Context
 from mlfd.stages.joint import KIND as JOINT, JointPlan, JointTask, joint_key, joint_targets, plan_for, train_joint
@@ -96,3 +97,28 @@ class StageTrial:
             return ClassifierTask(ctx, study, ctx.spec.dataset(study).model, ctx.spec.teacher_for(study))
         model, recipe = baseline_model(ctx)
         return SharedTask(ctx, self.stage, model, recipe)
+
+
+def micro_batched(spec: PipelineSpec, stage: str, study: str | None, batch_size: int, grad_accum: int) -> PipelineSpec:
+    """``spec`` with the recipe that a trial of ``stage`` trains set to ``batch_size`` and ``grad_accum`` (the retry of
+    a trial that ran out of memory: :mod:`mlfd.tune.memory`), and nothing else changed.
+
+    The recipe is the student recipe of dataset ``study`` (its ``student.recipe`` override), its teacher recipe (its
+    ``teacher`` override), ``joint.recipe``, or for a baseline ``baselines.recipe`` (from the effective baseline
+    recipe). Upstream artifacts (teachers of a student trial, caches, T*) keep their keys; the trial's own key changes
+    with its recipe, as it must: micro-batches train close to, not exactly like, the full batch (BatchNorm).
+    """
+    if stage not in SEARCHED_STAGES:
+        raise ValueError(f"stage {stage!r} is not one of {SEARCHED_STAGES}")
+    fields = {"batch_size": batch_size, "grad_accum": grad_accum}
+    d = to_dict(spec)
+    names = [ds["name"] for ds in d["datasets"]]
+    if stage == "students":
+        d["datasets"][names.index(study)]["student"].setdefault("recipe", {}).update(fields)
+    elif stage == "teachers":
+        d["datasets"][names.index(study)]["teacher"].update(fields)
+    elif stage == "joint":
+        d["joint"]["recipe"].update(fields)
+    else:
+        d["baselines"]["recipe"] = {**to_dict(baseline_spec(spec)[1]), **fields}
+    return from_dict(PipelineSpec, d, path=f"{stage} trial (micro-batched)")

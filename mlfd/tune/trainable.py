@@ -10,13 +10,16 @@ through the shared store (built once, under a lock, whichever trial asks first),
 
 from __future__ import annotations
 
-import gc
+import logging
+import os
 import tempfile
 from pathlib import Path
 
 from mlfd.config import PipelineSpec, SpecError, from_dict
 
 STATE_FILE = "state.pt"
+
+_logger = logging.getLogger(__name__)
 
 
 def trial_spec(config: dict, context: dict) -> PipelineSpec:
@@ -45,15 +48,6 @@ def node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-def _report_history(history: list[dict], reused: bool = True) -> None:
-    """Replay a finished artifact's epochs (the same config was already trained by another trial or run)."""
-    from ray import tune
-
-    node = node_id()
-    for m in history:
-        tune.report(dict(m, reused=int(reused), **{NODE_KEY: node}))
-
-
 def stage_epochs(spec: PipelineSpec, stage: str) -> int:
     """Epochs a trial of ``stage`` trains (the scheduler's max_t)."""
     if stage == "students":  # per-dataset overrides may differ: the longest bounds the scheduler
@@ -65,26 +59,67 @@ def stage_epochs(spec: PipelineSpec, stage: str) -> int:
     return max(spec.teacher_for(d.name).epochs for d in spec.datasets)
 
 
-def run_stage(config: dict, context: dict) -> None:
-    """The function trainable for every stage (``context['stage']`` says which)."""
-    import torch
+OOM_FAULT_ENV = "MLFD_FAULT_OOM"
+"""Fault injection of the tests: with ``MLFD_FAULT_OOM=N`` the first N training attempts of every trial raise
+``torch.OutOfMemoryError`` at their first step (1: the retry runs and succeeds; 2: the retry fails too). Unset: none."""
+RETRY_STATE = "oom_retry"
+"""Key of a trial's checkpoint state holding its retry (micro-batch size, accumulation steps), so that a restored
+trial continues with the recipe its checkpoint was trained with."""
+MEMORY_KEYS = ("oom_retries", "micro_batch_size", "accum_steps")
+"""What every report of a trial says about its memory: 1 after an out-of-memory retry, else 0; the batch size and
+accumulation steps its trained recipe uses (after a retry: the micro-batch ones). Columns of trials.parquet."""
+
+
+class _NotRetried(Exception):
+    """An out-of-memory error that a smaller batch of the trial's own recipe cannot help (its upstream's build)."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _report_history(history: list[dict], memory: dict, reused: bool = True) -> None:
+    """Replay a finished artifact's epochs (the same config was already trained by another trial or run)."""
     from ray import tune
 
-    from mlfd.engine import is_out_of_memory, out_of_memory
+    node = node_id()
+    for m in history:
+        tune.report(dict(m, reused=int(reused), **memory, **{NODE_KEY: node}))
+
+
+def _attempt(spec: PipelineSpec, meta: dict, resume: dict | None, retry: dict | None, reported: list[int],
+             fault: bool) -> None:
+    """One attempt at the trial: replay its artifact if the store has it, else build its upstream and train it.
+
+    Args:
+        spec: The trial's pipeline (micro-batched after an out-of-memory retry).
+        meta: The trial's context (see :func:`mlfd.tune.launch.trial_context`).
+        resume: The checkpoint state to continue from (None: from the start).
+        retry: The retry this attempt is (``RETRY_STATE`` of its checkpoints), None for a first attempt.
+        reported: ``[n]``, the epochs of this trial reported so far (updated): a retry trains them again without
+            reporting them, so that one report stays one epoch for the scheduler.
+        fault: Arm the injected out-of-memory error (``MLFD_FAULT_OOM``) for this attempt's training.
+    """
+    from ray import tune
+
+    from mlfd.engine import inject_out_of_memory, is_out_of_memory
     from mlfd.stages.common import Context, read_metrics
     from mlfd.stages.trial import StageTrial
-    from mlfd.store import ArtifactStore, load_torch, save_torch
+    from mlfd.store import ArtifactStore, save_torch
 
-    meta = context
-    spec = trial_spec(config, context)
     stage, study = meta["stage"], meta.get("study")
-    torch.set_num_threads(max(1, int(meta.get("threads", 1))))
     ctx = Context(spec=spec, store=ArtifactStore(meta["store"]), progress=False)
+    trial = StageTrial(ctx, stage, study)
+    recipe = trial.recipe()
+    memory = {"oom_retries": int(retry is not None), "micro_batch_size": recipe.batch_size,
+              "accum_steps": recipe.grad_accum}
 
-    def report(metrics: dict, state: dict) -> None:
+    def report(epoch: int, metrics: dict, state: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
-            save_torch(state, Path(d) / STATE_FILE)
-            tune.report(dict(metrics, **{NODE_KEY: node_id()}), checkpoint=tune.Checkpoint.from_directory(d))
+            save_torch(dict(state, **({RETRY_STATE: retry} if retry else {})), Path(d) / STATE_FILE)
+            tune.report(dict(metrics, **memory, **{NODE_KEY: node_id()}),
+                        checkpoint=tune.Checkpoint.from_directory(d))
+        reported[0] = max(reported[0], epoch + 1)
 
     # The last epoch is reported only once the artifact (best weights, test metrics) is in the store: schedulers stop
     # a trial as soon as it reports its last epoch (ASHA at max_t), which would kill it before the artifact is saved.
@@ -92,40 +127,99 @@ def run_stage(config: dict, context: dict) -> None:
     final: dict = {}
 
     def on_epoch(epoch: int, metrics: dict, get_state) -> None:
+        if epoch < reported[0]:  # a retry trains again what the first attempt reported
+            return
         if epoch >= last_epoch:
-            final.update(metrics=dict(metrics), state=get_state())
+            final.update(epoch=epoch, metrics=dict(metrics), state=get_state())
         else:
-            report(metrics, get_state())
+            report(epoch, metrics, get_state())
+
+    existing = trial.artifact()
+    if existing is not None:
+        # Built by another trial or run (replay its epochs), or by this trial before its final report was recorded
+        # (replay the epochs after its checkpoint).
+        _report_history(read_metrics(existing)["history"][reported[0]:], memory, reused=resume is None)
+        return
+    try:
+        trial.build_upstream()  # teachers, caches, T*: built once in the store, not reported
+    except Exception as e:
+        if is_out_of_memory(e):
+            raise _NotRetried(e) from e
+        raise
+    ctx.on_epoch, ctx.resume = on_epoch, resume
+    inject_out_of_memory(1 if fault else 0)
+    try:
+        trial.build()
+    finally:
+        inject_out_of_memory(0)
+    if final:
+        report(final["epoch"], final["metrics"], final["state"])
+
+
+def run_stage(config: dict, context: dict) -> None:
+    """The function trainable for every stage (``context['stage']`` says which).
+
+    A trial with a fraction of a GPU caps its CUDA memory at its share (``context['gpu']``; :mod:`mlfd.tune.memory`).
+    A trial that runs out of memory while it trains is retried once, in this process, with a micro-batch and
+    gradient accumulation over the same effective batch; every report says so (:data:`MEMORY_KEYS`; the first error's
+    line is in the worker's log and in the checkpoint state). A second out-of-memory error, or one while the trial's
+    upstream is built, fails the trial with a one-line :class:`mlfd.engine.OutOfMemory`.
+    """
+    import torch
+    from ray import tune
+
+    from mlfd.engine import OutOfMemory, is_out_of_memory, out_of_memory, resolve_device
+    from mlfd.stages.trial import StageTrial, micro_batched
+    from mlfd.stages.common import Context
+    from mlfd.store import ArtifactStore, load_torch
+    from mlfd.tune.memory import apply_memory_cap, free_memory, micro_batch
+
+    meta = context
+    spec = trial_spec(config, context)
+    stage, study = meta["stage"], meta.get("study")
+    what = f"{stage} trial {study or ''}".strip()
+    torch.set_num_threads(max(1, int(meta.get("threads", 1))))
+    apply_memory_cap(float(meta.get("gpu", 0) or 0), resolve_device(spec.device))
 
     ckpt = tune.get_checkpoint()
     resume = None
     if ckpt is not None:
         with ckpt.as_directory() as d:
             resume = load_torch(Path(d) / STATE_FILE)
-    trial = StageTrial(ctx, stage, study)
-    try:
-        existing = trial.artifact()
-        if existing is not None:
-            # Built by another trial or run (replay its epochs), or by this trial before its final report was
-            # recorded (replay the epochs after its checkpoint).
-            history = read_metrics(existing)["history"]
-            _report_history(history if resume is None else history[resume["epoch"] + 1:], reused=resume is None)
+    retry = (resume or {}).get(RETRY_STATE)
+    reported = [resume["epoch"] + 1 if resume is not None else 0]
+    faults = int(os.environ.get(OOM_FAULT_ENV, "0") or 0)
+    attempt_spec = spec if retry is None else micro_batched(spec, stage, study, retry["micro_batch_size"],
+                                                            retry["accum_steps"])
+    for attempt in range(2):
+        try:
+            _attempt(attempt_spec, meta, resume, retry, reported, fault=attempt < faults)
             return
-        trial.build_upstream()  # teachers, caches, T*: built once in the store, not reported
-        ctx.on_epoch, ctx.resume = on_epoch, resume
-        trial.build()
-        if final:
-            report(final["metrics"], final["state"])
-    except Exception as e:
-        if is_out_of_memory(e):  # the trial fails with a reason that says so (trials.parquet, MLflow tag)
-            raise out_of_memory(e, f"{stage} trial {study or ''}".strip()) from None
-        raise
-    finally:
-        # Free CUDA memory promptly when ASHA stops a trial or it ends (the worker process may be reused).
-        del ctx, trial
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        except _NotRetried as e:  # the upstream's build ran out of memory: a smaller trial batch would not help
+            failure, split = out_of_memory(e.error, f"{what} (building its upstream)"), None
+        except Exception as e:
+            if not is_out_of_memory(e) or isinstance(e, OutOfMemory):  # mlfd's own OutOfMemory already says why
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:240]
+            if retry is not None:
+                failure, split = OutOfMemory(
+                    f"{what} ran out of memory again after its retry with micro-batch {retry['micro_batch_size']} x "
+                    f"{retry['accum_steps']} accumulation steps ({first}); lower the batch size or give it more "
+                    "memory (resources.gpu)"), None
+            else:
+                base = StageTrial(Context(spec=spec, store=ArtifactStore(meta["store"]), progress=False), stage,
+                                  study).recipe()
+                failure, split = out_of_memory(e, what), micro_batch(base.batch_size, base.grad_accum)
+                if split is None:
+                    failure = OutOfMemory(f"{failure}; its batch of {base.batch_size} is too small to split")
+        finally:
+            free_memory()  # what the attempt held, once its traceback is gone (also when ASHA stops a trial)
+        if split is None:
+            raise failure from None
+        retry = {"micro_batch_size": split.batch_size, "accum_steps": split.grad_accum, "error": first}
+        attempt_spec, resume = micro_batched(spec, stage, study, split.batch_size, split.grad_accum), None
+        _logger.warning("%s ran out of memory (%s); retrying once in the same trial: %s", what, first,
+                        split.describe())
 
 
-__all__ = ["run_stage", "stage_epochs", "trial_spec"]
+__all__ = ["MEMORY_KEYS", "OOM_FAULT_ENV", "RETRY_STATE", "run_stage", "stage_epochs", "trial_spec"]
