@@ -230,3 +230,180 @@ def test_micro_batched_changes_only_the_trials_recipe_and_key(stage: str, study:
     for other in names:  # other datasets' student recipes are untouched
         if other != study:
             assert small.student_for(other) == spec.student_for(other)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The retry of a trial (the loop of mlfd tune's trainable, without Ray)
+# --------------------------------------------------------------------------------------------------------------------
+
+TINY = ["datasets.digits.model.arch=test_resnet", "datasets.digits.max_train=120", "datasets.digits.max_val=60",
+        "datasets.digits.max_test=60", "teacher.epochs=1", "teacher.batch_size=32"]
+
+
+def _teacher_attempts(store: Path, seen: list):
+    """An attempt that trains the digits teacher (a ``teachers`` trial), recording what it trained with."""
+    from mlfd.stages.common import Context
+    from mlfd.stages.trial import StageTrial
+    from mlfd.store import ArtifactStore
+
+    def attempt(spec, retry, fault: bool) -> None:
+        trial = StageTrial(Context(spec=spec, store=ArtifactStore(store), progress=False), "teachers", "digits")
+        recipe = trial.recipe()
+        seen.append((recipe.batch_size, recipe.grad_accum, retry, fault))
+        inject_out_of_memory(1 if fault else 0)
+        try:
+            trial.build()
+        finally:
+            inject_out_of_memory(0)
+
+    return attempt
+
+
+def test_a_trial_out_of_memory_is_retried_once_with_micro_batches(tmp_path: Path) -> None:
+    from mlfd.stages.common import Context
+    from mlfd.stages.trial import StageTrial, micro_batched
+    from mlfd.store import ArtifactStore
+    from mlfd.tune.trainable import train_with_retry
+
+    torch.set_num_threads(1)
+    spec, seen = load_pipeline(PIPELINE, TINY), []
+    retry = train_with_retry(spec, "teachers", "digits", str(tmp_path), _teacher_attempts(tmp_path, seen), faults=1)
+    assert retry == {"micro_batch_size": 16, "accum_steps": 2, "error": "CUDA out of memory. Tried to allocate the "
+                     "first training batch (injected by mlfd.engine.inject_out_of_memory)"}
+    assert seen == [(32, 1, None, True), (16, 2, retry, False)]
+    store = ArtifactStore(tmp_path)
+    built = [StageTrial(Context(spec=s, store=store, progress=False), "teachers", "digits").artifact()
+             for s in (spec, micro_batched(spec, "teachers", "digits", 16, 2))]
+    assert built[0] is None and built[1] is not None  # under the micro-batched recipe's key only
+    assert not list(tmp_path.glob("teacher/.*.tmp"))  # the failed attempt's build left nothing behind
+
+
+def test_a_second_out_of_memory_fails_the_trial_with_one_line(tmp_path: Path) -> None:
+    from mlfd.engine import OutOfMemory
+    from mlfd.tune.trainable import train_with_retry
+
+    torch.set_num_threads(1)
+    seen = []
+    with pytest.raises(OutOfMemory) as e:
+        train_with_retry(load_pipeline(PIPELINE, TINY), "teachers", "digits", str(tmp_path),
+                         _teacher_attempts(tmp_path, seen), faults=2)
+    assert str(e.value) == ("teachers trial digits ran out of memory again after its retry with micro-batch 16 x 2 "
+                            "accumulation steps (CUDA out of memory. Tried to allocate the first training batch "
+                            "(injected by mlfd.engine.inject_out_of_memory)); lower the batch size or give it more "
+                            "memory (resources.gpu)")
+    assert [s[:2] for s in seen] == [(32, 1), (16, 2)]
+    # A batch too small to split fails at once, saying so.
+    with pytest.raises(OutOfMemory, match=r"ran out of GPU memory .*; its batch of 3 is too small to split$"):
+        train_with_retry(load_pipeline(PIPELINE, [*TINY, "teacher.batch_size=3"]), "teachers", "digits",
+                         str(tmp_path), _teacher_attempts(tmp_path, []), faults=1)
+    # An error that is not about memory is not retried.
+
+    def diverges(spec, retry, fault):
+        raise ValueError("not memory")
+
+    with pytest.raises(ValueError, match="not memory"):
+        train_with_retry(load_pipeline(PIPELINE, TINY), "teachers", "digits", str(tmp_path), diverges)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# On a CUDA GPU (bench/gpu_check.sh runs these): the cap enforced, and the retry after a real over-size batch. Each
+# runs in a child process: a memory fraction holds for the whole process.
+# --------------------------------------------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _child(script: str, timeout: float = 240) -> dict:
+    """Run ``script`` in a child Python process; it prints one JSON line last, returned as a dict."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ENV
+
+    p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+@cuda
+def test_cuda_memory_cap_refuses_an_allocation_beyond_the_trials_share() -> None:
+    """gpu 0.25: the allocator may hold 0.25 of the GPU less the context reserve. 1.1 x that fits before the cap is
+    set, not after; 0.9 x fits under it; the refused allocation leaves the trial able to go on."""
+    res = _child("""
+import json, torch
+from mlfd.tune.memory import apply_memory_cap
+from mlfd.tune.memory import memory_cap
+dev = torch.device("cuda")
+total = torch.cuda.get_device_properties(0).total_memory
+n = int(1.1 * memory_cap(0.25, total) * total)
+x = torch.empty(n, dtype=torch.uint8, device=dev); before = True; del x; torch.cuda.empty_cache()
+cap = apply_memory_cap(0.25, dev)
+try:
+    torch.empty(n, dtype=torch.uint8, device=dev); after = True
+except torch.OutOfMemoryError:
+    after = False
+torch.cuda.empty_cache()
+y = torch.empty(int(0.9 * cap * total), dtype=torch.uint8, device=dev)
+print(json.dumps({"cap": cap, "total": total, "before": before, "after": after, "held": torch.cuda.memory_reserved()}))
+""")
+    from mlfd.tune.packing import CONTEXT_RESERVE_BYTES
+
+    assert res["cap"] == pytest.approx(0.25 - CONTEXT_RESERVE_BYTES / res["total"])
+    assert res["before"] and not res["after"], res
+    assert 0.9 * res["cap"] * res["total"] <= res["held"] <= res["cap"] * res["total"], res
+
+
+@cuda
+def test_cuda_retry_after_a_real_over_size_batch() -> None:
+    """The digits teacher (test_resnet, all of digits on the GPU) at batch 1024, under a cap between the peaks of
+    batch 1024 and of micro-batch 512 x 2 (both measured first, uncapped): the first attempt runs out of memory for
+    real, the retry trains with 512 x 2 under the cap, and it starts with the first attempt's memory freed."""
+    res = _child(f"""
+import dataclasses, json, tempfile, torch
+from mlfd.config import load_pipeline
+from mlfd.engine import fit
+from mlfd.stages.common import Context
+from mlfd.stages.teachers import ClassifierTask
+from mlfd.stages.trial import StageTrial
+from mlfd.store import ArtifactStore
+from mlfd.tune.memory import apply_memory_cap, free_memory
+from mlfd.tune.packing import CONTEXT_RESERVE_BYTES, LimitedTask
+from mlfd.tune.trainable import train_with_retry
+torch.set_num_threads(4)
+dev = torch.device("cuda")
+store = tempfile.mkdtemp()
+spec = load_pipeline("{PIPELINE}", ["datasets.digits.model.arch=test_resnet", "teacher.epochs=1",
+                                    "teacher.batch_size=1024", "device=cuda"])
+ctx = Context(spec=spec, store=ArtifactStore(store), progress=False)
+def peak(b, a):
+    free_memory(); torch.cuda.reset_peak_memory_stats()
+    r = dataclasses.replace(spec.teacher_for("digits"), batch_size=b, grad_accum=a)
+    task = ClassifierTask(ctx, "digits", spec.dataset("digits").model, r)
+    fit(LimitedTask(task, 2 * a), r, dev, progress=False)
+    del task
+    free_memory()
+    return torch.cuda.max_memory_allocated()
+full, half = peak(1024, 1), peak(512, 2)
+total = torch.cuda.get_device_properties(0).total_memory
+cap_bytes = half + 0.6 * (full - half)
+fraction = (cap_bytes + CONTEXT_RESERVE_BYTES if cap_bytes >= CONTEXT_RESERVE_BYTES else 2 * cap_bytes) / total
+cap = apply_memory_cap(fraction, dev)  # memory_cap(fraction) is cap_bytes / total
+seen = []
+def attempt(s, retry, fault):
+    seen.append((s.teacher_for("digits").batch_size, torch.cuda.memory_allocated()))
+    torch.cuda.reset_peak_memory_stats()
+    StageTrial(Context(spec=s, store=ArtifactStore(store), progress=False), "teachers", "digits").build()
+base = torch.cuda.memory_allocated()
+retry = train_with_retry(spec, "teachers", "digits", store, attempt)
+print(json.dumps({{"full": full, "half": half, "cap": cap * total, "cap_bytes": cap_bytes, "retry": retry,
+                  "seen": seen, "base": base, "peak": torch.cuda.max_memory_reserved()}}))
+""", timeout=400)
+    assert res["full"] > 1.3 * res["half"], res  # the activations dominate: halving the batch frees memory
+    assert res["cap"] == pytest.approx(res["cap_bytes"], rel=1e-3)
+    assert res["retry"] is not None and (res["retry"]["micro_batch_size"], res["retry"]["accum_steps"]) == (512, 2)
+    assert "out of memory" in res["retry"]["error"].lower(), res["retry"]
+    assert [b for b, _ in res["seen"]] == [1024, 512]
+    assert res["seen"][1][1] <= res["base"] + 2**20, res  # the first attempt's model and batches were freed
+    assert res["peak"] <= res["cap"], res

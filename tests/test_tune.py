@@ -628,3 +628,95 @@ def test_export_then_run_retrains_the_best_student_bit_for_bit(search: Search, m
     # training in `mlfd run`, other trials in a Ray worker) changes the initial weights.
     assert not differ, f"retrained weights differ from the search's: {differ}"
     assert student["acc1"].item() == best[METRIC], (student["acc1"].item(), best[METRIC])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Out of memory: one retry in the trial with micro-batches (mlfd/tune/memory.py), forced by MLFD_FAULT_OOM
+# --------------------------------------------------------------------------------------------------------------------
+
+# One trial of a config no other search of the shared store samples (seed 10 + faults: the two tests' trials differ
+# too, or the second would find the first one's retried student in the store), no scheduler, no Ray-level retry.
+OOM_ARGS = ["--smoke", "--set=studies=[digits]", "--set=num_samples=1", "--set=points_to_evaluate=[]",
+            "--set=max_failures=0", "--set=scheduler.type=none", *tiny(100)]
+
+
+def oom_search(mlfd_cli, store: Path, out: Path, faults: int) -> tuple[Search, int]:
+    from mlfd.tune.trainable import OOM_FAULT_ENV
+
+    args = ["tune", str(JOB), "--out", str(out), *OOM_ARGS, f"--set=seed={10 + faults}", f"--set=store={store}"]
+    run = mlfd_cli.start(*args, env={OOM_FAULT_ENV: str(faults)})
+    run.wait(900)
+    assert not run.cleanup(grace=30)
+    s = read_search(out, args)
+    s.output = run.output
+    return s, run.proc.returncode
+
+
+def trial_runs(out: Path) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    runs = c.search_runs([c.get_experiment_by_name("quickstart").experiment_id], max_results=50)
+    return {r.data.tags["mlfd.trial_id"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+
+
+@pytest.mark.slow
+def test_a_trial_out_of_memory_is_retried_once_with_micro_batches(mlfd_cli, offline_store: Path,
+                                                                    tmp_path: Path) -> None:
+    """MLFD_FAULT_OOM=1: the trial's first training attempt raises torch.OutOfMemoryError at its first step; the
+    trial retries in the same process with micro-batch 16 x 2 accumulation steps (the smoke batch of 32), finishes,
+    and the search says so: trials.parquet, every report, the live view, the MLflow run's tags, the exported best
+    pipeline, and the student stored under the micro-batched recipe's key."""
+    from mlfd.stages.common import Context
+    from mlfd.stages.trial import StageTrial
+    from mlfd.store import ArtifactStore
+    from mlfd.tune.launch import retried_spec, trial_config
+    from mlfd.tune.spaces import apply_config
+
+    s, rc = oom_search(mlfd_cli, offline_store, tmp_path / "out", faults=1)
+    assert rc == 0, s.output[-5000:]
+    df = s.trials
+    assert len(df) == 1, df
+    row = df.iloc[0]
+    assert (row["status"], row["error"], row["epochs"]) == ("TERMINATED", "", EPOCHS), row.to_dict()
+    assert (row["oom_retries"], row["micro_batch_size"], row["accum_steps"]) == (1, 16, 2), row.to_dict()
+    lines = [json.loads(x) for x in result_lines(experiment_dir(s.out, "digits"), row["trial_id"])]
+    assert [x["training_iteration"] for x in lines] == list(range(1, EPOCHS + 1))  # one report per epoch
+    assert {(x["oom_retries"], x["micro_batch_size"], x["accum_steps"]) for x in lines} == {(1, 16, 2)}
+    said = [ln for ln in s.output.splitlines() if f"({row['trial_id']}) ran out of memory" in ln]
+    assert said == [f"  digits trial #1 ({row['trial_id']}) ran out of memory; retried in the same trial with "
+                    "micro-batch 16 x 2 accumulation steps"], s.output[-3000:]
+    run = trial_runs(s.out)[row["trial_id"]]
+    assert run.info.status == "FINISHED"
+    assert {k: run.data.tags.get(f"mlfd.{k}") for k in ("oom_retries", "micro_batch_size", "accum_steps")} == \
+        {"oom_retries": "1", "micro_batch_size": "16", "accum_steps": "2"}, run.data.tags
+    best = (s.out / "best" / "digits.yaml")
+    assert "retried with micro-batch 16 x 2 accumulation steps" in best.read_text()
+    recipe = load_pipeline(best).student_for("digits").recipe
+    assert (recipe.batch_size, recipe.grad_accum) == (16, 2)
+    # The student in the store is the micro-batched one; the full-batch recipe's key holds nothing.
+    spec = from_dict(PipelineSpec, apply_config(s.plan["pipeline"], trial_config(row)))
+    store = ArtifactStore(s.plan["store"])
+    full = StageTrial(Context(spec=spec, store=store, progress=False), "students", "digits")
+    micro = StageTrial(Context(spec=retried_spec(spec, "students", row), store=store, progress=False), "students",
+                       "digits")
+    assert full.artifact() is None and micro.artifact() is not None
+    assert json.loads(micro.artifact().file("metrics.json").read_text())["val"]["acc1"] == row[METRIC]
+
+
+@pytest.mark.slow
+def test_a_second_out_of_memory_fails_the_trial_with_one_line(mlfd_cli, offline_store: Path, tmp_path: Path) -> None:
+    """MLFD_FAULT_OOM=2: the retry runs out of memory too; the trial fails alone with one line saying so (in
+    trials.parquet, on the console and on its MLflow run), and its retry is counted."""
+    s, _ = oom_search(mlfd_cli, offline_store, tmp_path / "out", faults=2)
+    df = s.trials
+    assert len(df) == 1, df
+    row = df.iloc[0]
+    reason = ("OutOfMemory: students trial digits ran out of memory again after its retry with micro-batch 16 x 2 "
+              "accumulation steps (CUDA out of memory. Tried to allocate the first training batch (injected by "
+              "mlfd.engine.inject_out_of_memory)); lower the batch size or give it more memory (resources.gpu)")
+    assert (row["status"], row["error"], row["oom_retries"]) == ("ERROR", reason, 1), row.to_dict()
+    said = [ln for ln in s.output.splitlines() if f"({row['trial_id']}) FAILED: " in ln]
+    assert said == [f"  digits trial #1 ({row['trial_id']}) FAILED: {reason}"], s.output[-3000:]
+    run = trial_runs(s.out)[row["trial_id"]]
+    assert run.info.status == "FAILED" and reason in run.data.tags["mlfd.error"], run.data.tags

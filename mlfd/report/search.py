@@ -188,7 +188,7 @@ def study_summary(search_dir: Path) -> pd.DataFrame:
     from mlfd.stages.common import Context
     from mlfd.stages.trial import StageTrial
     from mlfd.store import ArtifactStore
-    from mlfd.tune.launch import best_row, trial_config
+    from mlfd.tune.launch import best_row, retried_spec, trial_config
     from mlfd.tune.spaces import apply_config
 
     search_dir = Path(search_dir)
@@ -210,7 +210,8 @@ def study_summary(search_dir: Path) -> pd.DataFrame:
 
         def trial_row(label: str, r: pd.Series) -> dict:
             cfg = trial_config(r)
-            spec = from_dict(PipelineSpec, apply_config(plan["pipeline"], cfg), validate=False)
+            spec = retried_spec(from_dict(PipelineSpec, apply_config(plan["pipeline"], cfg), validate=False),
+                                job["stage"], r)  # micro-batched if it ran out of memory
             tctx = Context(spec=spec, store=store, progress=False)
             level = spec.fusion_levels[0]
             art = StageTrial(tctx, "students", study).artifact()

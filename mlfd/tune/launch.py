@@ -154,7 +154,7 @@ def trial_threads(job: JobSpec) -> int:
 def trial_context(plan: dict, job: JobSpec, study: str | None) -> dict:
     """What every trial of a study needs besides its sampled values (passed with tune.with_parameters)."""
     return {"pipeline": plan["pipeline"], "stage": job.stage, "study": study, "store": plan["store"],
-            "threads": trial_threads(job)}
+            "threads": trial_threads(job), "gpu": trial_gpu(plan, job)}
 
 
 def _tuner(plan: dict, study: str | None, index: int, callbacks: list, resume: bool, verbose: bool = False):
@@ -215,7 +215,7 @@ def trial_rows(results, study: str | None, job: JobSpec, max_epochs: int) -> lis
         rows.append({"study": study or job.stage, "trial_id": str((r.metrics or {}).get("trial_id") or
                                                                   Path(r.path).name), "status": status,
                      "epochs": epochs, f"final/{metric}": final, f"best/{metric}": best, "error": error,
-                     "path": r.path, "trial_index": trial_index(r), **trial_nodes(r),
+                     "path": r.path, "trial_index": trial_index(r), **trial_nodes(r), **trial_memory(r),
                      **{f"config/{k}": v for k, v in sorted(cfg.items())}})
     return rows
 
@@ -230,6 +230,31 @@ def trial_nodes(result) -> dict:
     last = m.get(NODE_KEY) or (seen[-1] if seen else "")
     return {"node": str(last), "node_ip": str(m.get("node_ip") or ""), "hostname": str(m.get("hostname") or ""),
             "nodes": ",".join(map(str, seen or ([last] if last else [])))}
+
+
+def trial_memory(result) -> dict:
+    """What a trial says about its memory (:data:`mlfd.tune.trainable.MEMORY_KEYS`): ``oom_retries`` (1: it ran out
+    of memory and was retried with a micro-batch, also when the retry failed too), ``micro_batch_size`` and
+    ``accum_steps`` of the recipe it trained last (None: it never reported)."""
+    from mlfd.tune.trainable import MEMORY_KEYS, RETRY_FAILED
+
+    m = result.metrics or {}
+    row = {k: (int(m[k]) if m.get(k) is not None else None) for k in MEMORY_KEYS}
+    retried_and_failed = result.error is not None and RETRY_FAILED in str(result.error)
+    row["oom_retries"] = 1 if retried_and_failed else (row["oom_retries"] or 0)
+    return row
+
+
+def retried_spec(spec: PipelineSpec, stage: str, row: pd.Series) -> PipelineSpec:
+    """``spec`` as the trial of trials.parquet ``row`` trained it: with the micro-batch and accumulation steps of its
+    out-of-memory retry, if it had one (:func:`mlfd.stages.trial.micro_batched`), else as it is."""
+    from mlfd.stages.trial import micro_batched
+
+    retries = row.get("oom_retries")
+    if retries is None or pd.isna(retries) or int(retries) == 0 or pd.isna(row.get("micro_batch_size")):
+        return spec
+    study = row["study"] if stage in ("students", "teachers") else None
+    return micro_batched(spec, stage, study, int(row["micro_batch_size"]), int(row["accum_steps"]))
 
 
 def trial_index(result) -> int | None:
@@ -471,15 +496,17 @@ def check_cluster_resources(job: JobSpec, resources: dict, address: str) -> None
                         f"has {cpus:g} in all")
 
 
-def _build_teacher(pipeline: dict, store: str, name: str, threads: int) -> str:
+def _build_teacher(pipeline: dict, store: str, name: str, threads: int, gpu: float = 0.0) -> str:
     import torch
 
     from mlfd.stages.common import Context
     from mlfd.stages.trial import StageTrial
     from mlfd.store import ArtifactStore
+    from mlfd.tune.memory import apply_memory_cap
 
     torch.set_num_threads(threads)
     ctx = Context(spec=from_dict(PipelineSpec, pipeline, validate=False), store=ArtifactStore(store), progress=False)
+    apply_memory_cap(gpu, ctx.device)  # the same share of the GPU as a trial, enforced the same way
     return str(StageTrial(ctx, "teachers", name).build().path)
 
 
@@ -504,7 +531,7 @@ def prebuild_teachers(plan: dict, job: JobSpec) -> None:
     threads = trial_threads(job)
     _logger.info("mlfd tune: teachers for %s (built once, in parallel, reused by every trial)", ", ".join(names))
     start = time.monotonic()
-    refs = [task.remote(plan["pipeline"], plan["store"], n, threads) for n in names]
+    refs = [task.remote(plan["pipeline"], plan["store"], n, threads, trial_gpu(plan, job)) for n in names]
     pause_point("teachers")
     ray.get(refs)
     _logger.info("mlfd tune: teachers ready in %.0f s", time.monotonic() - start)
@@ -640,9 +667,14 @@ def export_best(out: Path, study: str | None, dest: Path) -> Path:
     pipeline["controls"] = {"own_teacher": False, "no_kd": False}
     pipeline["baselines"] = dict(pipeline.get("baselines") or {}, multi_head=job.stage == "multi_head",
                                  joint_head=job.stage == "joint_head")
-    spec = from_dict(PipelineSpec, pipeline, path="export")
+    spec = retried_spec(from_dict(PipelineSpec, pipeline, path="export"), job.stage, best)
+    retries = best.get("oom_retries")
+    retried = (f"# the trial ran out of memory and was retried with micro-batch {int(best['micro_batch_size'])} x "
+               f"{int(best['accum_steps'])} accumulation steps; so does this pipeline\n"
+               if retries is not None and not pd.isna(retries) and int(retries) > 0 else "")
     header = (f"# Best trial {best['trial_id']} of study {study!r} ({job.stage}) from {out}\n"
               f"# {job.metric} = {best[f'best/{job.metric}']:.4f} (best epoch, val); sampled: {json.dumps(config)}\n"
+              f"{retried}"
               # CPU kernels split reductions by thread count; a trial ran with resources.cpu torch threads.
               f"# the same numbers on CPU: OMP_NUM_THREADS={trial_threads(job)} mlfd run {Path(dest).name}\n")
     atomic_write_text(Path(dest), header + dump_yaml(spec))

@@ -31,15 +31,17 @@ class TrialRuns(LoggerCallback):
         self._ended: set[str] = set()
         self._last_step: dict[str, int] = {}
         self._node: dict[str, str] = {}
+        self._oom: set[str] = set()
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_tracker"], state["_runs"], state["_ended"], state["_last_step"] = None, {}, set(), {}
-        state["_node"] = {}
+        state["_node"], state["_oom"] = {}, set()
         return state
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update({"experiment_id": None, "_ended": set(), "_last_step": {}, "_node": {}, **state})
+        self.__dict__.update({"experiment_id": None, "_ended": set(), "_last_step": {}, "_node": {}, "_oom": set(),
+                              **state})
 
     @property
     def tracker(self) -> Tracker:
@@ -77,6 +79,7 @@ class TrialRuns(LoggerCallback):
         if trial.trial_id not in self._runs:
             self.log_trial_start(trial)
         self._tag_node(trial.trial_id, result)
+        self._tag_retry(trial.trial_id, result)
         step = int(result.get("training_iteration", iteration))
         if step <= self._last_step.get(trial.trial_id, 0):
             return
@@ -97,6 +100,16 @@ class TrialRuns(LoggerCallback):
                            ("mlfd.hostname", result.get("hostname"))):
             if value:
                 self.tracker.call("set_tag", rid, key, str(value))
+
+    def _tag_retry(self, trial_id: str, result: dict) -> None:
+        """Tag the run of a trial retried after running out of memory: ``mlfd.oom_retries`` 1, and the micro-batch
+        (``mlfd.micro_batch_size``) and accumulation steps (``mlfd.accum_steps``) it trained with."""
+        if not result.get("oom_retries") or trial_id in self._oom:
+            return
+        self._oom.add(trial_id)
+        for key in ("oom_retries", "micro_batch_size", "accum_steps"):
+            if result.get(key) is not None:
+                self.tracker.call("set_tag", self._runs[trial_id], f"mlfd.{key}", str(int(result[key])))
 
     def log_trial_end(self, trial, failed: bool = False) -> None:
         if trial.trial_id not in self._runs:

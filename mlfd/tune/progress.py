@@ -79,6 +79,7 @@ class LiveView(Callback):
         self.total = total
         self.start = time.monotonic()
         self.ended: set[str] = set()  # trials that ended in this session (a resumed study starts with some done)
+        self.retried: set[str] = set()  # trials whose out-of-memory retry has been shown
         self.last_draw = 0.0
         self.drawn = False  # a progress line is on screen, not yet ended by a newline (terminal only)
         self.enabled = _logger.isEnabledFor(logging.INFO)
@@ -93,12 +94,21 @@ class LiveView(Callback):
         if self.tty and time.monotonic() - self.last_draw >= REDRAW_S:
             self._draw(trials)
 
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        if result.get("oom_retries") and trial.trial_id not in self.retried:
+            self.retried.add(trial.trial_id)
+            self._line(f"  {self.study} trial {trial_number(trial)} ({trial.trial_id}) ran out of memory; retried "
+                       f"in the same trial with micro-batch {result.get('micro_batch_size')} x "
+                       f"{result.get('accum_steps')} accumulation steps")
+
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         epochs = int(trial.last_result.get("training_iteration", 0) or 0)
         if epochs >= self.max_epochs:
             what = f"finished {epochs}/{self.max_epochs} epochs"
         else:
             what = f"stopped early at epoch {epochs}/{self.max_epochs} (scheduler)"
+        if trial.last_result.get("oom_retries"):
+            what += f" (after an out-of-memory retry, micro-batch {trial.last_result.get('micro_batch_size')})"
         self._trial_ended(trials, trial, f"{what}, {self.metric} {self._value(trial)}")
 
     def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:

@@ -14,6 +14,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from mlfd.config import PipelineSpec, SpecError, from_dict
 
@@ -65,6 +66,8 @@ OOM_FAULT_ENV = "MLFD_FAULT_OOM"
 RETRY_STATE = "oom_retry"
 """Key of a trial's checkpoint state holding its retry (micro-batch size, accumulation steps), so that a restored
 trial continues with the recipe its checkpoint was trained with."""
+RETRY_FAILED = "ran out of memory again after its retry"
+"""What the error of a trial whose retry ran out of memory too says (trials.parquet counts its retry from it)."""
 MEMORY_KEYS = ("oom_retries", "micro_batch_size", "accum_steps")
 """What every report of a trial says about its memory: 1 after an out-of-memory retry, else 0; the batch size and
 accumulation steps its trained recipe uses (after a retry: the micro-batch ones). Columns of trials.parquet."""
@@ -161,40 +164,78 @@ def run_stage(config: dict, context: dict) -> None:
 
     A trial with a fraction of a GPU caps its CUDA memory at its share (``context['gpu']``; :mod:`mlfd.tune.memory`).
     A trial that runs out of memory while it trains is retried once, in this process, with a micro-batch and
-    gradient accumulation over the same effective batch; every report says so (:data:`MEMORY_KEYS`; the first error's
-    line is in the worker's log and in the checkpoint state). A second out-of-memory error, or one while the trial's
-    upstream is built, fails the trial with a one-line :class:`mlfd.engine.OutOfMemory`.
+    gradient accumulation over the same effective batch (:func:`train_with_retry`); every report says so
+    (:data:`MEMORY_KEYS`), and so do its checkpoints (:data:`RETRY_STATE`: a restored trial goes on with the
+    micro-batch). A second out-of-memory error, or one while the trial's upstream is built, fails the trial with a
+    one-line :class:`mlfd.engine.OutOfMemory`.
     """
     import torch
     from ray import tune
 
-    from mlfd.engine import OutOfMemory, is_out_of_memory, out_of_memory, resolve_device
-    from mlfd.stages.trial import StageTrial, micro_batched
-    from mlfd.stages.common import Context
-    from mlfd.store import ArtifactStore, load_torch
-    from mlfd.tune.memory import apply_memory_cap, free_memory, micro_batch
+    from mlfd.engine import resolve_device
+    from mlfd.store import load_torch
+    from mlfd.tune.memory import apply_memory_cap
 
-    meta = context
     spec = trial_spec(config, context)
-    stage, study = meta["stage"], meta.get("study")
-    what = f"{stage} trial {study or ''}".strip()
-    torch.set_num_threads(max(1, int(meta.get("threads", 1))))
-    apply_memory_cap(float(meta.get("gpu", 0) or 0), resolve_device(spec.device))
-
+    torch.set_num_threads(max(1, int(context.get("threads", 1))))
+    apply_memory_cap(float(context.get("gpu", 0) or 0), resolve_device(spec.device))
     ckpt = tune.get_checkpoint()
     resume = None
     if ckpt is not None:
         with ckpt.as_directory() as d:
             resume = load_torch(Path(d) / STATE_FILE)
-    retry = (resume or {}).get(RETRY_STATE)
     reported = [resume["epoch"] + 1 if resume is not None else 0]
-    faults = int(os.environ.get(OOM_FAULT_ENV, "0") or 0)
+    first = [resume]  # the checkpoint is the first attempt's to continue from; a retry starts afresh
+
+    def attempt(attempt_spec: PipelineSpec, retry: dict | None, fault: bool) -> None:
+        start, first[0] = first[0], None
+        _attempt(attempt_spec, context, start, retry, reported, fault)
+
+    train_with_retry(spec, context["stage"], context.get("study"), context["store"], attempt,
+                     retry=(resume or {}).get(RETRY_STATE), faults=int(os.environ.get(OOM_FAULT_ENV, "0") or 0))
+
+
+def train_with_retry(spec: PipelineSpec, stage: str, study: str | None, store: str,
+                     attempt: Callable[[PipelineSpec, dict | None, bool], None], retry: dict | None = None,
+                     faults: int = 0) -> dict | None:
+    """Train a trial with one retry after running out of memory: the retry logic of :func:`run_stage`, on its own.
+
+    Calls ``attempt(spec, None, fault)``; if that raises an out-of-memory error (torch's, or a failed host
+    allocation), frees what it held (:func:`mlfd.tune.memory.free_memory`, outside the ``except`` block, so the
+    traceback no longer holds the attempt's frames) and calls ``attempt(micro_spec, retry, fault)`` once, where
+    ``micro_spec`` is ``spec`` with the trial's recipe micro-batched (:func:`mlfd.tune.memory.micro_batch`,
+    :func:`mlfd.stages.trial.micro_batched`) and ``retry`` is ``{"micro_batch_size", "accum_steps", "error"}``.
+
+    Args:
+        spec: The trial's pipeline.
+        stage: The searched stage.
+        study: The study (the dataset of a students or teachers trial).
+        store: The artifact store's path (to read the trial's recipe).
+        attempt: Trains (or replays) the trial with a pipeline; ``retry`` is None on the first attempt; ``fault``
+            asks it to arm the injected out-of-memory error (:func:`mlfd.engine.inject_out_of_memory`).
+        retry: Start directly with this retry (a trial restored from a checkpoint of its retry).
+        faults: How many attempts get ``fault=True`` (``MLFD_FAULT_OOM``).
+
+    Returns:
+        The retry that trained the trial, or None when the first attempt did.
+
+    Raises:
+        OutOfMemory: One line: the retry ran out of memory too, the upstream's build did (a smaller batch of the trial
+            would not help), or the batch is too small to split.
+    """
+    from mlfd.engine import OutOfMemory, is_out_of_memory, out_of_memory
+    from mlfd.stages.common import Context
+    from mlfd.stages.trial import StageTrial, micro_batched
+    from mlfd.store import ArtifactStore
+    from mlfd.tune.memory import free_memory, micro_batch
+
+    what = f"{stage} trial {study or ''}".strip()
     attempt_spec = spec if retry is None else micro_batched(spec, stage, study, retry["micro_batch_size"],
                                                             retry["accum_steps"])
-    for attempt in range(2):
+    for n in range(2):
         try:
-            _attempt(attempt_spec, meta, resume, retry, reported, fault=attempt < faults)
-            return
+            attempt(attempt_spec, retry, n < faults)
+            return retry
         except _NotRetried as e:  # the upstream's build ran out of memory: a smaller trial batch would not help
             failure, split = out_of_memory(e.error, f"{what} (building its upstream)"), None
         except Exception as e:
@@ -203,11 +244,11 @@ def run_stage(config: dict, context: dict) -> None:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:240]
             if retry is not None:
                 failure, split = OutOfMemory(
-                    f"{what} ran out of memory again after its retry with micro-batch {retry['micro_batch_size']} x "
+                    f"{what} {RETRY_FAILED} with micro-batch {retry['micro_batch_size']} x "
                     f"{retry['accum_steps']} accumulation steps ({first}); lower the batch size or give it more "
                     "memory (resources.gpu)"), None
             else:
-                base = StageTrial(Context(spec=spec, store=ArtifactStore(meta["store"]), progress=False), stage,
+                base = StageTrial(Context(spec=spec, store=ArtifactStore(store), progress=False), stage,
                                   study).recipe()
                 failure, split = out_of_memory(e, what), micro_batch(base.batch_size, base.grad_accum)
                 if split is None:
@@ -217,9 +258,11 @@ def run_stage(config: dict, context: dict) -> None:
         if split is None:
             raise failure from None
         retry = {"micro_batch_size": split.batch_size, "accum_steps": split.grad_accum, "error": first}
-        attempt_spec, resume = micro_batched(spec, stage, study, split.batch_size, split.grad_accum), None
+        attempt_spec = micro_batched(spec, stage, study, split.batch_size, split.grad_accum)
         _logger.warning("%s ran out of memory (%s); retrying once in the same trial: %s", what, first,
                         split.describe())
+    return retry  # unreachable: the second attempt returned or raised
 
 
-__all__ = ["MEMORY_KEYS", "OOM_FAULT_ENV", "RETRY_STATE", "run_stage", "stage_epochs", "trial_spec"]
+__all__ = ["MEMORY_KEYS", "OOM_FAULT_ENV", "RETRY_FAILED", "RETRY_STATE", "run_stage", "stage_epochs",
+           "train_with_retry", "trial_spec"]
