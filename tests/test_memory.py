@@ -306,6 +306,59 @@ def test_a_second_out_of_memory_fails_the_trial_with_one_line(tmp_path: Path) ->
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# What the search records (trials.parquet rows, the live view), from Ray's own result objects
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_trial_rows_record_the_retry(tmp_path: Path) -> None:
+    """oom_retries, micro_batch_size and accum_steps from the trial's last report; a trial whose retry failed too
+    (it never reported) still counts its retry, from its error."""
+    from ray.tune import Result
+
+    from mlfd.tune.job import load_job
+    from mlfd.tune.launch import trial_rows
+
+    job, _ = load_job(ROOT / "tune_jobs" / "quickstart.yaml", smoke=True)
+    metrics = {"trial_id": "0a1b2c39", "experiment_tag": "1_x=1", "training_iteration": 3, "val/acc1": 50.0}
+    plain = Result(metrics={**metrics, "oom_retries": 0, "micro_batch_size": 32, "accum_steps": 1}, checkpoint=None,
+                   error=None, path=str(tmp_path / "a"))
+    retried = Result(metrics={**metrics, "trial_id": "1b1b1b1b", "oom_retries": 1, "micro_batch_size": 16,
+                              "accum_steps": 2}, checkpoint=None, error=None, path=str(tmp_path / "b"))
+    failed = Result(metrics={}, checkpoint=None, path=str(tmp_path / "run_stage_77e3a8f1_2_x=1_2026"),
+                    error=RuntimeError("mlfd.engine.OutOfMemory: students trial digits ran out of memory again after "
+                                       "its retry with micro-batch 16 x 2 accumulation steps (...)"))
+    rows = trial_rows([plain, retried, failed], "digits", job, max_epochs=3)
+    assert [(r["oom_retries"], r["micro_batch_size"], r["accum_steps"], r["status"]) for r in rows] == [
+        (0, 32, 1, "TERMINATED"), (1, 16, 2, "TERMINATED"), (1, None, None, "ERROR")]
+
+
+def test_live_view_says_a_trial_was_retried(capsys: pytest.CaptureFixture) -> None:
+    from types import SimpleNamespace as Trial
+
+    from mlfd.cli import configure_logging
+    from mlfd.tune.progress import LiveView
+
+    result = {"training_iteration": 1, "val/acc1": 50.0, "oom_retries": 1, "micro_batch_size": 16, "accum_steps": 2}
+    trial = Trial(trial_id="1b1b1b1b", experiment_tag="2_x=1", status="RUNNING", last_result=result,
+                  metric_analysis={"val/acc1": {"max": 50.0}})
+    restore = configure_logging()
+    try:
+        view = LiveView("digits", "val/acc1", "max", max_epochs=1)
+        view.setup(total_num_samples=2)
+        view.on_trial_result(0, [trial], trial, result)
+        view.on_trial_result(0, [trial], trial, result)  # said once
+        view.on_trial_result(0, [trial], trial, dict(result, oom_retries=0))
+        view.on_trial_complete(0, [trial], trial)
+        assert capsys.readouterr().err.splitlines()[:2] == [
+            "  digits trial #2 (1b1b1b1b) ran out of memory; retried in the same trial with micro-batch 16 x 2 "
+            "accumulation steps",
+            "  digits trial #2 (1b1b1b1b) finished 1/1 epochs (after an out-of-memory retry, micro-batch 16), "
+            "val/acc1 50.00 (best epoch)"]
+    finally:
+        restore()
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # On a CUDA GPU (bench/gpu_check.sh runs these): the cap enforced, and the retry after a real over-size batch. Each
 # runs in a child process: a memory fraction holds for the whole process.
 # --------------------------------------------------------------------------------------------------------------------
