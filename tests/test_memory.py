@@ -241,15 +241,19 @@ TINY = ["datasets.digits.model.arch=test_resnet", "datasets.digits.max_train=120
 
 
 def _teacher_attempts(store: Path, seen: list):
-    """An attempt that trains the digits teacher (a ``teachers`` trial), recording what it trained with."""
+    """An attempt that trains the digits teacher (a ``teachers`` trial), recording what it trained with and how many
+    teacher tasks were still alive when it started."""
     from mlfd.stages.common import Context
     from mlfd.stages.trial import StageTrial
     from mlfd.store import ArtifactStore
 
     def attempt(spec, retry, fault: bool) -> None:
+        from mlfd.stages.teachers import ClassifierTask
+
+        alive = sum(isinstance(o, ClassifierTask) for o in gc.get_objects())  # a task (model, optimizer) not freed
         trial = StageTrial(Context(spec=spec, store=ArtifactStore(store), progress=False), "teachers", "digits")
         recipe = trial.recipe()
-        seen.append((recipe.batch_size, recipe.grad_accum, retry, fault))
+        seen.append((recipe.batch_size, recipe.grad_accum, retry, fault, alive))
         inject_out_of_memory(1 if fault else 0)
         try:
             trial.build()
@@ -270,7 +274,7 @@ def test_a_trial_out_of_memory_is_retried_once_with_micro_batches(tmp_path: Path
     retry = train_with_retry(spec, "teachers", "digits", str(tmp_path), _teacher_attempts(tmp_path, seen), faults=1)
     assert retry == {"micro_batch_size": 16, "accum_steps": 2, "error": "CUDA out of memory. Tried to allocate the "
                      "first training batch (injected by mlfd.engine.inject_out_of_memory)"}
-    assert seen == [(32, 1, None, True), (16, 2, retry, False)]
+    assert seen == [(32, 1, None, True, 0), (16, 2, retry, False, 0)]  # the first attempt's task was freed
     store = ArtifactStore(tmp_path)
     built = [StageTrial(Context(spec=s, store=store, progress=False), "teachers", "digits").artifact()
              for s in (spec, micro_batched(spec, "teachers", "digits", 16, 2))]
