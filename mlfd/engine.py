@@ -360,7 +360,7 @@ def fit(
     is divided by the number of micro-batches of its optimizer step (``a``, or the remainder for an epoch's short last
     group: :func:`accumulation_groups`), their gradients add up, and the optimizer and the lr schedule step once per
     group, so a step over ``a`` equal micro-batches of ``B/a`` samples has the gradient of one batch of ``B`` (to
-    float rounding; test_engine.py). Layers that look at the batch see the micro-batches: BatchNorm normalizes each
+    float rounding; test_memory.py). Layers that look at the batch see the micro-batches: BatchNorm normalizes each
     micro-batch with its own statistics and updates its running statistics once per micro-batch, so a network with
     BatchNorm (or any batch-dependent layer) trains close to, not exactly like, the full batch. ``a = 1`` divides each
     loss by 1: the same numbers as without accumulation. The epoch's ``train/loss`` is the mean over micro-batches.
