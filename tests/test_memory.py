@@ -45,6 +45,19 @@ def test_memory_cap_is_the_share_less_the_context_reserve() -> None:
         memory_cap(0.5, 0)
 
 
+def test_a_trial_gets_the_fraction_the_search_resolved(tmp_path: Path) -> None:
+    """A trial's context carries the plan's GPU fraction (the job's, or ``gpu: auto`` as packing resolved it), which
+    run_stage turns into its cap; on a CPU device there is nothing to cap."""
+    from mlfd.tune.launch import prepare, trial_context
+    from mlfd.tune.memory import apply_memory_cap
+
+    plan = prepare(str(ROOT / "tune_jobs" / "quickstart.yaml"), tmp_path / "out", True, None)
+    assert trial_context(plan, "digits")["gpu"] == 0.0  # resources.gpu: 0
+    packed = dataclasses.replace(plan, gpu=0.1249)  # gpu: auto resolved to 1/8 (Ray's 0.0001 step)
+    assert trial_context(packed, "digits")["gpu"] == 0.1249
+    assert apply_memory_cap(0.1249, CPU) is None
+
+
 @pytest.mark.parametrize("batch,accum,micro,steps,effective", [
     (128, 1, 64, 2, 128), (96, 1, 48, 2, 96), (256, 2, 128, 4, 512), (4, 1, 2, 2, 4),
     (129, 1, 43, 3, 129), (125, 1, 25, 5, 125), (49, 1, 7, 7, 49), (9, 3, 3, 9, 27),  # odd: the smallest divisor
@@ -319,7 +332,7 @@ def test_trial_rows_record_the_retry(tmp_path: Path) -> None:
     (it never reported) still counts its retry, from its error."""
     from ray.tune import Result
 
-    from mlfd.tune.job import load_job
+    from mlfd.search import load_job
     from mlfd.tune.launch import trial_rows
 
     job, _ = load_job(ROOT / "tune_jobs" / "quickstart.yaml", smoke=True)
