@@ -293,6 +293,7 @@ def _run_search(job_path: str, out: Path, smoke: bool, resume: bool, address: st
     import ray
 
     from mlfd.tune.mlflow_callback import study_callbacks
+    from mlfd.tune.price import PRICE_FILE, launch_price, process_age, save_measured, write_price
     from mlfd.tune.watch import LostNodeWatch
 
     if address:  # before the datasets are read: the answers depend on the job file alone
@@ -310,9 +311,13 @@ def _run_search(job_path: str, out: Path, smoke: bool, resume: bool, address: st
     job = from_dict(JobSpec, plan["job"], path="job")
     open_output(out, plan, resume, claim=False)  # a misused --out/--resume is refused before tracking writes to OUT
     spec = from_dict(PipelineSpec, plan["pipeline"], validate=False)
+    price = launch_price(plan, job, out, resume)  # before Ray starts: the estimate's probe has the machine alone
+    measured: dict = {"studies": {}}
     rows: list[dict] = []
     try:
+        t0 = time.monotonic()
         connect(address, connect_timeout, verbose)
+        measured["ray_start_s"] = time.monotonic() - t0
         if address:
             check_cluster_resources(job, ray.cluster_resources(), address)
         if tracking is not None:
@@ -321,9 +326,14 @@ def _run_search(job_path: str, out: Path, smoke: bool, resume: bool, address: st
             tracking.open(plan)
         open_output(out, plan, resume)
         claimed()
+        if price is not None:
+            write_price(price, out / PRICE_FILE)
+        t0 = time.monotonic()
         if job.stage in ("students", "joint"):
             prebuild_teachers(plan, job)
+        measured["teachers_s"] = time.monotonic() - t0
         for i, study in enumerate(plan["studies"]):
+            t0 = time.monotonic()
             name = _experiment_name(job, study)
             cbs = study_callbacks(tracking, plan, study, trial_context(plan, job, study)) if tracking else []
             watch = LostNodeWatch(lost_node_timeout)
@@ -331,6 +341,7 @@ def _run_search(job_path: str, out: Path, smoke: bool, resume: bool, address: st
             _logger.info("mlfd tune: study %s (%d/%d), %d trials -> %s", study or job.stage, i + 1,
                          len(plan["studies"]), job.num_samples, os.path.join(plan["storage_path"], name))
             results = tuner.fit()
+            fit_s = time.monotonic() - t0
             watch.raise_if_stopped(f"on a healthy cluster continue it with the same command plus --resume --out {out}")
             if _interrupted(results, job):
                 raise KeyboardInterrupt(f"search interrupted during study {study or job.stage}; finished trials are "
@@ -344,8 +355,10 @@ def _run_search(job_path: str, out: Path, smoke: bool, resume: bool, address: st
                 best_yaml = export_best(out, study or job.stage, out / "best" / f"{study or job.stage}.yaml")
             if tracking:
                 tracking.finish_study(plan, study, best_yaml)
+            measured["studies"][study or job.stage] = {"wall_s": time.monotonic() - t0, "fit_s": fit_s}
         if tracking:
             tracking.close()
+        measured["finished"] = True
     except BaseException as e:  # Ctrl-C/SIGTERM -> KILLED, any other error -> FAILED: no parent run is left RUNNING
         if tracking is not None:
             tracking.interrupted("KILLED" if isinstance(e, (KeyboardInterrupt, NodeLost)) else "FAILED")
@@ -353,7 +366,10 @@ def _run_search(job_path: str, out: Path, smoke: bool, resume: bool, address: st
             raise KeyboardInterrupt(f"search interrupted; continue with --resume --out {out}") from None
         raise
     finally:
+        t0 = time.monotonic()
         ray.shutdown()
+        if measured.get("finished"):
+            save_measured(out, {**measured, "ray_stop_s": time.monotonic() - t0, "total_s": process_age()})
     return pd.DataFrame(rows)
 
 
