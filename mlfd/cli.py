@@ -87,9 +87,17 @@ def _tune_plan(args: argparse.Namespace) -> int:
     """``mlfd tune JOB --plan``: the search's estimated cost, measured here; no trial runs, Ray does not start."""
     if args.resume or args.address:
         raise SpecError(f"--plan: prices a new local search; drop {'--resume' if args.resume else '--address'}")
-    from mlfd.tune.price import plan_search, price_table, write_price
+    import importlib
 
-    price = plan_search(args.job, Path(args.out).resolve(), args.smoke, args.set)
+    from mlfd.config import from_dict
+    from mlfd.tune.job import JobSpec
+    from mlfd.tune.launch import prepare, trial_threads
+    from mlfd.tune.price import price_prepared, price_table, process_age, write_price
+
+    importlib.import_module("ray")  # a search's driver imports it before preparing: part of the measured start
+    plan = prepare(args.job, Path(args.out).resolve(), args.smoke, args.set)  # reads, checks; writes nothing
+    job = from_dict(JobSpec, plan["job"], path="job")
+    price = price_prepared(plan, job, trial_threads(job), process_age())
     print(price_table(price))
     if args.json:
         write_price(price, Path(args.json))

@@ -5,7 +5,8 @@ Nothing is trained at full size and Ray is not started. The estimate adds up, fo
 * **driver start**: importing the stack and :func:`mlfd.tune.launch.prepare` (datasets read, space checked), timed as
   ``--plan`` runs them; at launch also the time this estimate took;
 * **Ray start and stop**: :data:`RAY_START_S` (a local cluster; not measured by ``--plan``, which does not start
-  Ray; the value comes from ``mlfd tune`` runs on the 2-core reference machine, see the constant);
+  Ray; the value comes from ``mlfd tune`` runs on the 2-core reference machine, see the constant; so do
+  :data:`RAY_REPORT_S` and :data:`STUDY_OVERHEAD_S`: the three parts of the estimate that are not timed here);
 * **teacher prebuild** (``students`` and ``joint`` searches): each teacher that the store lacks, trained as a Ray
   task, as many at once as the CPUs/GPUs allow (list scheduling of the measured teacher times);
 * per study, the **trials**, list-scheduled in creation order on ``concurrency`` slots (:func:`concurrency`,
@@ -18,8 +19,10 @@ Nothing is trained at full size and Ray is not started. The estimate adds up, fo
     expected number of levels the search touches comes from the space, :func:`expected_levels`), the joint teacher
     T* it distils from (per trial when the space changes T*'s key, e.g. ``joint.dropout``; per level otherwise) and
     T*'s targets on its dataset; for ``joint`` the caches; nothing for ``teachers`` and the baselines;
+  - its **set-up**: building its task (models, data on the device, targets read), timed;
   - its **expected epochs** under the scheduler (:func:`expected_trial_epochs`) times the measured **seconds per
-    epoch**: training images / (training images/s) + val images / (eval images/s) + one checkpoint save;
+    epoch**: training images / (training images/s) + val images / (eval images/s) + one checkpoint save (timed) +
+    Ray's handling of the reported epoch (:data:`RAY_REPORT_S`);
   - its final **test** pass (the stage evaluates the test split once);
 * a fixed :data:`STUDY_OVERHEAD_S` per study (Tuner set-up, the study's MLflow runs, trials.parquet, best YAML).
 
@@ -55,22 +58,27 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mlfd.config import PipelineSpec, from_dict
-from mlfd.errors import SpecError
 
 _logger = logging.getLogger(__name__)
 
 PRICE_FILE = "price.json"
 """The estimate (and, after the search, the measured times) in a search's output directory."""
 
-RAY_START_S = 12.0
+RAY_START_S = 11.0
 """Seconds to start a local Ray cluster (``ray.init``) and stop it at the end. Measured by ``mlfd tune`` itself
-(``measured.ray_start_s`` + ``measured.ray_stop_s`` in OUT/price.json) at 7-12 s on the shared 2-core, 24 GiB
+(``measured.ray_start_s`` + ``measured.ray_stop_s`` in OUT/price.json): 9-11 s on the shared 2-core, 24 GiB
 reference machine; ``--plan`` does not start Ray to measure it."""
 
-STUDY_OVERHEAD_S = 4.0
+STUDY_OVERHEAD_S = 5.0
 """Seconds per study besides its trials: Tuner set-up and experiment state, the study's MLflow parent run, writing
-trials.parquet and the best YAML (measured as ``measured.studies[*].overhead_s`` by ``mlfd tune`` on the reference
-machine: 2-5 s)."""
+trials.parquet and the best YAML. Measured by ``mlfd tune`` as ``wall_s - fit_s`` of each study in OUT/price.json:
+3-8 s on the reference machine."""
+
+RAY_REPORT_S = 1.0
+"""Seconds Ray Tune adds to each reported epoch besides the checkpoint save that the probe times: the result's trip to
+the driver, the checkpoint's move to storage, the MLflow callback and experiment-state snapshots. The median excess
+of ``time_this_iter_s`` over the probe's seconds per epoch in epochs 2-3 of the smoke quickstart's trials was 0.5 s
+on the reference machine at load 2 and 1.2 s at load 9 (``mlfd tune --plan`` and the run's ``result.json``)."""
 
 PROBE_STEPS = 3
 """Timed optimizer steps per task (after one warm-up step)."""
@@ -243,7 +251,10 @@ class StagePrice:
     seconds_per_epoch: float | None = None
     epochs: int = 0
     seconds: float = 0.0
-    """One build: ``epochs x seconds_per_epoch`` plus its final evaluation, or the whole build of a cache/targets."""
+    """One build: set-up, ``epochs x seconds_per_epoch`` and the final evaluation, or the whole build of a
+    cache/targets."""
+    setup_s: float = 0.0
+    """Building the stage's task before its first step (models, data on the device, targets read), as timed."""
 
 
 @dataclass
@@ -341,7 +352,7 @@ def _timed(fn: Any) -> float:
     return time.perf_counter() - t0
 
 
-def _epoch_price(label: str, scope: str, stored: bool | None, task: Any, recipe: Any, device: Any, steps: int,
+def _epoch_price(label: str, scope: str, task: Any, setup_s: float, recipe: Any, device: Any, steps: int,
                  train: int, val: int, test: int, probe_val: int) -> tuple[StagePrice, float]:
     """(price of one build of a trained stage, seconds of its test pass), from its task timed on the probe."""
     from mlfd.stages.measure import time_eval, time_train_steps
@@ -350,7 +361,8 @@ def _epoch_price(label: str, scope: str, stored: bool | None, task: Any, recipe:
     eps = time_eval(task, probe_val, device, recipe)
     per_epoch = train / ips + val / eps
     test_s = test / eps
-    return StagePrice(label, scope, stored, per_epoch, recipe.epochs, recipe.epochs * per_epoch + test_s), test_s
+    return StagePrice(label, scope, None, per_epoch, recipe.epochs, setup_s + recipe.epochs * per_epoch + test_s,
+                      setup_s), test_s
 
 
 def _checkpoint_seconds(task: Any, recipe: Any) -> float:
@@ -394,17 +406,20 @@ def _measure(spec: PipelineSpec, stage: str, studies: list[str | None], steps: i
         probe_n = {n: {s: len(getattr(p, s)) for s in ("train", "val", "test")} for n, p in pctx.probe.items()}
 
         def priced(st: str, study: str | None, label: str, scope: str, names: list[str]) -> tuple[StagePrice, float]:
+            t0 = time.perf_counter()
             task = StageTrial(pctx, st, study).task()
+            setup_s = time.perf_counter() - t0
             recipe = dataclasses.replace(StageTrial(pctx, st, study).recipe(),
                                          epochs=StageTrial(full, st, study).recipe().epochs)
             train = sum(sizes[n]["train"] for n in names)
             if st in ("multi_head", "joint_head"):  # one batch of every dataset per step over the largest one
                 train = max(math.ceil(sizes[n]["train"] / recipe.batch_size) for n in names) * recipe.batch_size \
                     * len(names)
-            sp, test_s = _epoch_price(label, scope, None, task, recipe, device, steps, train,
+            sp, test_s = _epoch_price(label, scope, task, setup_s, recipe, device, steps, train,
                                       sum(sizes[n]["val"] for n in names), sum(sizes[n]["test"] for n in names),
                                       sum(probe_n[n]["val"] for n in names))
-            sp.seconds_per_epoch += _checkpoint_seconds(task, recipe) if scope == "trial" else 0.0
+            if scope == "trial":  # a trial reports every epoch with a checkpoint
+                sp.seconds_per_epoch += _checkpoint_seconds(task, recipe) + RAY_REPORT_S
             del task
             return sp, test_s
 
@@ -490,7 +505,7 @@ def _stored(ctx: Any, stage: str, study: str | None) -> dict[str, bool]:
     return out
 
 
-def price_search(job: Any, pipeline: dict, space_file: str, studies: list[str | None], store: str,
+def price_search(job: Any, pipeline: dict, space_file: str, studies: list[str | None], store: str, threads: int,
                  gpu_fraction: float = 0.0, job_name: str = "", driver_start_s: float = 0.0,
                  steps: int = PROBE_STEPS) -> SearchPrice:
     """Measure and estimate a prepared search (see the module docstring).
@@ -501,6 +516,7 @@ def price_search(job: Any, pipeline: dict, space_file: str, studies: list[str | 
         space_file: The search space YAML.
         studies: The studies in the order they run.
         store: The artifact store the search reads and fills.
+        threads: torch threads of a trial (``launch.trial_threads``: its CPUs).
         gpu_fraction: The GPU fraction per trial (``prepare``'s packing result).
         job_name: What to call the job in the output.
         driver_start_s: Measured seconds from the command's start to the end of ``prepare``.
@@ -510,7 +526,6 @@ def price_search(job: Any, pipeline: dict, space_file: str, studies: list[str | 
 
     from mlfd.stages.common import Context
     from mlfd.store import ArtifactStore
-    from mlfd.tune.launch import trial_threads
     from mlfd.tune.spaces import apply_config, load_space
     from mlfd.tune.trainable import stage_epochs
 
@@ -518,7 +533,6 @@ def price_search(job: Any, pipeline: dict, space_file: str, studies: list[str | 
     space = load_space(space_file)
     config = representative_config(job, space)
     spec = from_dict(PipelineSpec, apply_config(pipeline, config), path="price")
-    threads = trial_threads(job)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -583,7 +597,7 @@ def price_search(job: Any, pipeline: dict, space_file: str, studies: list[str | 
             if is_point and stored["trial"]:
                 durations.append(d)  # the trial finds its artifact and replays its epochs
                 continue
-            d += epochs_per_trial[i] * trial.seconds_per_epoch + costs.test_s[key]
+            d += trial.setup_s + epochs_per_trial[i] * trial.seconds_per_epoch + costs.test_s[key]
             durations.append(d)
         wall = makespan(durations, conc) + STUDY_OVERHEAD_S
         out_studies.append(StudyPrice(key, stages, job.num_samples, sum(epochs_per_trial), trial.seconds_per_epoch,
@@ -656,7 +670,8 @@ def price_table(p: SearchPrice) -> str:
                   {1, 2, 3, 4, 5, 6})
     out += ["", f"fixed: driver start {fmt_time(o['driver_start'])}, Ray start/stop {fmt_time(o['ray_start'])}, "
                 f"teacher prebuild {fmt_time(o['teachers'])}, worker start {o['worker_start']:.1f} s per new worker, "
-                f"{o['study_overhead']:.0f} s per study" + (f", pricing {fmt_time(o['pricing'])}" if o["pricing"] else ""),
+                f"{o['study_overhead']:.0f} s per study"
+                + (f", pricing {fmt_time(o['pricing'])}" if o["pricing"] else ""),
             f"expected wall time {fmt_time(p.wall_s)}, {p.device_hours:.3f} {p.device_unit} "
             f"(measured in {p.measured_in_s:.0f} s)"]
     return "\n".join(out)
@@ -683,10 +698,6 @@ def read_price(out: Path) -> tuple[SearchPrice | None, dict | None]:
         return None, None
 
 
-__all__ = ["PRICE_FILE", "RAY_START_S", "STUDY_OVERHEAD_S", "SearchPrice", "StagePrice", "StudyPrice",
-           "asha_continue_probability", "asha_rungs", "asha_trial_epochs", "concurrency", "expected_levels",
-           "expected_trial_epochs", "fmt_time", "hyperband_trial_epochs", "makespan", "price_search", "price_table",
-           "read_price", "representative_config", "write_price", "SpecError"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -704,35 +715,22 @@ def process_age() -> float:
         return 0.0
 
 
-def plan_search(job_path: str, out: Path, smoke: bool, overrides: list[str] | None) -> SearchPrice:
-    """``mlfd tune JOB --plan``: prepare the search as ``mlfd tune`` would (nothing written, Ray not started) and
-    price it. ``out`` only says where the default store is."""
-    import importlib
-
-    from mlfd.tune.launch import prepare
-
-    importlib.import_module("ray")  # the driver of a search imports it before preparing: part of the driver's start
+def price_prepared(plan: dict, job: Any, threads: int, driver_start_s: float) -> SearchPrice:
+    """Price a search that :func:`mlfd.tune.launch.prepare` prepared (``plan``) with the job ``job``."""
     from mlfd.tune.packing import trial_gpu
 
-    plan = prepare(job_path, Path(out), smoke, overrides)
-    from mlfd.tune.job import JobSpec
-
-    job = from_dict(JobSpec, plan["job"], path="job")
-    return price_search(job, plan["pipeline"], plan["space_file"], plan["studies"], plan["store"],
-                        trial_gpu(plan, job), Path(job_path).name, process_age())
+    return price_search(job, plan["pipeline"], plan["space_file"], plan["studies"], plan["store"], threads,
+                        trial_gpu(plan, job), Path(plan["job_file"]).name, driver_start_s)
 
 
-def launch_price(plan: dict, job: Any, out: Path, resume: bool) -> SearchPrice | None:
+def launch_price(plan: dict, job: Any, threads: int, out: Path, resume: bool) -> SearchPrice | None:
     """The estimate a launching search saves in ``OUT/price.json`` (None on ``--resume`` when it has one already,
     or when measuring fails: an estimate never stops a search). Its wall time includes the time measuring took."""
-    from mlfd.tune.packing import trial_gpu
-
     if resume and (Path(out) / PRICE_FILE).is_file():
         return None
     t0 = time.monotonic()
     try:
-        price = price_search(job, plan["pipeline"], plan["space_file"], plan["studies"], plan["store"],
-                             trial_gpu(plan, job), Path(plan["job_file"]).name, process_age())
+        price = price_prepared(plan, job, threads, process_age())
     except Exception as e:  # noqa: BLE001
         _logger.warning("mlfd tune: no price estimate (%s: %s)", type(e).__name__, str(e).splitlines()[0][:200])
         return None
@@ -747,3 +745,10 @@ def save_measured(out: Path, measured: dict) -> None:
     price, _ = read_price(out)
     if price is not None:
         write_price(price, Path(out) / PRICE_FILE, measured)
+
+
+__all__ = ["PRICE_FILE", "RAY_START_S", "STUDY_OVERHEAD_S", "SearchPrice", "StagePrice", "StudyPrice",
+           "asha_continue_probability", "asha_rungs", "asha_trial_epochs", "concurrency", "expected_levels",
+           "expected_trial_epochs", "fmt_time", "hyperband_trial_epochs", "launch_price", "makespan", "price_prepared",
+           "price_search", "price_table", "process_age", "read_price", "representative_config", "save_measured",
+           "write_price"]
