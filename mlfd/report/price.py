@@ -31,12 +31,16 @@ def price_section(run_dir: Path, trials: pd.DataFrame | None = None) -> list[str
     measured = measured or {}
     studies = measured.get("studies", {})
     o = price.overheads
-    rows = [["driver start and pricing", fmt_time(o["driver_start"] + o["pricing"]), "", ""],
-            ["Ray start and stop", fmt_time(o["ray_start"]),
-             fmt_time(measured["ray_start_s"] + measured.get("ray_stop_s", 0.0)) if "ray_start_s" in measured else "",
-             ""],
-            ["teacher prebuild", fmt_time(o["teachers"]),
-             fmt_time(measured["teachers_s"]) if "teachers_s" in measured else "", ""]]
+    total = measured.get("total_s")
+    parts = [measured.get("ray_start_s"), measured.get("ray_stop_s"), measured.get("teachers_s"),
+             *(v.get("wall_s") for v in studies.values())]
+    rest = total - sum(parts) if total and None not in parts else None  # what the driver did before and between
+    rows = [["driver start, pricing and the rest", fmt_time(o["driver_start"] + o["pricing"]),
+             fmt_time(rest) if rest is not None else "", _ratio(rest, o["driver_start"] + o["pricing"])]]
+    ray = measured["ray_start_s"] + measured.get("ray_stop_s", 0.0) if "ray_start_s" in measured else None
+    for label, est, got in (("Ray start and stop", o["ray_start"], ray),
+                            ("teacher prebuild", o["teachers"], measured.get("teachers_s"))):
+        rows.append([label, fmt_time(est), fmt_time(got) if got is not None else "", _ratio(got, est)])
     for s in price.studies:
         got = studies.get(s.study, {}).get("wall_s")
         epochs = ""
@@ -45,7 +49,6 @@ def price_section(run_dir: Path, trials: pd.DataFrame | None = None) -> list[str
             epochs = f"; trial-epochs {s.trial_epochs:.1f} expected, {int(ran.sum())} ran" if len(ran) else ""
         rows.append([f"study {s.study} ({s.trials} trials, {s.concurrency} at once{epochs})", fmt_time(s.wall_s),
                      fmt_time(got) if got is not None else "", _ratio(got, s.wall_s)])
-    total = measured.get("total_s")
     rows.append(["**total** (the `mlfd tune` command)", fmt_time(price.wall_s), fmt_time(total) if total else "",
                  _ratio(total, price.wall_s)])
     md = ["## Price: estimate vs measured", "",

@@ -553,8 +553,7 @@ def price_search(job: Any, pipeline: dict, space_file: str, studies: list[str | 
         sp.stored = stored0[f"teacher {name}"]
         teachers.append(sp)
     build = [t.seconds for t in teachers if not t.stored]
-    task_slots = max(1, min(len(build) or 1, math.floor(cpus / job.resources.cpu + 1e-9),
-                            math.floor(gpus / gpu_fraction + 1e-9) if gpu_fraction > 0 else len(build) or 1))
+    task_slots = concurrency(None, cpus, gpus, job.resources.cpu, gpu_fraction, len(build))
     teachers_wall = (makespan(build, task_slots) + worker_start) if build else 0.0
 
     # Caches: the representative level's, then the other levels the search is expected to touch.
