@@ -190,3 +190,30 @@ def test_smoke_quickstart_lands_within_2x_of_its_estimate(mlfd_cli, tmp_path: Pa
     assert "## Price: estimate vs measured" in md
     total = next(ln for ln in md.splitlines() if ln.startswith("| **total**"))
     assert f"| {measured['total_s'] / price.wall_s:.2f} |" in total, total
+
+
+def test_report_puts_the_estimate_beside_the_measured_times(tmp_path: Path) -> None:
+    """The report's price section: one row per part and study, measured / estimate ratios, the trial-epochs that ran;
+    nothing without OUT/price.json."""
+    import pandas as pd
+
+    from mlfd.report.price import price_section
+    from mlfd.tune.price import StudyPrice, write_price
+
+    assert price_section(tmp_path) == []
+    over = {"driver_start": 10.0, "pricing": 20.0, "ray_start": 11.0, "teachers": 30.0, "worker_start": 5.0,
+            "study_overhead": 5.0}
+    studies = [StudyPrice(s, [], 3, 6.5, 0.5, 2, [10.0, 10.0, 5.0], 40.0, 0.01) for s in ("a", "b")]
+    price = SearchPrice("q.yaml", "students", "cpu", 1, "ASHA", 2.0, 0.0, 1.0, 0.0, "CPU-hours", {}, over, [],
+                        studies, 151.0, 0.02, 25.0)
+    measured = {"ray_start_s": 9.0, "ray_stop_s": 2.0, "teachers_s": 45.0, "total_s": 302.0,
+                "studies": {"a": {"wall_s": 60.0, "fit_s": 55.0}, "b": {"wall_s": 80.0, "fit_s": 76.0}}}
+    write_price(price, tmp_path / "price.json", measured)
+    trials = pd.DataFrame({"study": ["a", "a", "a", "b", "b", "b"], "epochs": [3, 2, 1, 3, 3, 1]})
+    md = "\n".join(price_section(tmp_path, trials))
+    assert "| driver start, pricing and the rest | 0:00:30 | 0:01:46 | 3.53 |" in md  # 302 - 9 - 2 - 45 - 140 = 106
+    assert "| Ray start and stop | 0:00:11 | 0:00:11 | 1.00 |" in md
+    assert "| teacher prebuild | 0:00:30 | 0:00:45 | 1.50 |" in md
+    assert "| study a (3 trials, 2 at once; trial-epochs 6.5 expected, 6 ran) | 0:00:40 | 0:01:00 | 1.50 |" in md
+    assert "| study b (3 trials, 2 at once; trial-epochs 6.5 expected, 7 ran) | 0:00:40 | 0:01:20 | 2.00 |" in md
+    assert "| **total** (the `mlfd tune` command) | 0:02:31 | 0:05:02 | 2.00 |" in md
