@@ -311,7 +311,8 @@ def _run_search(job_path: str, out: Path, smoke: bool, resume: bool, address: st
     job = from_dict(JobSpec, plan["job"], path="job")
     open_output(out, plan, resume, claim=False)  # a misused --out/--resume is refused before tracking writes to OUT
     spec = from_dict(PipelineSpec, plan["pipeline"], validate=False)
-    price = launch_price(plan, job, trial_threads(job), out, resume)  # before Ray: the probe has the machine to itself
+    # Priced before Ray starts; not on a cluster (--address), whose machines the driver cannot time.
+    price = None if address else launch_price(plan, job, trial_threads(job), out, resume)
     measured: dict = {"studies": {}}
     rows: list[dict] = []
     try:

@@ -542,7 +542,10 @@ def price_search(job: Any, pipeline: dict, space_file: str, studies: list[str | 
         torch.set_num_threads(before)
     cpus, gpus = machine_resources()
     ctx = Context(spec=spec, store=ArtifactStore(store), progress=False)
+    # The scheduler stops trials at the job pipeline's epochs (launch._tuner); a trial trains its config's.
     max_t = stage_epochs(spec, job.stage)
+    if job.scheduler.type != "none":
+        max_t = min(max_t, stage_epochs(from_dict(PipelineSpec, pipeline, validate=False), job.stage))
     conc = concurrency(job.max_concurrent_trials, cpus, gpus, job.resources.cpu, gpu_fraction, job.num_samples)
     share = gpu_fraction if gpu_fraction > 0 else job.resources.cpu
 
@@ -590,7 +593,7 @@ def price_search(job: Any, pipeline: dict, space_file: str, studies: list[str | 
                 d += extra_levels * costs.caches / total_sampled
             if job.stage == "students":
                 # T* and its targets: per trial (sampled configs) or once per level; a point's T* is shared by studies
-                joint_built = stored["joint"] or (is_point and si > 0) or (joint_scope == "level" and i > 0)
+                joint_built = stored["joint"] or (is_point and si > 0) or (joint_scope == "level" and (i or si))
                 d += 0.0 if joint_built else costs.joint.seconds
                 d += 0.0 if (stored["targets"] or (joint_scope == "level" and i > 0)) else costs.targets[study]
             if is_point and stored["trial"]:
