@@ -505,6 +505,52 @@ def _stored(ctx: Any, stage: str, study: str | None) -> dict[str, bool]:
     return out
 
 
+@dataclass
+class _Shared:
+    """What every study's trials share: the fixed costs and the concurrency."""
+
+    worker_start: float
+    first_caches: float
+    """Caches of the representative level, built by the search's first trial (0 when stored)."""
+    extra_caches: float
+    """Each sampled trial's share of the caches of the other levels the search is expected to touch."""
+    joint_scope: str
+    concurrency: int
+    share: float
+    """A trial's share of a device (GPU fraction or CPUs) for device-hours."""
+
+
+def _study_price(job: Any, study: str | None, index: int, stored: dict[str, bool], costs: _Costs, shared: _Shared,
+                 epochs: list[float], level: int) -> StudyPrice:
+    """One study: its stages, each trial's expected duration in creation order, its wall time (list scheduling on
+    the concurrency's slots plus :data:`STUDY_OVERHEAD_S`) and device-hours."""
+    key = study or job.stage
+    trial = dataclasses.replace(costs.trial[key], stored=stored["trial"])
+    stages: list[StagePrice] = []
+    if job.stage in ("students", "joint"):
+        stages.append(StagePrice(f"caches L{level}", "level", stored["caches"], seconds=costs.caches))
+    if job.stage == "students":
+        stages += [dataclasses.replace(costs.joint, scope=shared.joint_scope, stored=stored["joint"]),
+                   StagePrice(f"targets {study}", shared.joint_scope, stored["targets"], seconds=costs.targets[study])]
+    stages.append(trial)
+    per_level = shared.joint_scope == "level"
+    durations = []
+    for i in range(job.num_samples):
+        point = i < len(job.points_to_evaluate)
+        d = shared.worker_start if (i < shared.concurrency or not job.reuse_actors) else 0.0
+        d += (shared.first_caches if index == 0 and i == 0 else 0.0) + (0.0 if point else shared.extra_caches)
+        if job.stage == "students":  # T* (a point's is shared by the studies) and its targets on this study
+            joint_built = stored["joint"] or (point and index > 0) or (per_level and (i or index))
+            d += 0.0 if joint_built else costs.joint.seconds
+            d += 0.0 if stored["targets"] or (per_level and i > 0) else costs.targets[study]
+        if not (point and stored["trial"]):  # else the trial finds its artifact and replays its epochs
+            d += trial.setup_s + epochs[i] * trial.seconds_per_epoch + costs.test_s[key]
+        durations.append(d)
+    return StudyPrice(key, stages, job.num_samples, sum(epochs), trial.seconds_per_epoch, shared.concurrency,
+                      durations, makespan(durations, shared.concurrency) + STUDY_OVERHEAD_S,
+                      sum(durations) * shared.share / 3600)
+
+
 def price_search(job: Any, pipeline: dict, space_file: str, studies: list[str | None], store: str, threads: int,
                  gpu_fraction: float = 0.0, job_name: str = "", driver_start_s: float = 0.0,
                  steps: int = PROBE_STEPS) -> SearchPrice:
@@ -564,58 +610,29 @@ def price_search(job: Any, pipeline: dict, space_file: str, studies: list[str | 
     fixed = [int(p.get("fusion_level", spec.fusion_levels[0])) for p in job.points_to_evaluate]
     sampled = sum(max(0, job.num_samples - len(job.points_to_evaluate)) for _ in studies)
     extra_levels = max(0.0, expected_levels(levels, fixed or [spec.fusion_levels[0]], sampled) - 1)
-    total_sampled = max(1, sampled)
     joint_scope = _joint_scope(job, pipeline, space, studies[0]) if job.stage == "students" else "level"
-    cache_first = 0.0 if stored0.get("caches") else costs.caches
-
-    out_studies = []
-    epochs_per_trial = expected_trial_epochs(job.scheduler, job.num_samples, max_t)
-    for si, study in enumerate(studies):
-        key = study or job.stage
-        stored = _stored(ctx, job.stage, study)
-        trial = costs.trial[key]
-        trial.stored = stored["trial"]
-        stages: list[StagePrice] = []
-        if job.stage in ("students", "joint"):
-            stages.append(StagePrice(f"caches L{spec.fusion_levels[0]}", "level", stored["caches"],
-                                     seconds=costs.caches))
-        if job.stage == "students":
-            j = dataclasses.replace(costs.joint, scope=joint_scope, stored=stored["joint"])
-            stages += [j, StagePrice(f"targets {study}", joint_scope, stored["targets"], seconds=costs.targets[study])]
-        stages.append(trial)
-        durations = []
-        for i in range(job.num_samples):
-            is_point = i < len(job.points_to_evaluate)
-            d = worker_start if (i < conc or not job.reuse_actors) else 0.0
-            if si == 0 and i == 0:
-                d += cache_first
-            if not is_point:
-                d += extra_levels * costs.caches / total_sampled
-            if job.stage == "students":
-                # T* and its targets: per trial (sampled configs) or once per level; a point's T* is shared by studies
-                joint_built = stored["joint"] or (is_point and si > 0) or (joint_scope == "level" and (i or si))
-                d += 0.0 if joint_built else costs.joint.seconds
-                d += 0.0 if (stored["targets"] or (joint_scope == "level" and i > 0)) else costs.targets[study]
-            if is_point and stored["trial"]:
-                durations.append(d)  # the trial finds its artifact and replays its epochs
-                continue
-            d += trial.setup_s + epochs_per_trial[i] * trial.seconds_per_epoch + costs.test_s[key]
-            durations.append(d)
-        wall = makespan(durations, conc) + STUDY_OVERHEAD_S
-        out_studies.append(StudyPrice(key, stages, job.num_samples, sum(epochs_per_trial), trial.seconds_per_epoch,
-                                      conc, durations, wall, sum(durations) * share / 3600))
+    epochs = expected_trial_epochs(job.scheduler, job.num_samples, max_t)
+    shared = _Shared(worker_start, costs.caches if not stored0.get("caches") else 0.0,
+                     extra_levels * costs.caches / max(1, sampled), joint_scope, conc, share)
+    out_studies = [_study_price(job, study, si, _stored(ctx, job.stage, study), costs, shared, epochs,
+                                spec.fusion_levels[0]) for si, study in enumerate(studies)]
     measured_in = time.perf_counter() - t0
     overheads = {"driver_start": driver_start_s, "pricing": 0.0, "ray_start": RAY_START_S, "teachers": teachers_wall,
                  "worker_start": worker_start, "study_overhead": STUDY_OVERHEAD_S}
     wall = driver_start_s + RAY_START_S + teachers_wall + sum(s.wall_s for s in out_studies)
     device_hours = sum(s.device_hours for s in out_studies) + sum(build) * share / 3600
-    sched = job.scheduler
-    sched_text = ("FIFO" if sched.type == "none" else f"{sched.type.upper()} (grace {sched.grace_period}, "
-                  f"rf {sched.reduction_factor}, max {max_t} epochs)" if sched.type == "asha" else
-                  f"HyperBand (rf {sched.reduction_factor}, max {max_t} epochs)")
-    return SearchPrice(job_name or job.name, job.stage, str(ctx.device), threads, sched_text, cpus, gpus,
+    return SearchPrice(job_name or job.name, job.stage, str(ctx.device), threads, _scheduler_text(job.scheduler, max_t),
+                       cpus, gpus,
                        float(job.resources.cpu), float(gpu_fraction), "GPU-hours" if gpu_fraction > 0 else "CPU-hours",
                        config, overheads, teachers, out_studies, wall, device_hours, measured_in)
+
+
+def _scheduler_text(s: Any, max_t: int) -> str:
+    if s.type == "asha":
+        return f"ASHA (grace {min(s.grace_period, max_t)}, rf {s.reduction_factor}, max {max_t} epochs)"
+    if s.type == "hyperband":
+        return f"HyperBand (rf {s.reduction_factor}, max {max_t} epochs)"
+    return f"FIFO ({max_t} epochs)"
 
 
 def with_pricing(price: SearchPrice, seconds: float) -> SearchPrice:
