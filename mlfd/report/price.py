@@ -55,6 +55,8 @@ def price_section(run_dir: Path, trials: pd.DataFrame | None = None) -> list[str
           f"Estimated at launch on {price.device} ({price.threads} thread(s) per trial, scheduler {price.scheduler}) "
           f"from a few timed batches per stage; the model is described in `mlfd/tune/price.py`. Expected "
           f"{price.device_hours:.3f} {price.device_unit}. Ratio: measured / estimate."
-          + ("" if total else " The search has not finished: no measured total."), "",
+          + ("" if total else " The search has not finished: no measured total.")
+          + (" Measured: the last `--resume` session only (its studies' trials that had finished before are not in "
+             "its times)." if measured.get("resumed") else ""), "",
           _md_table(["", "estimate", "measured", "ratio"], rows), ""]
     return md

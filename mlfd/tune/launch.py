@@ -313,7 +313,7 @@ def _run_search(job_path: str, out: Path, smoke: bool, resume: bool, address: st
     spec = from_dict(PipelineSpec, plan["pipeline"], validate=False)
     # Priced before Ray starts; not on a cluster (--address), whose machines the driver cannot time.
     price = None if address else launch_price(plan, job, trial_threads(job), out, resume)
-    measured: dict = {"studies": {}}
+    measured: dict = {"studies": {}, "resumed": resume}
     rows: list[dict] = []
     try:
         t0 = time.monotonic()
