@@ -324,20 +324,38 @@ class _Costs:
     test_s: dict[str, float] = field(default_factory=dict)
 
 
-def _startup_seconds(datasets: list[dict]) -> float:
-    """Seconds a fresh trial worker takes to start: a child Python importing Ray Tune, torch and mlfd's trainable,
-    then reading the datasets (from their prepared files, as a worker does)."""
-    code = ("import json, sys\nimport ray.tune, torch\nimport mlfd.tune.trainable, mlfd.stages.trial\n"
-            "from mlfd.config import DatasetSpec, from_dict\nfrom mlfd.data import load_dataset\n"
-            "for d in json.loads(sys.argv[1]):\n    load_dataset(from_dict(DatasetSpec, d, validate=False))\n")
-    from mlfd.tune.packing.probe import _child_env
+class _WorkerStart:
+    """Seconds a fresh trial worker takes to start, timed in a child Python: importing Ray Tune, torch and mlfd's
+    trainable, then reading the datasets (from their prepared files, as a worker does). The child runs beside the
+    probe when the machine has a CPU to spare for it (it times itself), else after it."""
 
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(datasets)], capture_output=True, text=True,
-                          env=_child_env(), timeout=600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"price: the worker-start probe failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return time.perf_counter() - t0
+    CODE = ("import time\nt0 = time.perf_counter()\nimport json, sys\nimport ray.tune, torch\n"
+            "import mlfd.tune.trainable, mlfd.stages.trial\nfrom mlfd.config import DatasetSpec, from_dict\n"
+            "from mlfd.data import load_dataset\nfor d in json.loads(sys.argv[1]):\n"
+            "    load_dataset(from_dict(DatasetSpec, d, validate=False))\nprint(time.perf_counter() - t0)\n")
+
+    def __init__(self, datasets: list[dict]):
+        self.datasets = datasets
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        from mlfd.tune.packing.probe import _child_env
+
+        self.proc = subprocess.Popen([sys.executable, "-c", self.CODE, json.dumps(self.datasets)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env())
+
+    def seconds(self) -> float:
+        if self.proc is None:
+            self.start()
+        try:
+            out, err = self.proc.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+            raise RuntimeError("price: the worker-start probe took over 600 s") from None
+        if self.proc.returncode != 0:
+            raise RuntimeError(f"price: the worker-start probe failed: {err.strip().splitlines()[-1:]}")
+        return float(out.strip().splitlines()[-1])
 
 
 def _full_sizes(spec: PipelineSpec) -> dict[str, dict[str, int]]:
@@ -579,14 +597,17 @@ def price_search(job: Any, pipeline: dict, space_file: str, studies: list[str | 
     space = load_space(space_file)
     config = representative_config(job, space)
     spec = from_dict(PipelineSpec, apply_config(pipeline, config), path="price")
+    cpus, gpus = machine_resources()
+    worker = _WorkerStart([dataclasses.asdict(d) for d in spec.datasets])
+    if cpus > threads:
+        worker.start()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         costs = _measure(spec, job.stage, list(studies), steps)
-        worker_start = _startup_seconds([dataclasses.asdict(d) for d in spec.datasets])
     finally:
         torch.set_num_threads(before)
-    cpus, gpus = machine_resources()
+    worker_start = worker.seconds()
     ctx = Context(spec=spec, store=ArtifactStore(store), progress=False)
     # The scheduler stops trials at the job pipeline's epochs (launch._tuner); a trial trains its config's.
     max_t = stage_epochs(spec, job.stage)
