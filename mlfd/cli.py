@@ -60,7 +60,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from mlfd.tune.job import load_job
+    from mlfd.search import load_job
 
     if args.connect_timeout <= 0:
         raise SpecError(f"--connect-timeout: must be > 0 seconds, got {args.connect_timeout:g}")
@@ -89,15 +89,12 @@ def _tune_plan(args: argparse.Namespace) -> int:
         raise SpecError(f"--plan: prices a new local search; drop {'--resume' if args.resume else '--address'}")
     import importlib
 
-    from mlfd.config import from_dict
-    from mlfd.tune.job import JobSpec
     from mlfd.tune.launch import prepare, trial_threads
     from mlfd.tune.price import price_prepared, price_table, process_age, write_price
 
     importlib.import_module("ray")  # a search's driver imports it before preparing: part of the measured start
     plan = prepare(args.job, Path(args.out).resolve(), args.smoke, args.set)  # reads, checks; writes nothing
-    job = from_dict(JobSpec, plan["job"], path="job")
-    price = price_prepared(plan, job, trial_threads(job), process_age())
+    price = price_prepared(plan, trial_threads(plan.job), process_age())
     print(price_table(price))
     if args.json:
         write_price(price, Path(args.json))

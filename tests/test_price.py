@@ -16,7 +16,7 @@ import pytest
 
 from conftest import CLI_ENV, ROOT
 
-from mlfd.tune.job import SchedulerSpec
+from mlfd.search import SchedulerSpec
 from mlfd.tune.price import (SearchPrice, asha_continue_probability, asha_rungs, asha_trial_epochs, concurrency,
                              expected_levels, expected_trial_epochs, hyperband_trial_epochs, makespan, read_price)
 

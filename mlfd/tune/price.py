@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mlfd.config import PipelineSpec, from_dict
+from mlfd.search import SearchPlan
 
 _logger = logging.getLogger(__name__)
 
@@ -575,13 +576,13 @@ def price_search(job: Any, pipeline: dict, space_file: str, studies: list[str | 
     """Measure and estimate a prepared search (see the module docstring).
 
     Args:
-        job: The :class:`mlfd.tune.job.JobSpec` (smoke and overrides applied).
+        job: The :class:`mlfd.search.JobSpec` (smoke and overrides applied).
         pipeline: The job's pipeline as a dict (smoke variant and ``set`` applied).
         space_file: The search space YAML.
         studies: The studies in the order they run.
         store: The artifact store the search reads and fills.
         threads: torch threads of a trial (``launch.trial_threads``: its CPUs).
-        gpu_fraction: The GPU fraction per trial (``prepare``'s packing result).
+        gpu_fraction: The GPU fraction per trial (``plan.gpu``, ``prepare``'s packing result).
         job_name: What to call the job in the output.
         driver_start_s: Measured seconds from the command's start to the end of ``prepare``.
         steps: Timed optimizer steps per task.
@@ -755,22 +756,20 @@ def process_age() -> float:
         return 0.0
 
 
-def price_prepared(plan: dict, job: Any, threads: int, driver_start_s: float) -> SearchPrice:
-    """Price a search that :func:`mlfd.tune.launch.prepare` prepared (``plan``) with the job ``job``."""
-    from mlfd.tune.packing import trial_gpu
-
-    return price_search(job, plan["pipeline"], plan["space_file"], plan["studies"], plan["store"], threads,
-                        trial_gpu(plan, job), Path(plan["job_file"]).name, driver_start_s)
+def price_prepared(plan: SearchPlan, threads: int, driver_start_s: float) -> SearchPrice:
+    """Price a search that :func:`mlfd.tune.launch.prepare` prepared."""
+    return price_search(plan.job, plan.pipeline, plan.space_file, plan.studies, plan.store, threads, plan.gpu,
+                        Path(plan.job_file).name, driver_start_s)
 
 
-def launch_price(plan: dict, job: Any, threads: int, out: Path, resume: bool) -> SearchPrice | None:
+def launch_price(plan: SearchPlan, threads: int, out: Path, resume: bool) -> SearchPrice | None:
     """The estimate a launching search saves in ``OUT/price.json`` (None on ``--resume`` when it has one already,
     or when measuring fails: an estimate never stops a search). Its wall time includes the time measuring took."""
     if resume and (Path(out) / PRICE_FILE).is_file():
         return None
     t0 = time.monotonic()
     try:
-        price = price_prepared(plan, job, threads, process_age())
+        price = price_prepared(plan, threads, process_age())
     except Exception as e:  # noqa: BLE001
         _logger.warning("mlfd tune: no price estimate (%s: %s)", type(e).__name__, str(e).splitlines()[0][:200])
         return None
