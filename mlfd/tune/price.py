@@ -782,8 +782,12 @@ def launch_price(plan: SearchPlan, threads: int, out: Path, resume: bool) -> Sea
 def save_measured(out: Path, measured: dict) -> None:
     """Add the measured times of the search that just ran to ``OUT/price.json`` (kept as is without an estimate)."""
     price, _ = read_price(out)
-    if price is not None:
+    if price is None:
+        return
+    try:
         write_price(price, Path(out) / PRICE_FILE, measured)
+    except OSError as e:  # the search itself finished: say so and go on
+        _logger.warning("mlfd tune: could not add the measured times to %s (%s)", Path(out) / PRICE_FILE, e)
 
 
 __all__ = ["PRICE_FILE", "RAY_START_S", "STUDY_OVERHEAD_S", "SearchPrice", "StagePrice", "StudyPrice",
