@@ -8,6 +8,7 @@ Layout of an output directory::
     OUT/trials.parquet      one row per trial
     OUT/best/<study>.yaml   the best trial of each study as a standalone pipeline
     OUT/logs/ray.log        what Ray, Optuna and MLflow log (on screen only with ``verbose``; see progress.py)
+    OUT/price.json          the estimated cost, measured at launch, and the measured times (see price.py)
 """
 
 from __future__ import annotations
@@ -350,7 +351,7 @@ def _run_search(job_path: str, out: Path, smoke: bool, resume: bool, address: st
                 best_yaml = export_best(out, study or job.stage, out / "best" / f"{study or job.stage}.yaml")
             if tracking:
                 tracking.finish_study(plan, study, best_yaml)
-            measured["studies"][study or job.stage] = {"wall_s": time.monotonic() - t0, "fit_s": fit_s}
+            measured["studies"][plan.study_key(study)] = {"wall_s": time.monotonic() - t0, "fit_s": fit_s}
         if tracking:
             tracking.close()
         measured["finished"] = True
