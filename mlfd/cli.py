@@ -67,6 +67,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if args.lost_node_timeout < 0:
         raise SpecError(f"--lost-node-timeout: must be >= 0 seconds (0: wait for ever), got {args.lost_node_timeout:g}")
     load_job(args.job, smoke=args.smoke, overrides=args.set)  # before importing Ray and torch: a bad file fails fast
+    if args.json and not args.plan:
+        raise SpecError("--json: writes the estimate of --plan; add --plan")
+    if args.plan:
+        return _tune_plan(args)
     from mlfd.tracking import SearchTracking
     from mlfd.tune.launch import handle_sigterm, run_search
 
@@ -76,6 +80,25 @@ def _cmd_tune(args: argparse.Namespace) -> int:
                     tracking=SearchTracking(out, register=args.register), connect_timeout=args.connect_timeout,
                     lost_node_timeout=args.lost_node_timeout, verbose=args.verbose)
     print(search_summary(df, out))
+    return 0
+
+
+def _tune_plan(args: argparse.Namespace) -> int:
+    """``mlfd tune JOB --plan``: the search's estimated cost, measured here; no trial runs, Ray does not start."""
+    if args.resume or args.address:
+        raise SpecError(f"--plan: prices a new local search; drop {'--resume' if args.resume else '--address'}")
+    import importlib
+
+    from mlfd.tune.launch import prepare, trial_threads
+    from mlfd.tune.price import price_prepared, price_table, process_age, write_price
+
+    importlib.import_module("ray")  # a search's driver imports it before preparing: part of the measured start
+    plan = prepare(args.job, Path(args.out).resolve(), args.smoke, args.set)  # reads, checks; writes nothing
+    price = price_prepared(plan, trial_threads(plan.job), process_age())
+    print(price_table(price))
+    if args.json:
+        write_price(price, Path(args.json))
+        print(f"\nwrote {args.json}")
     return 0
 
 
@@ -262,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a job field (num_samples=4, resources.gpu=0) or a pipeline field "
                         "(pipeline.student.recipe.epochs=3)")
+    t.add_argument("--plan", action="store_true",
+                   help="print what the search would cost (stages stored or to build, seconds per epoch measured on "
+                        "a few batches, expected trial-epochs, concurrency, wall time, device-hours); run no trial")
+    t.add_argument("--json", default=None, metavar="FILE", help="with --plan: also write the estimate as JSON")
     t.add_argument("--register", default=None, metavar="NAME",
                    help="register each study's best model in the MLflow model registry under NAME")
     t.set_defaults(func=_cmd_tune)

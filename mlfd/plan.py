@@ -23,30 +23,29 @@ features (small against its training), and other work on the machine.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import gc
 import json
 import logging
 import math
 import re
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from mlfd.config import DatasetSpec, PipelineSpec, SpecError
 from mlfd.data import DatasetSplits, FileImages, ImageSet, load_dataset
-from mlfd.engine import amp_dtype, autocast, build_optimizer, resolve_device
+from mlfd.engine import autocast, resolve_device
 from mlfd.stages import teachers as teacher_stage
 from mlfd.stages.baselines import SharedTask, baseline_key, baseline_model
 from mlfd.stages.cache import build_cache, cache_key
-from mlfd.stages.common import EVAL_BATCH, SPLITS, Context, build_level_model, load_frozen, save_module
+from mlfd.stages.common import EVAL_BATCH, SPLITS, Context, load_frozen
 from mlfd.stages.joint import JointPlan, JointTask, joint_key, plan_for
+from mlfd.stages.measure import PeakMemory, ProbeContext as _ProbeContext, probe_data, probe_spec, seed_teachers
+from mlfd.stages.measure import sync as _sync, time_eval, time_train_steps
 from mlfd.stages.pipeline import Stage, plan_stages
 from mlfd.stages.students import StudentTask, student_key, student_variant
 from mlfd.stages.teachers import ClassifierTask, teacher_key
@@ -208,15 +207,6 @@ def cache_bytes(data: DataShape, feature_shape: tuple[int, ...]) -> dict[str, in
     return {s: data.count(s) * math.prod(feature_shape) * FEATURE_BYTES for s in SPLITS}
 
 
-def _probe_split(split: ImageSet, n: int) -> ImageSet:
-    return split if len(split) <= n else split.subset(torch.arange(n))
-
-
-def probe_data(data: DatasetSplits, n_train: int, n_eval: int) -> DatasetSplits:
-    """The first ``n_train`` train and ``n_eval`` val/test images of a loaded dataset (same classes, statistics)."""
-    return dataclasses.replace(data, train=_probe_split(data.train, n_train), val=_probe_split(data.val, n_eval),
-                               test=_probe_split(data.test, n_eval))
-
 
 def synthetic_data(shape: DataShape, n_train: int, n_eval: int, seed: int = 0) -> DatasetSplits:
     """Random uint8 images of ``shape``'s geometry, labels cycling over its classes."""
@@ -307,136 +297,6 @@ def stage_job(stage: Stage, ctx: Context, key: str) -> Job | None:
 # Measurement
 # --------------------------------------------------------------------------------------------------------------------
 
-
-def _vm(field_name: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-class PeakMemory:
-    """Peak memory of the code run inside ``with``: on CUDA ``torch.cuda.max_memory_allocated`` above what was
-    allocated at entry; on a CPU the growth of the process's peak resident set (``VmHWM``, reset at entry through
-    ``/proc/self/clear_refs``). ``peak`` is None where neither can be read."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak, self._base = device, None, 0
-
-    @staticmethod
-    def method(device: torch.device) -> str:
-        if device.type == "cuda":
-            return "torch.cuda.max_memory_allocated"
-        return "peak RSS growth (VmHWM, reset via /proc/self/clear_refs)"
-
-    def __enter__(self) -> PeakMemory:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-        else:
-            try:
-                Path("/proc/self/clear_refs").write_text("5")
-                self._base = _vm("VmRSS")
-            except OSError:
-                self._base = None
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
-        else:
-            hwm = _vm("VmHWM")
-            self.peak = None if hwm is None or self._base is None else max(0, hwm - self._base)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _batch_images(batch: Any) -> int:
-    """Samples in one task batch: ``(x, y)``, ``(idx, x, y[, targets])``, a baseline's ``(dataset index, x, y)``, a
-    list of such, or a joint teacher's ``(groups, inputs)`` whose groups are ``(dataset index, sample indices)``."""
-    if isinstance(batch, list):
-        return sum(_batch_images(b) for b in batch)
-    if isinstance(batch[0], list):  # JointTask: (groups, prefetched inputs or None)
-        return sum(int(idx.numel()) for _, idx in batch[0])
-    return int(next(t for t in batch if isinstance(t, torch.Tensor)).shape[0])  # skips a dataset index
-
-
-def _endless(task: Any) -> Iterator[Any]:
-    epoch = 0
-    while True:
-        yield from task.train_batches(epoch)
-        epoch += 1
-
-
-def time_train_steps(task: Any, recipe: Any, device: torch.device, steps: int, warmup: int = 1) -> float:
-    """Images per second of ``task``'s optimizer steps as ``fit`` runs them (autocast of the recipe, backward,
-    optimizer step): samples per step over the median time of ``steps`` steps after ``warmup`` untimed ones (the
-    median keeps one step slowed by a busy machine out of the figure; each step ends with a device sync)."""
-    module = task.module
-    module.train()
-    opt = build_optimizer(module.parameters(), recipe)
-    dtype = amp_dtype(device, recipe.amp)
-    batches = _endless(task)
-    times, images = [], []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        batch = next(batches)
-        with autocast(device, dtype):
-            loss = task.train_step(batch)["loss"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-            images.append(_batch_images(batch))
-    return statistics.median(images) / max(statistics.median(times), 1e-9)
-
-
-def time_eval(task: Any, images: int, device: torch.device, recipe: Any) -> float:
-    """Images per second of ``task.evaluate("val")`` over ``images`` val images (second of two passes)."""
-    module = task.module
-    module.eval()
-    with torch.inference_mode(), autocast(device, amp_dtype(device, recipe.amp)):
-        task.evaluate("val")
-        _sync(device)
-        t0 = time.perf_counter()
-        task.evaluate("val")
-        _sync(device)
-    return images / max(time.perf_counter() - t0, 1e-9)
-
-
-class _ProbeContext(Context):
-    """A stage context whose datasets are the probe's (cut or synthetic) splits."""
-
-    probe: dict[str, DatasetSplits]
-
-    def data(self, name: str) -> DatasetSplits:
-        return self.probe[name]
-
-
-def probe_spec(spec: PipelineSpec) -> PipelineSpec:
-    """``spec`` with one epoch per recipe: what the probe trains where a stage needs a trained input (T*)."""
-    s = copy.deepcopy(spec)
-    for r in (s.teacher, s.joint.recipe, s.student.recipe, s.baselines.recipe):
-        if r is not None:
-            r.epochs = 1
-    for d in s.datasets:  # per-dataset overrides of the epochs (a given teacher kept as is stays at 0)
-        if d.teacher.get("epochs"):
-            d.teacher["epochs"] = 1
-        if (d.student.get("recipe") or {}).get("epochs"):
-            d.student["recipe"]["epochs"] = 1
-    return s
 
 
 def caches_on_device(spec: PipelineSpec, nbytes: int, budget: int) -> bool:
@@ -647,17 +507,8 @@ class Planner:
                     str(self.store.root) if self.store is not None else None)
 
     def _seed_teachers(self, pctx: _ProbeContext) -> None:
-        """Untrained teachers in the probe store: extraction costs the same whatever the weights."""
-        for d in pctx.spec.datasets:
-            spec = dataclasses.replace(d.model, checkpoint=None, pretrained=False)
-
-            def build(tmp: Path, d: DatasetSpec = d, spec: Any = spec) -> dict:
-                net = build_level_model(spec, pctx.data(d.name).num_classes, torch.device("cpu"), False)
-                save_module(net.model, tmp / "model.pt")
-                (tmp / "metrics.json").write_text("{}")
-                return {"dataset": d.name, "arch": spec.arch, "probe": True}
-
-            pctx.store.get_or_build(teacher_stage.KIND, teacher_key(pctx, d.name), build)
+        """Untrained teachers in the probe store (:func:`mlfd.stages.measure.seed_teachers`)."""
+        seed_teachers(pctx)
 
     # -- caches --------------------------------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ import pandas as pd
 from mlfd.errors import SpecError
 from mlfd.report.plots import (CURVE_METRIC, plot_ablation, plot_dataset_curves, plot_history, plot_importances,
                                plot_joint_teacher_curves)
+from mlfd.report.price import price_section
 from mlfd.report.search import (SEARCH_FILE, TOP_TRIALS, TRIALS_FILE, SearchInfo, order_trials, param_importances,
                                 read_search_info, study_summary, summary_table, top_trials_table)
 from mlfd.report.tables import _datasets, _finite, _md_table, ablation_table, delta_table
@@ -212,6 +213,7 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> dict[str, Path]:
             if (run_dir / "search.json").is_file():
                 md += _summary_section(run_dir)
             md += _search_section(trials, info, out, files)
+            md += price_section(run_dir, trials)
         else:
             md += ["## Search", "", f"{TRIALS_FILE} holds no trials yet.", ""]
     report = out / REPORT_FILE

@@ -266,8 +266,12 @@ def joint_targets(ctx: Context, plan: JointPlan, target: str) -> tuple[Artifact,
                         w.write(e[c].float().cpu())
         return {"target": target, "level": plan.level, "dtype": dtype}
 
-    key = ArtifactStore.key(TARGETS_KIND, {"target": target, "dtype": dtype}, {"joint": art.key})
-    return ctx.store.get_or_build(TARGETS_KIND, key, build), model
+    return ctx.store.get_or_build(TARGETS_KIND, targets_key(ctx, art.key, target), build), model
+
+
+def targets_key(ctx: Context, joint: str, target: str) -> str:
+    """Store key of the targets of the joint teacher with key ``joint`` on dataset ``target``."""
+    return ArtifactStore.key(TARGETS_KIND, {"target": target, "dtype": ctx.spec.joint.cache_dtype}, {"joint": joint})
 
 
 class CachedTargets:

@@ -8,6 +8,7 @@ Layout of an output directory::
     OUT/trials.parquet      one row per trial
     OUT/best/<study>.yaml   the best trial of each study as a standalone pipeline
     OUT/logs/ray.log        what Ray, Optuna and MLflow log (on screen only with ``verbose``; see progress.py)
+    OUT/price.json          the estimated cost, measured at launch, and the measured times (see price.py)
 """
 
 from __future__ import annotations
@@ -313,6 +314,7 @@ def _run_search(job_path: str, out: Path, smoke: bool, resume: bool, address: st
     import ray
 
     from mlfd.tune.mlflow_callback import study_callbacks
+    from mlfd.tune.price import PRICE_FILE, launch_price, process_age, save_measured, write_price
     from mlfd.tune.watch import LostNodeWatch
 
     if address:  # before the datasets are read: the answers depend on the job file alone
@@ -329,9 +331,14 @@ def _run_search(job_path: str, out: Path, smoke: bool, resume: bool, address: st
     plan = prepare(job_path, out, smoke, overrides)
     job, spec = plan.job, plan.spec
     open_output(out, plan, resume, claim=False)  # a misused --out/--resume is refused before tracking writes to OUT
+    # Priced before Ray starts; not on a cluster (--address), whose machines the driver cannot time.
+    price = None if address else launch_price(plan, trial_threads(job), out, resume)
+    measured: dict = {"studies": {}, "resumed": resume}
     rows: list[dict] = []
     try:
+        t0 = time.monotonic()
         connect(address, connect_timeout, verbose)
+        measured["ray_start_s"] = time.monotonic() - t0
         if address:
             check_cluster_resources(job, ray.cluster_resources(), address)
         if tracking is not None:
@@ -340,9 +347,14 @@ def _run_search(job_path: str, out: Path, smoke: bool, resume: bool, address: st
             tracking.open(plan)
         open_output(out, plan, resume)
         claimed()
+        if price is not None:
+            write_price(price, out / PRICE_FILE)
+        t0 = time.monotonic()
         if job.stage in ("students", "joint"):
             prebuild_teachers(plan)
+        measured["teachers_s"] = time.monotonic() - t0
         for i, study in enumerate(plan.studies):
+            t0 = time.monotonic()
             name = plan.experiment_name(study)
             cbs = study_callbacks(tracking, plan, study, trial_context(plan, study)) if tracking else []
             watch = LostNodeWatch(lost_node_timeout)
@@ -350,6 +362,7 @@ def _run_search(job_path: str, out: Path, smoke: bool, resume: bool, address: st
             _logger.info("mlfd tune: study %s (%d/%d), %d trials -> %s", study or job.stage, i + 1,
                          len(plan.studies), job.num_samples, os.path.join(plan.storage_path, name))
             results = tuner.fit()
+            fit_s = time.monotonic() - t0
             watch.raise_if_stopped(f"on a healthy cluster continue it with the same command plus --resume --out {out}")
             if _interrupted(results, job):
                 raise KeyboardInterrupt(f"search interrupted during study {study or job.stage}; finished trials are "
@@ -363,8 +376,10 @@ def _run_search(job_path: str, out: Path, smoke: bool, resume: bool, address: st
                 best_yaml = export_best(out, study or job.stage, out / "best" / f"{study or job.stage}.yaml")
             if tracking:
                 tracking.finish_study(plan, study, best_yaml)
+            measured["studies"][plan.study_key(study)] = {"wall_s": time.monotonic() - t0, "fit_s": fit_s}
         if tracking:
             tracking.close()
+        measured["finished"] = True
     except BaseException as e:  # Ctrl-C/SIGTERM -> KILLED, any other error -> FAILED: no parent run is left RUNNING
         if tracking is not None:
             tracking.interrupted("KILLED" if isinstance(e, (KeyboardInterrupt, NodeLost)) else "FAILED")
@@ -372,7 +387,10 @@ def _run_search(job_path: str, out: Path, smoke: bool, resume: bool, address: st
             raise KeyboardInterrupt(f"search interrupted; continue with --resume --out {out}") from None
         raise
     finally:
+        t0 = time.monotonic()
         ray.shutdown()
+        if measured.get("finished"):
+            save_measured(out, {**measured, "ray_stop_s": time.monotonic() - t0, "total_s": process_age()})
     return pd.DataFrame(rows)
 
 
