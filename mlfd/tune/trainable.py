@@ -45,13 +45,28 @@ def node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-def _report_history(history: list[dict], reused: bool = True) -> None:
+def _report_history(history: list[dict], reused: bool = True, extra: dict | None = None) -> None:
     """Replay a finished artifact's epochs (the same config was already trained by another trial or run)."""
     from ray import tune
 
     node = node_id()
     for m in history:
-        tune.report(dict(m, reused=int(reused), **{NODE_KEY: node}))
+        tune.report(dict(m, reused=int(reused), **(extra or {}), **{NODE_KEY: node}))
+
+
+LATENCY_KEY = "latency_batch_size"
+"""Context key: the batch size a students trial measures its student's latency at (absent: no latency)."""
+
+
+def trial_cost(ctx, stage: str, study: str | None, latency_batch_size: int | None) -> dict:
+    """The cost metrics a trial reports with every epoch: a students trial's ``student/params`` (and
+    ``student/latency_ms`` at ``latency_batch_size``); none for other stages."""
+    from mlfd.stages.cost import student_cost
+
+    if stage != "students":
+        return {}
+    return student_cost(ctx.spec.dataset(study).student_net, ctx.data(study).num_classes, ctx.device,
+                        latency_batch_size)
 
 
 def stage_epochs(spec: PipelineSpec, stage: str) -> int:
@@ -84,7 +99,7 @@ def run_stage(config: dict, context: dict) -> None:
     def report(metrics: dict, state: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
             save_torch(state, Path(d) / STATE_FILE)
-            tune.report(dict(metrics, **{NODE_KEY: node_id()}), checkpoint=tune.Checkpoint.from_directory(d))
+            tune.report(dict(metrics, **cost, **{NODE_KEY: node_id()}), checkpoint=tune.Checkpoint.from_directory(d))
 
     # The last epoch is reported only once the artifact (best weights, test metrics) is in the store: schedulers stop
     # a trial as soon as it reports its last epoch (ASHA at max_t), which would kill it before the artifact is saved.
@@ -103,13 +118,16 @@ def run_stage(config: dict, context: dict) -> None:
         with ckpt.as_directory() as d:
             resume = load_torch(Path(d) / STATE_FILE)
     trial = StageTrial(ctx, stage, study)
+    cost: dict = {}
     try:
+        cost.update(trial_cost(ctx, stage, study, meta.get(LATENCY_KEY)))  # the same at every epoch
         existing = trial.artifact()
         if existing is not None:
             # Built by another trial or run (replay its epochs), or by this trial before its final report was
             # recorded (replay the epochs after its checkpoint).
             history = read_metrics(existing)["history"]
-            _report_history(history if resume is None else history[resume["epoch"] + 1:], reused=resume is None)
+            _report_history(history if resume is None else history[resume["epoch"] + 1:], reused=resume is None,
+                            extra=cost)
             return
         trial.build_upstream()  # teachers, caches, T*: built once in the store, not reported
         ctx.on_epoch, ctx.resume = on_epoch, resume
@@ -128,4 +146,4 @@ def run_stage(config: dict, context: dict) -> None:
             torch.cuda.empty_cache()
 
 
-__all__ = ["run_stage", "stage_epochs", "trial_spec"]
+__all__ = ["LATENCY_KEY", "run_stage", "stage_epochs", "trial_cost", "trial_spec"]
