@@ -116,7 +116,7 @@ def search_summary(df, out: Path) -> str:
 def _cmd_export(args: argparse.Namespace) -> int:
     from mlfd.tune.launch import export_best
 
-    path = export_best(Path(args.dir), args.study, Path(args.out))
+    path = export_best(Path(args.dir), args.study, Path(args.out), pick=args.pick)
     print(f"wrote {path}")
     return 0
 
@@ -270,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("dir", help="search output directory")
     e.add_argument("--study", default=None, help="study (dataset) to export; default: the first")
     e.add_argument("--out", default="best.yaml", help="destination YAML (default: best.yaml)")
+    e.add_argument("--pick", default=None, metavar="WHICH",
+                   help="export another trial than the best: pareto:K, the K-th point of a multi-objective study's "
+                        "Pareto front (K=1: best first objective; the order of mlfd report's table), or conditions "
+                        "such as 'student/params<=1e6' (joined with ','; ops <=, >=, <, >): the best first objective "
+                        "among the trials that meet them")
     e.set_defaults(func=_cmd_export)
 
     _add_plan_parser(sub)

@@ -7,17 +7,27 @@ comparison of the trials' values.
 
 from __future__ import annotations
 
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+
+from conftest import DATASETS, ROOT, Search, read_search
 
 from mlfd.config import SpecError
 from mlfd.stages.pareto import (Objective, Pick, feasible_mask, front_order, non_dominated, objectives, parse_pick,
                                 pareto_mask, pick_row, violations)
 
 ACC, PARAMS = "val/acc1", "student/params"
+
+
+def tiny(max_train: int) -> list[str]:
+    """Pipeline overrides that make every dataset tiny (as test_tune.py's searches, which share the store)."""
+    return [f"--set=pipeline.datasets.{d}.{k}={n}" for d in DATASETS
+            for k, n in (("max_train", max_train), ("max_test", 100))]
 OBJS = [Objective(ACC, "max"), Objective(PARAMS, "min")]
 
 
@@ -149,8 +159,6 @@ def test_multi_objective_searcher_sets_constraints_without_future_warnings() -> 
     from mlfd.tune.searcher import FAILED_ATTR
     from mlfd.tune.spaces import load_space, make_searcher
 
-    from conftest import ROOT
-
     space = load_space(ROOT / "search_spaces" / "students_pareto.yaml")
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)  # issue #13: Optuna's current constraint API only
@@ -172,8 +180,6 @@ def test_multi_objective_searcher_sets_constraints_without_future_warnings() -> 
 def test_single_objective_list_is_a_single_objective_study() -> None:
     from mlfd.tune.spaces import load_space, make_searcher
 
-    from conftest import ROOT
-
     s = make_searcher(load_space(ROOT / "search_spaces" / "students.yaml"), [ACC], ["max"], seed=0)
     s.suggest("t0")
     assert len(s._ot_study.directions) == 1 and s.metric == ACC
@@ -183,3 +189,157 @@ def test_the_independent_front_helper() -> None:
     pts = [(1.0, 1.0), (2.0, 0.5), (0.5, 2.0), (1.0, 1.0)]
     assert brute_front(pts, ["max", "min"]) == [False, True, False, False]
     assert brute_front(pts[:1] + pts[3:], ["max", "min"]) == [True, True]  # equal points do not dominate
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Job validation: combinations that cannot work are refused with one line, before any compute
+# --------------------------------------------------------------------------------------------------------------------
+
+PARETO_JOB = ROOT / "tune_jobs" / "students_pareto.yaml"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["mode=[max]"], "students_pareto.yaml.mode: needs one mode per metric: 2 metrics ['val/acc1', 'student/params'], "
+                     "1 modes ['max']"),
+    (["mode=[max,mini]"], "students_pareto.yaml.mode[1]: must be max or min, got 'mini'"),
+    (["metric=[val/acc1,val/acc1]"], "students_pareto.yaml.metric: names a metric twice: ['val/acc1', 'val/acc1']"),
+    (["metric=[acc,student/params]"], "students_pareto.yaml.metric[0]: must be a reported metric such as val/acc1, "
+                                      "val/acc5, val/loss, or a student cost (student/params, student/latency_ms); "
+                                      "got 'acc'"),
+    (["stage=teachers", "studies=null"], "students_pareto.yaml.metric[1]: student/params is reported by students "
+                                         "trials only; this job's stage is teachers"),
+    (["metric=[val/acc1,student/latency_ms]", "latency_batch_size=null"],
+     "students_pareto.yaml.latency_batch_size: required when student/latency_ms is an objective or a constraint: "
+     "the batch size latency is measured at"),
+    (["constraints={student/params: {lt: 3}}"], "students_pareto.yaml.constraints.student/params.lt: unknown bound; "
+                                                "allowed: le, ge"),
+    (["constraints={student/params: {le: many}}"], "students_pareto.yaml.constraints.student/params.le: expected a "
+                                                   "number, got 'many'"),
+    (["metric=[student/params,val/acc1]", "mode=[min,max]", "scheduler.type=asha"],
+     "students_pareto.yaml.scheduler.type: asha stops trials on the first objective, student/params, which training "
+     "does not change; put a val/ metric first or set scheduler.type: none"),
+])
+def test_bad_objectives_are_refused_in_one_line(overrides: list[str], message: str) -> None:
+    from mlfd.tune.job import load_job
+
+    with pytest.raises(SpecError) as e:
+        load_job(PARETO_JOB, overrides=overrides)
+    assert str(e.value).endswith(message) and "\n" not in str(e.value)
+
+
+def test_refused_job_exits_2_before_ray(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from mlfd.cli import main
+
+    out = tmp_path / "out"
+    assert main(["tune", str(PARETO_JOB), "--smoke", "--out", str(out), "--set", "mode=[max]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mlfd: error: ") and "needs one mode per metric" in err[0], err
+    assert not out.exists()
+    assert "ray" not in sys.modules or not __import__("ray").is_initialized()
+
+
+def test_asha_on_a_val_metric_first_is_allowed() -> None:
+    from mlfd.tune.job import load_job
+
+    job, _ = load_job(PARETO_JOB, overrides=["scheduler.type=asha"])
+    assert (job.objective, job.objective_mode, job.multi_objective) == ("val/acc1", "max", True)
+    assert job.cost_metrics == ["student/params", "student/latency_ms"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The students_pareto smoke search, end to end
+# --------------------------------------------------------------------------------------------------------------------
+
+ARCH = "config/datasets.digits.student_model.arch"
+TIMM_PARAMS = {"test_efficientnet": 101766, "test_convnext": 207778, "test_resnet": 373658}
+"""timm's parameter counts of the space's students with 10 classes (digits), the same as timm.create_model gives."""
+
+
+@pytest.fixture(scope="module")
+def pareto_search(mlfd_cli, offline_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Search:
+    out = tmp_path_factory.mktemp("pareto") / "out"
+    args = ["tune", str(PARETO_JOB), "--smoke", "--out", str(out), f"--set=store={offline_store}", *tiny(100)]
+    run = mlfd_cli(*args, timeout=900)
+    assert run.proc.returncode == 0, run.output[-5000:]
+    assert not run.cleanup(grace=30), "processes still alive after the search ended"
+    s = read_search(out, args)
+    s.output = run.output
+    return s
+
+
+@pytest.mark.slow
+def test_pareto_columns_and_an_independent_front(pareto_search: Search) -> None:
+    df = pareto_search.trials
+    assert len(df) == 4 and set(df["study"]) == {"digits"} and (df["status"] == "TERMINATED").all(), df
+    for col in ("is_pareto", "feasible", "best/val/acc1", "best/student/params", "best/student/latency_ms"):
+        assert col in df.columns, col
+    assert df["best/student/params"].tolist() == [float(TIMM_PARAMS[a]) for a in df[ARCH]]
+    assert (df["best/student/latency_ms"] > 0).all()
+    assert df["feasible"].tolist() == [TIMM_PARAMS[a] <= 3.0e5 for a in df[ARCH]]
+    feasible = df[df["feasible"]]
+    points = list(zip(feasible["best/val/acc1"], feasible["best/student/params"]))
+    expected = dict(zip(feasible["trial_id"], brute_front(points, ["max", "min"])))
+    assert df["is_pareto"].tolist() == [expected.get(t, False) for t in df["trial_id"]]
+    assert df["is_pareto"].any()
+
+
+@pytest.mark.slow
+def test_trial_runs_carry_the_pareto_tag_and_costs(pareto_search: Search) -> None:
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=f"sqlite:///{pareto_search.out / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("students-pareto")
+    runs = {r.data.tags["mlfd.trial_id"]: r for r in c.search_runs([exp.experiment_id], max_results=100)
+            if "mlfd.trial_id" in r.data.tags}
+    df = pareto_search.trials
+    assert set(runs) == set(df["trial_id"])
+    for _, row in df.iterrows():
+        r = runs[row["trial_id"]]
+        assert r.data.tags["mlfd.pareto"] == ("true" if row["is_pareto"] else "false")
+        assert r.data.metrics["student/params"] == row["best/student/params"]
+
+
+@pytest.mark.slow
+def test_report_draws_the_front(pareto_search: Search, tmp_path: Path) -> None:
+    from mlfd.report import write_report
+
+    files = write_report(pareto_search.out, tmp_path)
+    png = files["search/digits/pareto"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = files["report"].read_text()
+    df = pareto_search.trials
+    front = front_order(df[df["is_pareto"]], OBJS)
+    section = md[md.index("### Pareto front"):]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and line.split("|")[1].strip().isdigit()]
+    assert [line.split("|")[2].strip() for line in rows] == front["trial_id"].tolist()
+
+
+@pytest.mark.slow
+def test_export_picks_a_point_of_the_front_or_a_condition(pareto_search: Search, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    from mlfd.cli import main
+    from mlfd.config import load_pipeline
+
+    df = pareto_search.trials
+    front = front_order(df[df["is_pareto"]], OBJS)
+    out = str(pareto_search.out)
+    for k in range(1, len(front) + 1):
+        dest = tmp_path / f"pareto{k}.yaml"
+        assert main(["export", out, "--study", "digits", "--pick", f"pareto:{k}", "--out", str(dest)]) == 0
+        row = front.iloc[k - 1]
+        assert dest.read_text().startswith(f"# Trial {row['trial_id']} (--pick pareto:{k}) of study 'digits'")
+        assert load_pipeline(dest).dataset("digits").student_net.arch == row[ARCH]
+    smallest = df["best/student/params"].min()
+    dest = tmp_path / "small.yaml"
+    assert main(["export", out, "--study", "digits", "--pick", f"student/params<={smallest:g}", "--out",
+                 str(dest)]) == 0
+    small = df[df["best/student/params"] == smallest]
+    best_small = small.loc[small["best/val/acc1"].idxmax()]
+    assert dest.read_text().startswith(f"# Trial {best_small['trial_id']} (--pick student/params<={smallest:g})")
+    capsys.readouterr()
+    assert main(["export", out, "--study", "digits", "--pick", f"pareto:{len(front) + 1}", "--out",
+                 str(tmp_path / "x.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"mlfd: error: --pick pareto:{len(front) + 1}: the Pareto front of study 'digits' has {len(front)} "
+                   f"point(s)"], err
+    assert not (tmp_path / "x.yaml").exists()

@@ -12,17 +12,15 @@ import time
 import torch
 from torch import nn
 
-from mlfd.config import ModelSpec
+from mlfd.config import COST_METRICS, ModelSpec
 from mlfd.models import create_model
 
-STUDENT_PARAMS = "student/params"
-"""Parameters of the deployed student (its timm model with this dataset's classifier)."""
-STUDENT_LATENCY = "student/latency_ms"
-"""Milliseconds of one fp32 forward pass of the deployed student (eval mode, no gradients) over a batch of
-``latency_batch_size`` images at its input size, on the trial's device: the median of :data:`LATENCY_REPEATS` timed
-passes after :data:`LATENCY_WARMUP` untimed ones. On a shared device (several trials per GPU or CPU) it includes
-their contention."""
-COST_METRICS = (STUDENT_PARAMS, STUDENT_LATENCY)
+STUDENT_PARAMS, STUDENT_LATENCY = COST_METRICS
+"""``student/params``: parameters of the deployed student (its timm model with this dataset's classifier).
+``student/latency_ms``: milliseconds of one fp32 forward pass of the deployed student (eval mode, no gradients) over
+a batch of ``latency_batch_size`` images at its input size, on the trial's device: the median of
+:data:`LATENCY_REPEATS` timed passes after :data:`LATENCY_WARMUP` untimed ones. On a shared device (several trials per
+GPU or CPU) it includes their contention."""
 LATENCY_WARMUP = 3
 LATENCY_REPEATS = 10
 

@@ -15,7 +15,7 @@ from mlfd.errors import SpecError
 from mlfd.tracking import (TAG_DATASET, TAG_LEVEL, TAG_NODE, TAG_PARENT, TAG_STAGE, TAG_STUDY, TAG_TRIAL,
                            SearchTracking, Tracker, flatten, trial_error)
 
-LOGGED_PREFIXES = ("val/", "train/")
+LOGGED_PREFIXES = ("val/", "train/", "student/")  # student/: its costs (params, latency)
 
 
 class TrialRuns(LoggerCallback):
