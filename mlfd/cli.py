@@ -85,7 +85,9 @@ def search_summary(df, out: Path) -> str:
     import shlex
 
     metric = next((c for c in df.columns if c.startswith("best/")), None)
-    cols = [c for c in ("study", "trial_index", "trial_id", "status", "epochs", metric, "error") if c in df.columns]
+    costs = [c for c in df.columns if c.startswith("best/student/")]  # a students search: what each student costs
+    cols = [c for c in ("study", "trial_index", "trial_id", "status", "epochs", metric, *costs, "feasible", "is_pareto",
+                        "error") if c in df.columns]
     lines = []
     if len(df):
         table = df[cols].copy()
@@ -106,6 +108,9 @@ def search_summary(df, out: Path) -> str:
     steps = [(f"mlfd report {o}", "report.md and plots"),
              *[(f"mlfd export {o} --study {s} --out best-{s}.yaml", "the best trial as a pipeline YAML")
                for s in studies],
+             *[(f"mlfd export {o} --study {s} --pick pareto:2 --out pareto2-{s}.yaml",
+                "the 2nd point of the Pareto front (1 = best first objective)") for s in studies
+               if "is_pareto" in df.columns],
              (f"mlfd ui --out {o}", "the MLflow UI of this search")]
     width = max(len(c) for c, _ in steps)
     lines += [f"wrote {out / 'trials.parquet'} and {out / 'best'}/<study>.yaml", "next:",

@@ -354,6 +354,9 @@ def _run_search(job_path: str, out: Path, smoke: bool, resume: bool, address: st
             tracking.open(plan)
         open_output(out, plan, resume)
         claimed()
+        if job.multi_objective and job.scheduler.type != "none":
+            _logger.info("mlfd tune: %s stops trials on the first objective (%s %s) only", job.scheduler.type,
+                         job.objective_mode, job.objective)
         if job.stage in ("students", "joint"):
             prebuild_teachers(plan, job)
         for i, study in enumerate(plan["studies"]):
