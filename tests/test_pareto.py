@@ -343,3 +343,24 @@ def test_export_picks_a_point_of_the_front_or_a_condition(pareto_search: Search,
     assert err == [f"mlfd: error: --pick pareto:{len(front) + 1}: the Pareto front of study 'digits' has {len(front)} "
                    f"point(s)"], err
     assert not (tmp_path / "x.yaml").exists()
+
+
+def test_report_of_a_search_without_the_columns_computes_the_front(tmp_path: Path) -> None:
+    """A trials.parquet without is_pareto/feasible (written by hand, or by an older mlfd): the report computes them
+    from search.json's objectives and constraints."""
+    import json
+
+    from mlfd.report import write_report
+
+    df = trials([("a", "TERMINATED", 90.0, 3e5), ("b", "TERMINATED", 80.0, 1e5), ("c", "TERMINATED", 85.0, 2e5),
+                 ("d", "TERMINATED", 70.0, 2.5e5), ("e", "TERMINATED", 95.0, 4e5)])
+    df.to_parquet(tmp_path / "trials.parquet")
+    job = {"metric": [ACC, PARAMS], "mode": ["max", "min"], "constraints": {PARAMS: {"le": 3.5e5}}, "stage": "joint"}
+    (tmp_path / "search.json").write_text(json.dumps({"job": job}))
+    files = write_report(tmp_path)
+    md = files["report"].read_text()
+    section = md[md.index("### Pareto front"):]
+    assert "constraints: student/params le 350000" in section
+    rows = [line.split("|")[1:3] for line in section.splitlines() if line.startswith("| ")][1:]  # after the header
+    assert [(k.strip(), t.strip()) for k, t in rows] == [("1", "a"), ("2", "c"), ("3", "b")]  # e is infeasible
+    assert files["search/digits/pareto"].read_bytes()[:4] == b"\x89PNG"

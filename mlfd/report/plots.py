@@ -13,8 +13,9 @@ from typing import Any
 
 import pandas as pd
 
-from mlfd.report.search import SearchInfo, order_trials
+from mlfd.report.search import SearchInfo, order_trials, pareto_flags
 from mlfd.report.tables import _ablation_keys, _datasets, _finite
+from mlfd.stages.pareto import front_order
 from mlfd.stages.results import SPLITS, aggregate_results, cell_stat
 from mlfd.store import atomic_write_bytes
 
@@ -267,9 +268,6 @@ def plot_pareto(study: pd.DataFrame, info: SearchInfo, name: str, path: Path) ->
     Returns:
         ``path``, or None when fewer than two objectives or no trial has both values.
     """
-    from mlfd.report.search import pareto_flags
-    from mlfd.stages.pareto import front_order
-
     if len(info.objectives) < 2:
         return None
     y_obj, x_obj = info.objectives[0], info.objectives[1]

@@ -675,7 +675,7 @@ def export_best(out: Path, study: str | None, dest: Path, pick: str | None = Non
     rows = df[df["study"] == study]
     if chosen is not None and chosen.pareto is not None and not job.multi_objective:
         raise SpecError(f"--pick {pick}: this search has one objective ({job.objective}), so no Pareto front; "
-                        f"pick by a condition such as '{job.objective}>=0.9', or leave --pick out for the best trial")
+                        "pick by conditions (e.g. 'student/params<=1e6'), or leave --pick out for the best trial")
     if chosen is not None:
         best = pick_row(rows, chosen, objectives(job.metrics, job.modes), job.constraints, study=study)
     else:
