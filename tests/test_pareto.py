@@ -275,6 +275,8 @@ def test_pareto_columns_and_an_independent_front(pareto_search: Search) -> None:
         assert col in df.columns, col
     assert df["best/student/params"].tolist() == [float(TIMM_PARAMS[a]) for a in df[ARCH]]
     assert (df["best/student/latency_ms"] > 0).all()
+    # The fusion-level condition holds with the architecture choice: beta_2 exists exactly when the level is 2.
+    assert (df["config/student.betas.2"].notna() == (df["config/fusion_level"].astype(int) == 2)).all(), df
     assert df["feasible"].tolist() == [TIMM_PARAMS[a] <= 3.0e5 for a in df[ARCH]]
     feasible = df[df["feasible"]]
     points = list(zip(feasible["best/val/acc1"], feasible["best/student/params"]))
