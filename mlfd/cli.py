@@ -108,14 +108,21 @@ def search_summary(df, out: Path) -> str:
     steps = [(f"mlfd report {o}", "report.md and plots"),
              *[(f"mlfd export {o} --study {s} --out best-{s}.yaml", "the best trial as a pipeline YAML")
                for s in studies],
-             *[(f"mlfd export {o} --study {s} --pick pareto:2 --out pareto2-{s}.yaml",
-                "the 2nd point of the Pareto front (1 = best first objective)") for s in studies
-               if "is_pareto" in df.columns],
+             *[(f"mlfd export {o} --study {s} --pick pareto:{n} --out pareto{n}-{s}.yaml",
+                f"point {n} of {n} on the Pareto front (1 = best first objective)")
+               for s, n in front_sizes(df).items() if n >= 2],
              (f"mlfd ui --out {o}", "the MLflow UI of this search")]
     width = max(len(c) for c, _ in steps)
     lines += [f"wrote {out / 'trials.parquet'} and {out / 'best'}/<study>.yaml", "next:",
               *[f"  {c:<{width}}  # {why}" for c, why in steps]]
     return "\n".join(lines)
+
+
+def front_sizes(df) -> dict:
+    """Study -> number of trials on its Pareto front (none for a single-objective search)."""
+    if "is_pareto" not in df.columns:
+        return {}
+    return {s: int(df.loc[df["study"] == s, "is_pareto"].astype(bool).sum()) for s in dict.fromkeys(df["study"])}
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

@@ -366,3 +366,24 @@ def test_report_of_a_search_without_the_columns_computes_the_front(tmp_path: Pat
     rows = [line.split("|")[1:3] for line in section.splitlines() if line.startswith("| ")][1:]  # after the header
     assert [(k.strip(), t.strip()) for k, t in rows] == [("1", "a"), ("2", "c"), ("3", "b")]  # e is infeasible
     assert files["search/digits/pareto"].read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_asha_stops_trials_on_the_first_objective(mlfd_cli, offline_store: Path, tmp_path: Path) -> None:
+    """The same job with ASHA (grace period 1): Ray's scheduler takes the first objective while Optuna's
+    multi-objective searcher gets both; the front is drawn from the trials that ran every epoch."""
+    out = tmp_path / "asha"
+    args = ["tune", str(PARETO_JOB), "--smoke", "--out", str(out), f"--set=store={offline_store}", *tiny(100),
+            "--set=scheduler.type=asha", "--set=scheduler.grace_period=1", "--set=seed=5"]
+    run = mlfd_cli(*args, timeout=900)
+    assert run.proc.returncode == 0, run.output[-5000:]
+    assert not run.cleanup(grace=30), "processes still alive after the search ended"
+    assert "mlfd tune: asha stops trials on the first objective (max val/acc1) only" in run.output
+    df = read_search(out, args).trials
+    assert len(df) == 4 and set(df["status"]) <= {"TERMINATED", "STOPPED"}, df
+    assert (df["epochs"] == 3).tolist() == (df["status"] == "TERMINATED").tolist()
+    assert (df["status"] == "TERMINATED").any() and df["is_pareto"].any()
+    full = df[(df["status"] == "TERMINATED") & df["feasible"]]
+    expected = dict(zip(full["trial_id"], brute_front(list(zip(full["best/val/acc1"], full["best/student/params"])),
+                                                      ["max", "min"])))
+    assert df["is_pareto"].tolist() == [expected.get(t, False) for t in df["trial_id"]]

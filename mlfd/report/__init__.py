@@ -143,7 +143,11 @@ def _search_section(trials: pd.DataFrame, info: SearchInfo, out: Path, files: di
         counts = study["status"].astype(str).value_counts()
         md += [f"## Search: study {name}", ""]
         summary = ", ".join(f"{counts[k]} {k}" for k in counts.index)
-        md.append(f"{len(study)} trials ({summary}); objective: {info.mode} {info.value_column}.")
+        objective = f"objective: {info.mode} {info.value_column}"
+        if len(info.objectives) > 1:
+            objective = (f"objectives: {', '.join(f'{o.mode} {o.column}' for o in info.objectives)} (the first ranks "
+                         f"the history, importances and top trials; the Pareto front below weighs them all)")
+        md.append(f"{len(study)} trials ({summary}); {objective}.")
         ok = study[study[info.value_column].map(_finite)]
         if len(ok):
             best = ok.loc[ok[info.value_column].idxmax() if info.mode == "max" else ok[info.value_column].idxmin()]
