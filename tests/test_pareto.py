@@ -220,7 +220,7 @@ PARETO_JOB = ROOT / "tune_jobs" / "students_pareto.yaml"
      "does not change; put a val/ metric first or set scheduler.type: none"),
 ])
 def test_bad_objectives_are_refused_in_one_line(overrides: list[str], message: str) -> None:
-    from mlfd.tune.job import load_job
+    from mlfd.search import load_job
 
     with pytest.raises(SpecError) as e:
         load_job(PARETO_JOB, overrides=overrides)
@@ -239,7 +239,7 @@ def test_refused_job_exits_2_before_ray(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_asha_on_a_val_metric_first_is_allowed() -> None:
-    from mlfd.tune.job import load_job
+    from mlfd.search import load_job
 
     job, _ = load_job(PARETO_JOB, overrides=["scheduler.type=asha"])
     assert (job.objective, job.objective_mode, job.multi_objective) == ("val/acc1", "max", True)
@@ -350,15 +350,16 @@ def test_export_picks_a_point_of_the_front_or_a_condition(pareto_search: Search,
 def test_report_of_a_search_without_the_columns_computes_the_front(tmp_path: Path) -> None:
     """A trials.parquet without is_pareto/feasible (written by hand, or by an older mlfd): the report computes them
     from search.json's objectives and constraints."""
-    import json
-
     from mlfd.report import write_report
+    from mlfd.search import SearchPlan, load_job
 
     df = trials([("a", "TERMINATED", 90.0, 3e5), ("b", "TERMINATED", 80.0, 1e5), ("c", "TERMINATED", 85.0, 2e5),
                  ("d", "TERMINATED", 70.0, 2.5e5), ("e", "TERMINATED", 95.0, 4e5)])
     df.to_parquet(tmp_path / "trials.parquet")
-    job = {"metric": [ACC, PARAMS], "mode": ["max", "min"], "constraints": {PARAMS: {"le": 3.5e5}}, "stage": "joint"}
-    (tmp_path / "search.json").write_text(json.dumps({"job": job}))
+    job, _ = load_job(PARETO_JOB, overrides=["constraints={student/params: {le: 3.5e+5}}"])
+    SearchPlan(job=job, pipeline={}, studies=["digits"], job_file=str(PARETO_JOB), pipeline_file="", space_file="",
+               storage_path=str(tmp_path / "ray"), store=str(tmp_path / "store"),
+               tracking_uri="sqlite:///unused.db").save(tmp_path)
     files = write_report(tmp_path)
     md = files["report"].read_text()
     section = md[md.index("### Pareto front"):]

@@ -1,14 +1,26 @@
-"""Tune job files (``tune_jobs/*.yaml``): what to search, how, where results go."""
+"""A search, as the user writes it and as ``mlfd tune`` prepared it.
+
+* :class:`JobSpec` is a tune job file (``tune_jobs/*.yaml``): what to search, how, where results go.
+* :class:`SearchPlan` is a prepared search: the validated job, the pipeline its trials start from, the resolved
+  paths. ``mlfd tune`` writes it to ``OUT/search.json`` before any trial runs; ``--resume``, tracking, ``mlfd report``
+  and ``mlfd export`` read it back from there.
+
+Both sit beside :mod:`mlfd.config` (layer 0): every layer that handles a search reads the same typed object.
+"""
 
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
-from mlfd.config import COST_METRICS, SEARCHED_STAGES, _check, apply_overrides, from_dict, is_number, read_yaml
+from mlfd.config import (COST_METRICS, SEARCHED_STAGES, PipelineSpec, _check, apply_overrides, from_dict, is_number,
+                         read_yaml, spec_hash, to_dict)
 from mlfd.errors import SpecError
+from mlfd.fileio import atomic_write_text
 
 STAGES = SEARCHED_STAGES
 
@@ -96,6 +108,10 @@ class JobSpec:
     """Overrides of this job's own fields for --smoke (e.g. num_samples); its ``set`` list overrides the pipeline's
     smoke variant (the same small-data variant as ``mlfd run --smoke``)."""
 
+    def gpu_fraction(self) -> float:
+        """The GPU fraction of one trial as written (``auto`` is resolved when the search is prepared: 0 here)."""
+        return 0.0 if self.resources.gpu == "auto" else float(self.resources.gpu)
+
     def validate(self, path: str) -> None:
         _check(self.num_samples >= 1, f"{path}.num_samples", f"must be >= 1, got {self.num_samples}")
         _check(self.max_concurrent_trials >= 1, f"{path}.max_concurrent_trials",
@@ -108,7 +124,6 @@ class JobSpec:
                    f"must be an absolute path, got {v!r}")
         self.scheduler.validate(f"{path}.scheduler")
         self.resources.validate(f"{path}.resources")
-
 
     # -- objectives and constraints ----------------------------------------------------------------------------------
 
@@ -211,4 +226,102 @@ def resolve(base: Path, p: str) -> Path:
     return q if q.is_absolute() else (base / q).resolve()
 
 
-__all__ = ["JobSpec", "SchedulerSpec", "ResourcesSpec", "STAGES", "load_job", "resolve", "SpecError"]
+SEARCH_FILE = "search.json"
+"""The prepared search in an output directory (``OUT/search.json``)."""
+
+
+@dataclass
+class SearchPlan:
+    """A prepared search: everything its studies and trials need, validated before any compute.
+
+    Written once to ``OUT/search.json`` (:meth:`save`) when the search claims its output directory, read back with
+    :meth:`load` by ``--resume`` (which compares :meth:`fingerprint`), tracking, ``mlfd report`` and ``mlfd export``.
+    """
+
+    job: JobSpec
+    """The validated job (with ``--smoke`` and ``--set`` applied)."""
+    pipeline: dict
+    """The pipeline mapping every trial starts from (job ``set`` and the smoke variant applied); a trial applies its
+    sampled values to it (``mlfd.tune.spaces.apply_config``). See :attr:`spec` for the parsed form."""
+    studies: list
+    """One entry per study: a dataset name, or None for a stage with a single study (joint, baselines)."""
+    job_file: str
+    pipeline_file: str
+    space_file: str
+    """Absolute paths of the job, pipeline and search-space files."""
+    storage_path: str
+    """Ray Tune's storage (absolute path or URI)."""
+    store: str
+    """The artifact store shared by every trial and study."""
+    tracking_uri: str
+    """MLflow tracking URI."""
+    smoke: bool = False
+    """Whether this is the ``--smoke`` variant."""
+    gpu: float = 0.0
+    """GPU fraction of one trial (the job's, or the one ``gpu: auto`` resolved to; see mlfd.tune.packing)."""
+
+    @cached_property
+    def spec(self) -> PipelineSpec:
+        """:attr:`pipeline` parsed (it was validated when the search was prepared)."""
+        return from_dict(PipelineSpec, self.pipeline, validate=False)
+
+    def study_key(self, study: str | None) -> str:
+        """A study's name in tables, tags and file names: the dataset, or the stage for a single study."""
+        return study or self.job.stage
+
+    def experiment_name(self, study: str | None) -> str:
+        """The study's Ray Tune experiment name (a folder of :attr:`storage_path`)."""
+        return f"{self.job.name}-{self.study_key(study)}"
+
+    def fingerprint(self) -> str:
+        """Hash of what makes two searches the same search (``--resume`` refuses a different one)."""
+        return spec_hash({"job": to_dict(self.job), "pipeline": self.pipeline, "studies": self.studies})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"job": to_dict(self.job), "job_file": self.job_file, "pipeline": self.pipeline,
+                "pipeline_file": self.pipeline_file, "space_file": self.space_file, "studies": list(self.studies),
+                "storage_path": self.storage_path, "store": self.store, "tracking_uri": self.tracking_uri,
+                "smoke": self.smoke, "gpu": self.gpu}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], path: str = SEARCH_FILE) -> "SearchPlan":
+        """The plan a :meth:`to_dict` mapping describes; SpecError naming a missing or invalid field."""
+        missing = [k for k in ("job", "pipeline", "studies", "job_file", "pipeline_file", "space_file",
+                               "storage_path", "store", "tracking_uri") if k not in data]
+        if missing:
+            raise SpecError(f"{path}: not a search plan written by mlfd tune (missing {', '.join(missing)})")
+        job = from_dict(JobSpec, data["job"], path=f"{path}: job")
+        return cls(job=job, pipeline=data["pipeline"], studies=list(data["studies"]), job_file=data["job_file"],
+                   pipeline_file=data["pipeline_file"], space_file=data["space_file"],
+                   storage_path=data["storage_path"], store=data["store"], tracking_uri=data["tracking_uri"],
+                   smoke=bool(data.get("smoke", False)), gpu=float(data.get("gpu", job.gpu_fraction())))
+
+    def save(self, out: Path) -> Path:
+        """Write ``OUT/search.json`` (atomically), with the fingerprint ``--resume`` compares."""
+        f = Path(out) / SEARCH_FILE
+        atomic_write_text(f, json.dumps({**self.to_dict(), "fingerprint": self.fingerprint()}, indent=1, default=str))
+        return f
+
+    @classmethod
+    def load(cls, out: Path) -> "SearchPlan":
+        """The plan of the search in ``out``; SpecError when there is none or it is unreadable."""
+        f = Path(out) / SEARCH_FILE
+        if not f.is_file():
+            raise SpecError(f"{out}: no search here ({SEARCH_FILE} missing; `mlfd tune JOB --out {out}` writes it)")
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            raise SpecError(f"{f}: not readable JSON ({e})") from None
+        return cls.from_dict(data, str(f))
+
+    @staticmethod
+    def saved_fingerprint(out: Path) -> str | None:
+        """The fingerprint recorded in ``OUT/search.json`` (None when absent)."""
+        try:
+            return json.loads((Path(out) / SEARCH_FILE).read_text()).get("fingerprint")
+        except (OSError, ValueError):
+            return None
+
+
+__all__ = ["JobSpec", "SchedulerSpec", "ResourcesSpec", "SearchPlan", "SEARCH_FILE", "STAGES", "load_job", "resolve",
+           "SpecError"]
