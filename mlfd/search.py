@@ -144,10 +144,12 @@ class JobSpec:
 
     @property
     def objective_mode(self) -> str:
+        """The primary objective's mode."""
         return self.modes[0]
 
     @property
     def multi_objective(self) -> bool:
+        """Whether the search has several objectives (a Pareto front)."""
         return len(self.metrics) > 1
 
     @property

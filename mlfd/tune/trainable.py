@@ -13,8 +13,12 @@ from __future__ import annotations
 import gc
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mlfd.config import PipelineSpec, SpecError, from_dict
+
+if TYPE_CHECKING:
+    from mlfd.stages.common import Context
 
 STATE_FILE = "state.pt"
 
@@ -58,7 +62,7 @@ LATENCY_KEY = "latency_batch_size"
 """Context key: the batch size a students trial measures its student's latency at (absent: no latency)."""
 
 
-def trial_cost(ctx, stage: str, study: str | None, latency_batch_size: int | None) -> dict:
+def trial_cost(ctx: Context, stage: str, study: str | None, latency_batch_size: int | None) -> dict:
     """The cost metrics a trial reports with every epoch: a students trial's ``student/params`` (and
     ``student/latency_ms`` at ``latency_batch_size``); none for other stages."""
     from mlfd.stages.cost import student_cost
