@@ -108,7 +108,9 @@ def search_summary(df, out: Path) -> str:
     import shlex
 
     metric = next((c for c in df.columns if c.startswith("best/")), None)
-    cols = [c for c in ("study", "trial_index", "trial_id", "status", "epochs", metric, "error") if c in df.columns]
+    costs = [c for c in df.columns if c.startswith("best/student/")]  # a students search: what each student costs
+    cols = [c for c in ("study", "trial_index", "trial_id", "status", "epochs", metric, *costs, "feasible", "is_pareto",
+                        "error") if c in df.columns]
     lines = []
     if len(df):
         table = df[cols].copy()
@@ -129,6 +131,9 @@ def search_summary(df, out: Path) -> str:
     steps = [(f"mlfd report {o}", "report.md and plots"),
              *[(f"mlfd export {o} --study {s} --out best-{s}.yaml", "the best trial as a pipeline YAML")
                for s in studies],
+             *[(f"mlfd export {o} --study {s} --pick pareto:{n} --out pareto{n}-{s}.yaml",
+                f"point {n} of {n} on the Pareto front (1 = best first objective)")
+               for s, n in front_sizes(df).items() if n >= 2],
              (f"mlfd ui --out {o}", "the MLflow UI of this search")]
     width = max(len(c) for c, _ in steps)
     lines += [f"wrote {out / 'trials.parquet'} and {out / 'best'}/<study>.yaml", "next:",
@@ -136,10 +141,17 @@ def search_summary(df, out: Path) -> str:
     return "\n".join(lines)
 
 
+def front_sizes(df) -> dict:
+    """Study -> number of trials on its Pareto front (none for a single-objective search)."""
+    if "is_pareto" not in df.columns:
+        return {}
+    return {s: int(df.loc[df["study"] == s, "is_pareto"].astype(bool).sum()) for s in dict.fromkeys(df["study"])}
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from mlfd.tune.launch import export_best
 
-    path = export_best(Path(args.dir), args.study, Path(args.out))
+    path = export_best(Path(args.dir), args.study, Path(args.out), pick=args.pick)
     print(f"wrote {path}")
     return 0
 
@@ -297,6 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("dir", help="search output directory")
     e.add_argument("--study", default=None, help="study (dataset) to export; default: the first")
     e.add_argument("--out", default="best.yaml", help="destination YAML (default: best.yaml)")
+    e.add_argument("--pick", default=None, metavar="WHICH",
+                   help="export another trial than the best: pareto:K, the K-th point of a multi-objective study's "
+                        "Pareto front (K=1: best first objective; the order of mlfd report's table), or conditions "
+                        "such as 'student/params<=1e6' (joined with ','; ops <=, >=, <, >): the best first objective "
+                        "among the trials that meet them")
     e.set_defaults(func=_cmd_export)
 
     _add_plan_parser(sub)

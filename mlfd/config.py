@@ -28,6 +28,8 @@ MAX_LEVEL = 4
 
 SEARCHED_STAGES = ("students", "joint", "teachers", "multi_head", "joint_head")
 """The stages a tune job can search (``JobSpec.stage``; what a trial of each trains: ``mlfd.stages.trial``)."""
+COST_METRICS = ("student/params", "student/latency_ms")
+"""Metrics a ``students`` trial reports besides val/ and train/: what its deployed student costs (mlfd.stages.cost)."""
 
 NameCheck = Callable[[str, str], None]
 """``check(value, dotted_path)``: raises :class:`SpecError` when ``value`` is not a name its registry knows."""

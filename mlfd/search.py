@@ -17,8 +17,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from mlfd.config import (SEARCHED_STAGES, PipelineSpec, _check, apply_overrides, from_dict, read_yaml, spec_hash,
-                         to_dict)
+from mlfd.config import (COST_METRICS, SEARCHED_STAGES, PipelineSpec, _check, apply_overrides, from_dict, is_number,
+                         read_yaml, spec_hash, to_dict)
 from mlfd.errors import SpecError
 from mlfd.fileio import atomic_write_text
 
@@ -70,8 +70,18 @@ class JobSpec:
     stage: Literal["students", "joint", "teachers", "multi_head", "joint_head"] = "students"
     studies: Optional[list] = None
     """Datasets to run one study each for (students/teachers; default all). joint/baselines have one study."""
-    metric: str = "val/acc1"
-    mode: Literal["max", "min"] = "max"
+    metric: Union[str, list] = "val/acc1"
+    """The metric to optimize (val/acc1, val/loss, ...), or a list of them for a multi-objective search, e.g.
+    ``[val/acc1, student/params]``: the first is the primary objective (the scheduler, the best trial, the live view);
+    a students search may also name its student's cost, ``student/params`` or ``student/latency_ms``."""
+    mode: Union[str, list] = "max"
+    """``max`` or ``min``, or a list with one per metric."""
+    constraints: dict = field(default_factory=dict)
+    """Bounds on reported metrics, ``{metric: {le: bound}}`` or ``{ge: bound}``, e.g. ``student/params: {le: 2.0e6}``:
+    told to Optuna as constraints (infeasible trials rank last), a ``feasible`` column in trials.parquet."""
+    latency_batch_size: Optional[int] = None
+    """The batch size ``student/latency_ms`` is measured at, on the trial's device; required when the metric or a
+    constraint names it."""
     num_samples: int = 8
     """Trials per study."""
     seed: int = 0
@@ -107,14 +117,88 @@ class JobSpec:
         _check(self.max_concurrent_trials >= 1, f"{path}.max_concurrent_trials",
                f"must be >= 1, got {self.max_concurrent_trials}")
         _check(self.max_failures >= 0, f"{path}.max_failures", f"must be >= 0, got {self.max_failures}")
-        _check(self.metric.startswith(("val/", "train/")), f"{path}.metric",
-               f"must be a reported metric such as val/acc1, val/acc5, val/loss; got {self.metric!r}")
+        self._validate_objectives(path)
         for k in ("storage_path", "store"):
             v = getattr(self, k)
             _check(v is None or Path(v).is_absolute() or "://" in v, f"{path}.{k}",
                    f"must be an absolute path, got {v!r}")
         self.scheduler.validate(f"{path}.scheduler")
         self.resources.validate(f"{path}.resources")
+
+    # -- objectives and constraints ----------------------------------------------------------------------------------
+
+    @property
+    def metrics(self) -> list[str]:
+        """The objectives' metrics (one for a single-objective search)."""
+        return [self.metric] if isinstance(self.metric, str) else list(self.metric)
+
+    @property
+    def modes(self) -> list[str]:
+        """One mode per metric."""
+        return [self.mode] if isinstance(self.mode, str) else list(self.mode)
+
+    @property
+    def objective(self) -> str:
+        """The primary (first) objective's metric: what the scheduler, the best trial and the live view use."""
+        return self.metrics[0]
+
+    @property
+    def objective_mode(self) -> str:
+        """The primary objective's mode."""
+        return self.modes[0]
+
+    @property
+    def multi_objective(self) -> bool:
+        """Whether the search has several objectives (a Pareto front)."""
+        return len(self.metrics) > 1
+
+    @property
+    def cost_metrics(self) -> list[str]:
+        """The student costs its trials report: ``student/params`` (students searches), and ``student/latency_ms``
+        when ``latency_batch_size`` is set."""
+        if self.stage != "students":
+            return []
+        return [COST_METRICS[0]] + ([COST_METRICS[1]] if self.latency_batch_size else [])
+
+    def _check_metric(self, name, at: str, path: str) -> None:
+        cost = ", ".join(COST_METRICS)
+        _check(isinstance(name, str) and (name.startswith(("val/", "train/")) or name in COST_METRICS), at,
+               f"must be a reported metric such as val/acc1, val/acc5, val/loss, or a student cost ({cost}); "
+               f"got {name!r}")
+        _check(name not in COST_METRICS or self.stage == "students", at,
+               f"{name} is reported by students trials only; this job's stage is {self.stage}")
+        _check(name != COST_METRICS[1] or self.latency_batch_size is not None, f"{path}.latency_batch_size",
+               f"required when {name} is an objective or a constraint: the batch size latency is measured at")
+
+    def _validate_objectives(self, path: str) -> None:
+        metrics, modes = self.metric, self.mode
+        for k, v in (("metric", metrics), ("mode", modes)):
+            _check(isinstance(v, str) or (isinstance(v, list) and v), f"{path}.{k}",
+                   f"expected a string or a non-empty list, got {v!r}")
+        _check(len(self.metrics) == len(self.modes), f"{path}.mode",
+               f"needs one mode per metric: {len(self.metrics)} metrics {self.metrics}, {len(self.modes)} modes "
+               f"{self.modes}")
+        _check(len(set(map(str, self.metrics))) == len(self.metrics), f"{path}.metric",
+               f"names a metric twice: {self.metrics}")
+        for i, m in enumerate(self.modes):
+            _check(m in ("max", "min"), f"{path}.mode" + (f"[{i}]" if isinstance(modes, list) else ""),
+                   f"must be max or min, got {m!r}")
+        _check(self.latency_batch_size is None or (isinstance(self.latency_batch_size, int) and
+                                                   self.latency_batch_size >= 1),
+               f"{path}.latency_batch_size", f"must be an integer >= 1, got {self.latency_batch_size!r}")
+        for i, m in enumerate(self.metrics):
+            self._check_metric(m, f"{path}.metric" + (f"[{i}]" if isinstance(metrics, list) else ""), path)
+        for m, bounds in self.constraints.items():
+            at = f"{path}.constraints.{m}"
+            self._check_metric(m, at, path)
+            _check(isinstance(bounds, dict) and bounds, at, f"expected {{le: bound}} or {{ge: bound}}, got {bounds!r}")
+            for op, b in bounds.items():
+                _check(op in ("le", "ge"), f"{at}.{op}", "unknown bound; allowed: le, ge")
+                _check(is_number(b), f"{at}.{op}", f"expected a number, got {b!r}")
+        first = self.objective
+        _check(self.scheduler.type == "none" or first not in COST_METRICS, f"{path}.scheduler.type",
+               f"{self.scheduler.type} stops trials on the first objective, {first}, which training does not "
+               f"change; put a val/ metric first or set scheduler.type: none")
 
 
 def load_job(path: str | Path, smoke: bool = False, overrides: list[str] | None = None) -> tuple[JobSpec, Path]:

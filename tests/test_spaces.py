@@ -61,8 +61,10 @@ def test_space_loads_and_samples_valid_pipelines(path: Path, pipeline: dict) -> 
         for name, value in config.items():
             if name == "fusion_level" or name.startswith("student.betas."):
                 continue
-            obj = spec
-            for part in name.split("."):
+            obj, parts = spec, name.split(".")
+            if parts[0] == "datasets":  # datasets.<dataset name>.<field...>
+                obj, parts = spec.dataset(parts[1]), parts[2:]
+            for part in parts:
                 obj = getattr(obj, part)
             assert obj == value, name
 

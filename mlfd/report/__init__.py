@@ -30,10 +30,10 @@ import pandas as pd
 
 from mlfd.errors import SpecError
 from mlfd.report.plots import (CURVE_METRIC, plot_ablation, plot_dataset_curves, plot_history, plot_importances,
-                               plot_joint_teacher_curves)
+                               plot_joint_teacher_curves, plot_pareto)
 from mlfd.report.price import price_section
 from mlfd.report.search import (SEARCH_FILE, TOP_TRIALS, TRIALS_FILE, SearchInfo, order_trials, param_importances,
-                                read_search_info, study_summary, summary_table, top_trials_table)
+                                pareto_table, read_search_info, study_summary, summary_table, top_trials_table)
 from mlfd.report.tables import _datasets, _finite, _md_table, ablation_table, delta_table
 from mlfd.stages.results import PM, aggregate_results, results_table
 from mlfd.store import atomic_write_text
@@ -144,7 +144,11 @@ def _search_section(trials: pd.DataFrame, info: SearchInfo, out: Path, files: di
         counts = study["status"].astype(str).value_counts()
         md += [f"## Search: study {name}", ""]
         summary = ", ".join(f"{counts[k]} {k}" for k in counts.index)
-        md.append(f"{len(study)} trials ({summary}); objective: {info.mode} {info.value_column}.")
+        objective = f"objective: {info.mode} {info.value_column}"
+        if len(info.objectives) > 1:
+            objective = (f"objectives: {', '.join(f'{o.mode} {o.column}' for o in info.objectives)} (the first ranks "
+                         f"the history, importances and top trials; the Pareto front below weighs them all)")
+        md.append(f"{len(study)} trials ({summary}); {objective}.")
         ok = study[study[info.value_column].map(_finite)]
         if len(ok):
             best = ok.loc[ok[info.value_column].idxmax() if info.mode == "max" else ok[info.value_column].idxmin()]
@@ -171,6 +175,26 @@ def _search_section(trials: pd.DataFrame, info: SearchInfo, out: Path, files: di
             md += [f"Importances {note}.", ""]
         md += [f"### Top {min(TOP_TRIALS, len(study))} trials by {info.value_column}", "",
                top_trials_table(study, info), ""]
+        md += _pareto_section(study, info, name, out, files)
+    return md
+
+
+def _pareto_section(study: pd.DataFrame, info: SearchInfo, name: str, out: Path, files: dict[str, Path]) -> list[str]:
+    """A multi-objective study's Pareto front: table (in ``--pick pareto:K`` order) and trade-off plot."""
+    if len(info.objectives) < 2:
+        return []
+    objs = ", ".join(f"{o.mode} {o.metric}" for o in info.objectives)
+    cons = "; ".join(f"{m} {op} {b:g}" for m, bounds in info.constraints.items() for op, b in bounds.items())
+    md = ["### Pareto front", "",
+          f"Objectives: {objs}{f'; constraints: {cons}' if cons else ''}. The front: trials no other trial beats on "
+          "every objective, among the trials that ran every epoch (all trials that did not fail, if none did)"
+          f"{' and meet the constraints' if cons else ''}. K orders it by the first objective, best first: "
+          "`mlfd export DIR --study S --pick pareto:K` exports that point.", "",
+          pareto_table(study, info), ""]
+    png = plot_pareto(study, info, name, out / f"search_{_slug(name)}_pareto.png")
+    if png:
+        files[f"search/{name}/pareto"] = png
+        md += [f"![pareto {name}]({png.name})", ""]
     return md
 
 
@@ -184,7 +208,8 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> dict[str, Path]:
 
     Returns:
         Name -> file written: ``report`` (report.md), ``ablation``, ``curves/<dataset>``, ``curves/joint_teachers``,
-        ``search/<study>/history``, ``search/<study>/importances`` (only those that were produced).
+        ``search/<study>/history``, ``search/<study>/importances``, ``search/<study>/pareto`` (multi-objective
+        searches) (only those that were produced).
 
     Raises:
         SpecError: ``run_dir`` is missing or holds none of the known inputs, or an input file is malformed.

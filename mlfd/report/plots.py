@@ -13,8 +13,9 @@ from typing import Any
 
 import pandas as pd
 
-from mlfd.report.search import SearchInfo, order_trials
+from mlfd.report.search import SearchInfo, order_trials, pareto_flags
 from mlfd.report.tables import _ablation_keys, _datasets, _finite
+from mlfd.stages.pareto import front_order
 from mlfd.stages.results import SPLITS, aggregate_results, cell_stat
 from mlfd.store import atomic_write_bytes
 
@@ -251,4 +252,60 @@ def plot_importances(imp: dict[str, float], name: str, path: Path) -> Path:
     ax.set_xlabel("importance (normalized)")
     ax.set_title(f"Study {name}: parameter importances")
     ax.grid(axis="x", alpha=0.3)
+    return _save_figure(fig, path)
+
+
+def plot_pareto(study: pd.DataFrame, info: SearchInfo, name: str, path: Path) -> Path | None:
+    """The trade-off of a multi-objective study: every trial by its first two objectives (x: the second, y: the
+    first), the Pareto front joined in order, infeasible trials (job constraints) crossed, stopped ones hollow.
+
+    Args:
+        study: trials.parquet rows of one study.
+        info: The search objectives (``info.objectives``: two or more).
+        name: Study name (title).
+        path: Destination PNG.
+
+    Returns:
+        ``path``, or None when fewer than two objectives or no trial has both values.
+    """
+    if len(info.objectives) < 2:
+        return None
+    y_obj, x_obj = info.objectives[0], info.objectives[1]
+    if x_obj.column not in study.columns or y_obj.column not in study.columns:
+        return None
+    s = study.copy()
+    s["_x"] = pd.to_numeric(s[x_obj.column], errors="coerce")
+    s["_y"] = pd.to_numeric(s[y_obj.column], errors="coerce")
+    s["_pareto"], s["_feasible"] = pareto_flags(study, info)
+    s = s[s["_x"].map(_finite) & s["_y"].map(_finite) & (s["status"].astype(str) != "ERROR")]
+    if not len(s):
+        return None
+    fig = _figure(6.4, 4.4)
+    ax = fig.subplots()
+    full = s["status"].astype(str) == "TERMINATED"
+    groups = [(full & s["_feasible"], dict(color="tab:blue"), "trial"),
+              (~full & s["_feasible"], dict(facecolors="none", edgecolors="tab:blue"), "stopped early (scheduler)"),
+              (~s["_feasible"], dict(color="tab:gray", marker="x"), "infeasible (constraints)")]
+    for mask, style, label in groups:
+        if mask.any():
+            ax.scatter(s.loc[mask, "_x"], s.loc[mask, "_y"], s=26, zorder=3, label=f"{label} ({int(mask.sum())})",
+                       **style)
+    front = s[s["_pareto"]].sort_values("_x")
+    if len(front):
+        ax.step(front["_x"], front["_y"], where="post", color="tab:red", alpha=0.6, zorder=2)
+        ax.scatter(front["_x"], front["_y"], s=60, color="tab:red", zorder=4, label=f"Pareto front ({len(front)})")
+        ranked = front_order(s[s["_pareto"]], info.objectives)
+        for k, (_, r) in enumerate(ranked.iterrows()):
+            ax.annotate(f"pareto:{k + 1}", (r["_x"], r["_y"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    for metric, bounds in info.constraints.items():
+        for op, bound in bounds.items():
+            if metric == x_obj.metric:
+                ax.axvline(float(bound), color="tab:gray", linestyle="--", alpha=0.6)
+            elif metric == y_obj.metric:
+                ax.axhline(float(bound), color="tab:gray", linestyle="--", alpha=0.6)
+    ax.set_xlabel(f"{x_obj.column} ({x_obj.mode})")
+    ax.set_ylabel(f"{y_obj.column} ({y_obj.mode})")
+    ax.set_title(f"Study {name}: trade-off and Pareto front")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     return _save_figure(fig, path)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from mlfd.config import PipelineSpec, from_dict
 from mlfd.errors import SpecError
 from mlfd.report.tables import _finite, _md_table
 from mlfd.search import SEARCH_FILE, SearchPlan
+from mlfd.stages.pareto import feasible_mask, front_order, objectives, pareto_mask
 
 TRIALS_FILE = "trials.parquet"
 TOP_TRIALS = 10
@@ -44,12 +45,16 @@ class SearchInfo:
         mode: ``max`` or ``min``.
         value_column: The trials.parquet column holding each trial's value (``best/<metric>`` if present).
         space_file: The search-space YAML the job used, if recorded.
+        objectives: Every objective of a multi-objective search (first = ``metric``); empty for one objective.
+        constraints: The job's ``constraints`` ({metric: {le|ge: bound}}).
     """
 
     metric: str
     mode: str
     value_column: str
     space_file: str | None
+    objectives: list = field(default_factory=list)
+    constraints: dict = field(default_factory=dict)
 
 
 def read_search_info(run_dir: Path, trials: pd.DataFrame) -> SearchInfo:
@@ -58,16 +63,18 @@ def read_search_info(run_dir: Path, trials: pd.DataFrame) -> SearchInfo:
     Raises:
         SpecError: ``search.json`` is unreadable or names an invalid mode, or no metric column exists.
     """
-    metric, mode, space_file = None, "max", None
+    metric, mode, space_file, objs, constraints = None, "max", None, [], {}
     if (run_dir / SEARCH_FILE).is_file():
         plan = SearchPlan.load(run_dir)
-        metric, mode, space_file = plan.job.metric, plan.job.mode, plan.space_file
+        job = plan.job
+        metric, mode, space_file, constraints = job.objective, job.objective_mode, plan.space_file, dict(job.constraints)
+        objs = objectives(job.metrics, job.modes) if job.multi_objective else []
     candidates = [f"best/{metric}", f"final/{metric}"] if metric else []
     candidates += [c for c in trials.columns if c.startswith(("best/", "final/"))]
     for col in candidates:
         if col in trials.columns:
             return SearchInfo(metric=metric or col.split("/", 1)[1], mode=mode, value_column=col,
-                              space_file=space_file)
+                              space_file=space_file, objectives=objs, constraints=constraints)
     raise SpecError(f"{run_dir / TRIALS_FILE}: no metric column; expected best/<metric> or final/<metric>"
                     f"{f' for metric {metric}' if metric else ''}")
 
@@ -206,7 +213,7 @@ def study_summary(search_dir: Path) -> pd.DataFrame:
             tctx = Context(spec=spec, store=store, progress=False)
             level = spec.fusion_levels[0]
             art = StageTrial(tctx, "students", study).artifact()
-            m = _metrics(art) if art is not None else {"val/acc1": float(r[f"best/{job.metric}"]),
+            m = _metrics(art) if art is not None else {"val/acc1": float(r[f"best/{job.objective}"]),
                                                        "val/acc5": math.nan, "test/acc1": math.nan,
                                                        "test/acc5": math.nan}
             return {"study": study, "row": label, "trial_id": r["trial_id"], "fusion_level": level, **m}
@@ -215,7 +222,7 @@ def study_summary(search_dir: Path) -> pd.DataFrame:
             match = [r for _, r in st.iterrows() if _same(trial_config(r), point)]
             if match:
                 rows.append(trial_row("reference" if i == 0 else f"reference {i + 1}", match[0]))
-        best = best_row(st, job.metric, job.mode)
+        best = best_row(st, job.objective, job.objective_mode)
         if best is not None:
             rows.append(trial_row("best trial", best))
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
@@ -230,3 +237,33 @@ def summary_table(df: pd.DataFrame) -> str:
         cells = [f"{r[k]:.2f}" if not pd.isna(r[k]) else "n/a" for k in SUMMARY_COLUMNS[4:]]
         lines.append(f"| {r['study']} | {r['row']} | {r['trial_id'] or '-'} | {lvl} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Multi-objective searches: the Pareto front
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def pareto_flags(study: pd.DataFrame, info: SearchInfo) -> tuple[pd.Series, pd.Series]:
+    """``(is_pareto, feasible)`` of one study's rows: the trials.parquet columns when written (by ``mlfd tune``),
+    else computed (:mod:`mlfd.stages.pareto`)."""
+    pareto = (study["is_pareto"].astype(bool) if "is_pareto" in study.columns
+              else pareto_mask(study, info.objectives, info.constraints))
+    if "feasible" in study.columns:
+        feasible = study["feasible"].astype(bool)
+    else:
+        feasible = feasible_mask(study, info.constraints) if info.constraints else pd.Series(True, index=study.index)
+    return pareto, feasible
+
+
+def pareto_table(study: pd.DataFrame, info: SearchInfo) -> str:
+    """Markdown: the study's Pareto front in ``mlfd export --pick pareto:K`` order (K = the first column)."""
+    pareto, _ = pareto_flags(study, info)
+    front = front_order(study[pareto], info.objectives)
+    obj_cols = [o.column for o in info.objectives]
+    extra = [c for c in ("best/student/params", "best/student/latency_ms") if c in front.columns and c not in obj_cols]
+    cfg = [c for c in _config_columns(front) if front[c].map(_decode).notna().any()]
+    cols = ["trial_id", "status"] + obj_cols + extra + cfg
+    header = ["K"] + [c[len("config/"):] if c.startswith("config/") else c for c in cols]
+    rows = [[str(k + 1)] + [_fmt_value(r[c]) for c in cols] for k, (_, r) in enumerate(front.iterrows())]
+    return _md_table(header, rows)

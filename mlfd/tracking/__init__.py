@@ -15,8 +15,9 @@ from mlfd.tracking.client import (PENDING_PREFIX, TAG_DATASET, TAG_LEVEL, TAG_NO
                                   TAG_STAGE, TAG_STUDY, TAG_TRIAL, Tracker, default_uri, flatten)
 from mlfd.tracking.pipeline import PipelineTracking
 from mlfd.tracking.redaction import redact, redact_text, safe_uri
-from mlfd.tracking.search import STATE_FILE, SearchTracking, best_artifact, log_best_model, trial_error
+from mlfd.tracking.search import STATE_FILE, TAG_PARETO, SearchTracking, best_artifact, log_best_model, trial_error
 
-__all__ = ["PENDING_PREFIX", "STATE_FILE", "TAG_DATASET", "TAG_LEVEL", "TAG_NODE", "TAG_PARENT", "TAG_ROLE", "TAG_SEED",
-           "TAG_STAGE", "TAG_STUDY", "TAG_TRIAL", "PipelineTracking", "SearchTracking", "Tracker", "best_artifact",
-           "default_uri", "flatten", "log_best_model", "redact", "redact_text", "safe_uri", "trial_error"]
+__all__ = ["PENDING_PREFIX", "STATE_FILE", "TAG_DATASET", "TAG_LEVEL", "TAG_NODE", "TAG_PARENT", "TAG_PARETO",
+           "TAG_ROLE", "TAG_SEED", "TAG_STAGE", "TAG_STUDY", "TAG_TRIAL", "PipelineTracking", "SearchTracking",
+           "Tracker", "best_artifact", "default_uri", "flatten", "log_best_model", "redact", "redact_text", "safe_uri",
+           "trial_error"]

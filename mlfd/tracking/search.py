@@ -12,12 +12,16 @@ from pathlib import Path
 
 from mlfd.config import to_dict
 from mlfd.search import SearchPlan
-from mlfd.tracking.client import PENDING_PREFIX, TAG_STAGE, TAG_STUDY, Tracker, _transient, flatten, git_commit
+from mlfd.tracking.client import (PENDING_PREFIX, TAG_PARENT, TAG_STAGE, TAG_STUDY, TAG_TRIAL, Tracker, _transient,
+                                  flatten, git_commit)
 from mlfd.tracking.redaction import redact_text
 
 _logger = logging.getLogger(__name__)
 
 STATE_FILE = "tracking.json"
+TAG_PARETO = "mlfd.pareto"
+"""Trial runs of a multi-objective search: ``true`` when the trial is on its study's Pareto front (set when the study
+ends)."""
 
 
 def _load_state(out: Path) -> dict:
@@ -141,9 +145,32 @@ class SearchTracking:
         trials = self.out / "trials.parquet"
         if trials.is_file():
             t.log_artifact(rid, trials)
+            self.tag_front(rid, key, trials)
         t.end_run(rid, "FINISHED")
         state.setdefault("finished", []).append(key)
         _save_state(self.out, state)
+
+    def tag_front(self, parent_id: str, key: str, trials: Path) -> None:
+        """Tag each trial run of study ``key`` with :data:`TAG_PARETO` (``true``/``false``, the ``is_pareto`` column of
+        trials.parquet: a multi-objective search), once the study has ended and its front is known."""
+        import pandas as pd
+
+        df = pd.read_parquet(trials)
+        rows = df[df["study"].astype(str) == key]
+        if "is_pareto" not in rows.columns:
+            return
+        t = self.tracker
+        parent = t.resolve_id(parent_id)
+        missing = []
+        for trial_id, on_front in zip(rows["trial_id"], rows["is_pareto"]):
+            run = t.find_run({TAG_PARENT: parent, TAG_TRIAL: str(trial_id)})
+            if run is None:
+                missing.append(str(trial_id))
+                continue
+            t.call("set_tag", run, TAG_PARETO, "true" if bool(on_front) else "false")
+        if missing:
+            _logger.warning("study %r: no MLflow run found for trials %s (tracking server away?): their %s tag is "
+                            "not set", key, ", ".join(missing), TAG_PARETO)
 
 
 def best_artifact(plan: SearchPlan, best_yaml: Path, study: str | None):

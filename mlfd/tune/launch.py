@@ -150,8 +150,10 @@ def trial_threads(job: JobSpec) -> int:
 
 def trial_context(plan: SearchPlan, study: str | None) -> dict:
     """What every trial of a study needs besides its sampled values (passed with tune.with_parameters)."""
+    from mlfd.tune.trainable import LATENCY_KEY
+
     return {"pipeline": plan.pipeline, "stage": plan.job.stage, "study": study, "store": plan.store,
-            "threads": trial_threads(plan.job), "gpu": plan.gpu}
+            "threads": trial_threads(plan.job), "gpu": plan.gpu, LATENCY_KEY: plan.job.latency_batch_size}
 
 
 def _tuner(plan: SearchPlan, study: str | None, index: int, callbacks: list, resume: bool, verbose: bool = False):
@@ -178,12 +180,13 @@ def _tuner(plan: SearchPlan, study: str | None, index: int, callbacks: list, res
         rewatch(tuner, callbacks)  # this command's watch, not the one pickled with the experiment
         return tuner
     space = load_space(plan.space_file)
-    searcher = make_searcher(space, job.metric, job.mode, seed=job.seed + index,
-                             points_to_evaluate=job.points_to_evaluate or None)
-    view = LiveView(study or job.stage, job.metric, job.mode, stage_epochs(spec, job.stage))
+    searcher = make_searcher(space, job.metrics, job.modes, seed=job.seed + index,
+                             points_to_evaluate=job.points_to_evaluate or None, constraints=job.constraints or None)
+    view = LiveView(study or job.stage, job.objective, job.objective_mode, stage_epochs(spec, job.stage))
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(metric=job.metric, mode=job.mode, search_alg=searcher,
+        # The scheduler (ASHA, HyperBand) stops trials on the first objective; the searcher sees them all.
+        tune_config=tune.TuneConfig(metric=job.objective, mode=job.objective_mode, search_alg=searcher,
                                     scheduler=_scheduler(job, stage_epochs(spec, job.stage)),
                                     num_samples=job.num_samples, max_concurrent_trials=job.max_concurrent_trials,
                                     reuse_actors=job.reuse_actors),
@@ -194,26 +197,56 @@ def _tuner(plan: SearchPlan, study: str | None, index: int, callbacks: list, res
     )
 
 
+def recorded_metrics(job: JobSpec) -> dict[str, str]:
+    """Metric -> direction of the ``best/<metric>`` and ``final/<metric>`` columns of trials.parquet: the objectives,
+    the metrics the constraints name, the student costs (mlfd.stages.pareto.metric_direction)."""
+    from mlfd.stages.pareto import metric_direction, objectives
+
+    objs = objectives(job.metrics, job.modes)
+    names = [*job.metrics, *job.constraints, *job.cost_metrics]
+    return {m: metric_direction(m, objs, job.constraints) for m in dict.fromkeys(names)}
+
+
 def trial_rows(results, study: str | None, job: JobSpec, max_epochs: int) -> list[dict]:
-    """One row per trial of a finished study."""
+    """One row per trial of a finished study; with several objectives, ``is_pareto`` (and with constraints,
+    ``feasible``) from mlfd.stages.pareto."""
     rows = []
     for r in results:
         cfg = dict(r.config or {})
         hist = r.metrics_dataframe
-        metric = job.metric
+        values = {}
+        for metric, direction in recorded_metrics(job).items():
+            col = hist[metric] if hist is not None and metric in hist else None
+            values[f"final/{metric}"] = (float(r.metrics[metric]) if r.metrics and metric in r.metrics
+                                         else float("nan"))
+            values[f"best/{metric}"] = (float("nan") if col is None or col.isna().all() else
+                                        float(col.max() if direction == "max" else col.min()))
         epochs = int(r.metrics.get("training_iteration", 0)) if r.metrics else 0
-        best = float(hist[metric].max()) if hist is not None and metric in hist else float("nan")
-        final = float(r.metrics[metric]) if r.metrics and metric in r.metrics else float("nan")
         if r.error is not None:
             status, error = "ERROR", f"{type(r.error).__name__}: {str(r.error).strip().splitlines()[-1][:300]}"
         else:
             status, error = ("TERMINATED" if epochs >= max_epochs else "STOPPED"), ""
         rows.append({"study": study or job.stage, "trial_id": str((r.metrics or {}).get("trial_id") or
                                                                   Path(r.path).name), "status": status,
-                     "epochs": epochs, f"final/{metric}": final, f"best/{metric}": best, "error": error,
+                     "epochs": epochs, **values, "error": error,
                      "path": r.path, "trial_index": trial_index(r), **trial_nodes(r), **trial_memory(r),
                      **{f"config/{k}": v for k, v in sorted(cfg.items())}})
-    return rows
+    return mark_front(rows, job)
+
+
+def mark_front(rows: list[dict], job: JobSpec) -> list[dict]:
+    """Add ``is_pareto`` (several objectives) and ``feasible`` (constraints) to one study's rows."""
+    from mlfd.stages.pareto import feasible_mask, objectives, pareto_mask
+
+    if not rows or not (job.multi_objective or job.constraints):
+        return rows
+    df = pd.DataFrame(rows)
+    if job.multi_objective:
+        df["is_pareto"] = pareto_mask(df, objectives(job.metrics, job.modes), job.constraints)
+    if job.constraints:
+        df["feasible"] = feasible_mask(df, job.constraints)
+    return [{**row, **{k: bool(df.at[i, k]) for k in ("is_pareto", "feasible") if k in df}}
+            for i, row in enumerate(rows)]
 
 
 def trial_nodes(result) -> dict:
@@ -349,6 +382,9 @@ def _run_search(job_path: str, out: Path, smoke: bool, resume: bool, address: st
         claimed()
         if price is not None:
             write_price(price, out / PRICE_FILE)
+        if job.multi_objective and job.scheduler.type != "none":
+            _logger.info("mlfd tune: %s stops trials on the first objective (%s %s) only", job.scheduler.type,
+                         job.objective_mode, job.objective)
         t0 = time.monotonic()
         if job.stage in ("students", "joint"):
             prebuild_teachers(plan)
@@ -372,7 +408,7 @@ def _run_search(job_path: str, out: Path, smoke: bool, resume: bool, address: st
             write_trials(out, rows)
             pause_point("results")
             best_yaml = None
-            if best_row(pd.DataFrame(study_rows), job.metric, job.mode) is not None:
+            if best_row(pd.DataFrame(study_rows), job.objective, job.objective_mode) is not None:
                 best_yaml = export_best(out, study or job.stage, out / "best" / f"{study or job.stage}.yaml")
             if tracking:
                 tracking.finish_study(plan, study, best_yaml)
@@ -627,11 +663,14 @@ def write_trials(out: Path, rows: list[dict]) -> None:
 
 
 def best_row(df: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
-    """The best trial of a study: among trials that ran every epoch (reproducible by a rerun) if any, else all."""
+    """The best trial of a study: among trials that ran every epoch (reproducible by a rerun) if any, else all;
+    among those, feasible ones first (a ``feasible`` column: the job has constraints)."""
     col = f"best/{metric}"
     ok = df[df["status"] != "ERROR"].dropna(subset=[col]) if len(df) else df
     if not len(ok):
         return None
+    if "feasible" in ok.columns and ok["feasible"].astype(bool).any():
+        ok = ok[ok["feasible"].astype(bool)]
     full = ok[ok["status"] == "TERMINATED"]
     pool = full if len(full) else ok
     return pool.loc[pool[col].idxmax() if mode == "max" else pool[col].idxmin()]
@@ -655,10 +694,13 @@ def trial_config(row: pd.Series) -> dict:
             if k.startswith("config/") and config_cell(v) is not None}
 
 
-def export_best(out: Path, study: str | None, dest: Path) -> Path:
-    """Write the best trial of ``study`` in search ``out`` as a standalone pipeline YAML and return its path."""
+def export_best(out: Path, study: str | None, dest: Path, pick: str | None = None) -> Path:
+    """Write the best trial of ``study`` in search ``out`` (or the one ``pick`` names: ``pareto:K``, or conditions
+    such as ``student/params<=1e6``; see mlfd.stages.pareto) as a standalone pipeline YAML and return its path."""
+    from mlfd.stages.pareto import objectives, parse_pick, pick_row
     from mlfd.tune.spaces import apply_config
 
+    chosen = parse_pick(pick) if pick is not None else None  # a bad --pick fails before anything is read
     out = Path(out)
     if not (out / SEARCH_FILE).is_file() or not (out / "trials.parquet").is_file():
         raise SpecError(f"{out}: no finished search here ({SEARCH_FILE} and trials.parquet are needed)")
@@ -669,7 +711,14 @@ def export_best(out: Path, study: str | None, dest: Path) -> Path:
     study = study or studies[0]
     if study not in studies:
         raise SpecError(f"--study: unknown study {study!r}; allowed: {studies}")
-    best = best_row(df[df["study"] == study], job.metric, job.mode)
+    rows = df[df["study"] == study]
+    if chosen is not None and chosen.pareto is not None and not job.multi_objective:
+        raise SpecError(f"--pick {pick}: this search has one objective ({job.objective}), so no Pareto front; "
+                        "pick by conditions (e.g. 'student/params<=1e6'), or leave --pick out for the best trial")
+    if chosen is not None:
+        best = pick_row(rows, chosen, objectives(job.metrics, job.modes), job.constraints, study=study)
+    else:
+        best = best_row(rows, job.objective, job.objective_mode)
     if best is None:
         raise SpecError(f"{out}: study {study!r} has no successful trial to export")
     config = trial_config(best)
@@ -684,8 +733,10 @@ def export_best(out: Path, study: str | None, dest: Path) -> Path:
     retried = (f"# the trial ran out of memory and was retried with micro-batch {int(best['micro_batch_size'])} x "
                f"{int(best['accum_steps'])} accumulation steps; so does this pipeline\n"
                if retries is not None and not pd.isna(retries) and int(retries) > 0 else "")
-    header = (f"# Best trial {best['trial_id']} of study {study!r} ({job.stage}) from {out}\n"
-              f"# {job.metric} = {best[f'best/{job.metric}']:.4f} (best epoch, val); sampled: {json.dumps(config)}\n"
+    what = f"Trial {best['trial_id']} (--pick {pick})" if pick is not None else f"Best trial {best['trial_id']}"
+    values = ", ".join(f"{m} = {best[f'best/{m}']:.6g}" for m in recorded_metrics(job) if f"best/{m}" in best)
+    header = (f"# {what} of study {study!r} ({job.stage}) from {out}\n"
+              f"# {values} (best epoch, val); sampled: {json.dumps(config)}\n"
               f"{retried}"
               # CPU kernels split reductions by thread count; a trial ran with resources.cpu torch threads.
               f"# the same numbers on CPU: OMP_NUM_THREADS={trial_threads(job)} mlfd run {Path(dest).name}\n")

@@ -16,7 +16,7 @@ from mlfd.search import SearchPlan
 from mlfd.tracking import (TAG_DATASET, TAG_LEVEL, TAG_NODE, TAG_PARENT, TAG_STAGE, TAG_STUDY, TAG_TRIAL,
                            SearchTracking, Tracker, flatten, trial_error)
 
-LOGGED_PREFIXES = ("val/", "train/")
+LOGGED_PREFIXES = ("val/", "train/", "student/")  # student/: its costs (params, latency)
 
 
 class TrialRuns(LoggerCallback):

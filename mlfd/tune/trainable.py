@@ -14,9 +14,12 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from mlfd.config import PipelineSpec, SpecError, from_dict
+
+if TYPE_CHECKING:
+    from mlfd.stages.common import Context
 
 STATE_FILE = "state.pt"
 
@@ -47,6 +50,21 @@ def node_id() -> str:
     import ray
 
     return ray.get_runtime_context().get_node_id()
+
+
+LATENCY_KEY = "latency_batch_size"
+"""Context key: the batch size a students trial measures its student's latency at (absent: no latency)."""
+
+
+def trial_cost(ctx: Context, stage: str, study: str | None, latency_batch_size: int | None) -> dict:
+    """The cost metrics a trial reports with every epoch: a students trial's ``student/params`` (and
+    ``student/latency_ms`` at ``latency_batch_size``); none for other stages."""
+    from mlfd.stages.cost import student_cost
+
+    if stage != "students":
+        return {}
+    return student_cost(ctx.spec.dataset(study).student_net, ctx.data(study).num_classes, ctx.device,
+                        latency_batch_size)
 
 
 def stage_epochs(spec: PipelineSpec, stage: str) -> int:
@@ -116,11 +134,12 @@ def _attempt(spec: PipelineSpec, meta: dict, resume: dict | None, retry: dict | 
     recipe = trial.recipe()
     memory = {"oom_retries": int(retry is not None), "micro_batch_size": recipe.batch_size,
               "accum_steps": recipe.grad_accum}
+    cost = trial_cost(ctx, stage, study, meta.get(LATENCY_KEY))  # the same at every epoch
 
     def report(epoch: int, metrics: dict, state: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
             save_torch(dict(state, **({RETRY_STATE: retry} if retry else {})), Path(d) / STATE_FILE)
-            tune.report(dict(metrics, **memory, **{NODE_KEY: node_id()}),
+            tune.report(dict(metrics, **memory, **cost, **{NODE_KEY: node_id()}),
                         checkpoint=tune.Checkpoint.from_directory(d))
         reported[0] = max(reported[0], epoch + 1)
 
@@ -141,7 +160,7 @@ def _attempt(spec: PipelineSpec, meta: dict, resume: dict | None, retry: dict | 
     if existing is not None:
         # Built by another trial or run (replay its epochs), or by this trial before its final report was recorded
         # (replay the epochs after its checkpoint).
-        _report_history(read_metrics(existing)["history"][reported[0]:], memory, reused=resume is None)
+        _report_history(read_metrics(existing)["history"][reported[0]:], {**memory, **cost}, reused=resume is None)
         return
     try:
         trial.build_upstream()  # teachers, caches, T*: built once in the store, not reported
@@ -264,5 +283,5 @@ def train_with_retry(spec: PipelineSpec, stage: str, study: str | None, store: s
     return retry  # unreachable: the second attempt returned or raised
 
 
-__all__ = ["MEMORY_KEYS", "OOM_FAULT_ENV", "RETRY_FAILED", "RETRY_STATE", "run_stage", "stage_epochs",
-           "train_with_retry", "trial_spec"]
+__all__ = ["LATENCY_KEY", "MEMORY_KEYS", "OOM_FAULT_ENV", "RETRY_FAILED", "RETRY_STATE", "run_stage", "stage_epochs",
+           "train_with_retry", "trial_cost", "trial_spec"]

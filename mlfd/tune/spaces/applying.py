@@ -99,16 +99,20 @@ def _above(level: Any, k: int) -> bool:
         return False  # not a level: left for PipelineSpec validation to report
 
 
-def make_searcher(space: SearchSpace, metric: str, mode: str, seed: int,
-                  points_to_evaluate: list[dict] | None = None) -> Any:
+def make_searcher(space: SearchSpace, metric: str | list[str], mode: str | list[str], seed: int,
+                  points_to_evaluate: list[dict] | None = None,
+                  constraints: dict[str, dict[str, float]] | None = None) -> Any:
     """A seeded Optuna TPE searcher for Ray Tune over a space (define-by-run).
 
     Args:
         space: The search space.
-        metric: Metric to optimize, e.g. ``val/acc1``.
-        mode: ``max`` or ``min``.
+        metric: Metric to optimize, e.g. ``val/acc1``, or a list of them (multi-objective TPE: Optuna's TPESampler
+            ranks trials by non-domination).
+        mode: ``max`` or ``min``, or one per metric.
         seed: Seed of the TPE sampler.
         points_to_evaluate: Flat configs to try first (names of the space; fixed params may be omitted).
+        constraints: ``{metric: {le|ge: bound}}``: set on every completed trial as Optuna constraints
+            (:class:`mlfd.tune.searcher.FailureAwareOptunaSearch`), so infeasible trials rank last.
 
     Returns:
         A ``ray.tune.search.optuna.OptunaSearch``.
@@ -118,8 +122,11 @@ def make_searcher(space: SearchSpace, metric: str, mode: str, seed: int,
     """
     import optuna
 
-    if mode not in ("max", "min"):
-        raise SpecError(f"mode: got {mode!r}; allowed: max, min")
+    for m in [mode] if isinstance(mode, str) else mode:
+        if m not in ("max", "min"):
+            raise SpecError(f"mode: got {m!r}; allowed: max, min")
+    if not isinstance(metric, str) and len(metric) == 1:  # one objective: Optuna's single-objective study
+        metric, mode = metric[0], mode[0]
     fixed = {p.name for p in space.params if p.kind == "fixed"}
     points = []
     for i, point in enumerate(points_to_evaluate or []):
@@ -134,4 +141,4 @@ def make_searcher(space: SearchSpace, metric: str, mode: str, seed: int,
 
     sampler = optuna.samplers.TPESampler(seed=seed)  # failed trials are infeasible through Trial.set_constraint
     return FailureAwareOptunaSearch(space=space.define_by_run, metric=metric, mode=mode, sampler=sampler,
-                                    points_to_evaluate=points or None)
+                                    points_to_evaluate=points or None, constraints=constraints)
