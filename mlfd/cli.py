@@ -68,13 +68,16 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         raise SpecError(f"--lost-node-timeout: must be >= 0 seconds (0: wait for ever), got {args.lost_node_timeout:g}")
     load_job(args.job, smoke=args.smoke, overrides=args.set)  # before importing Ray and torch: a bad file fails fast
     from mlfd.tracking import SearchTracking
-    from mlfd.tune.launch import handle_sigterm, run_search
+    from mlfd.tune.launch import check_search_args, handle_sigterm, run_search
+
+    check_search_args(Path(args.out), args.resume, args.extend, args.warm_start)
 
     handle_sigterm()  # SIGTERM stops the search like Ctrl-C from here on (exit 143)
     out = Path(args.out).resolve()
     df = run_search(args.job, out, smoke=args.smoke, resume=args.resume, address=args.address, overrides=args.set,
                     tracking=SearchTracking(out, register=args.register), connect_timeout=args.connect_timeout,
-                    lost_node_timeout=args.lost_node_timeout, verbose=args.verbose)
+                    lost_node_timeout=args.lost_node_timeout, verbose=args.verbose, extend=args.extend,
+                    warm_start=args.warm_start)
     print(search_summary(df, out))
     return 0
 
@@ -250,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="runs/search", help="output directory (default: runs/search)")
     t.add_argument("--smoke", action="store_true", help="apply the job's smoke: block (minutes on a CPU)")
     t.add_argument("--resume", action="store_true", help="continue the interrupted search in --out")
+    t.add_argument("--extend", type=int, default=None, metavar="N",
+                   help="run N more trials per study of the finished search in --out, the sampler seeded with every "
+                        "earlier trial (same Optuna studies, same MLflow parent runs)")
+    t.add_argument("--warm-start", default=None, metavar="DIR",
+                   help="seed this new search's samplers with the trials of the search in DIR that fit its space")
     t.add_argument("--address", default=None,
                    help="join an existing Ray cluster: HEAD_IP:6379, ray://HEAD_IP:10001 or auto (see README, "
                         "Running on a cluster)")

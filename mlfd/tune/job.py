@@ -63,7 +63,10 @@ class JobSpec:
     num_samples: int = 8
     """Trials per study."""
     seed: int = 0
-    """Seed of the Optuna TPE sampler (study i uses seed + i)."""
+    """Seed of the Optuna TPE sampler (study i uses seed + i; the k-th ``--extend`` of it seed + i + 1000 k)."""
+    startup_trials: int = 10
+    """Trials TPE samples at random before it models the results (Optuna's ``n_startup_trials``); the earlier trials
+    that ``--extend`` and ``--warm-start`` seed the sampler with count."""
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
     max_concurrent_trials: int = 2
@@ -78,6 +81,10 @@ class JobSpec:
     """MLflow tracking URI (default sqlite:///OUT/mlflow.db)."""
     store: Optional[str] = None
     """Artifact store directory shared by all trials (default OUT/store)."""
+    optuna_storage: Optional[str] = None
+    """Optuna RDB storage URL of the search's persistent studies, one per study, named ``<name>-<study>`` (default
+    sqlite:///OUT/optuna.db). SQLite's file locks are unsafe on NFS: on a cluster give a database server, e.g.
+    postgresql://user:password@host/db (the driver alone writes to it)."""
     points_to_evaluate: list = field(default_factory=list)
     """Flat configs (names of the space) each study tries first, e.g. the paper's Table 1 defaults as a reference."""
     set: list = field(default_factory=list)
@@ -90,6 +97,10 @@ class JobSpec:
         _check(self.num_samples >= 1, f"{path}.num_samples", f"must be >= 1, got {self.num_samples}")
         _check(self.max_concurrent_trials >= 1, f"{path}.max_concurrent_trials",
                f"must be >= 1, got {self.max_concurrent_trials}")
+        _check(self.startup_trials >= 1, f"{path}.startup_trials", f"must be >= 1, got {self.startup_trials}")
+        _check(self.optuna_storage is None or "://" in self.optuna_storage, f"{path}.optuna_storage",
+               f"must be a database URL such as sqlite:////abs/path/optuna.db or postgresql://host/db, "
+               f"got {self.optuna_storage!r}")
         _check(self.max_failures >= 0, f"{path}.max_failures", f"must be >= 0, got {self.max_failures}")
         _check(self.metric.startswith(("val/", "train/")), f"{path}.metric",
                f"must be a reported metric such as val/acc1, val/acc5, val/loss; got {self.metric!r}")
