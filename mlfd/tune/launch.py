@@ -35,7 +35,7 @@ from mlfd.store import atomic_write_bytes, atomic_write_text
 from mlfd.tune._private import result_grid_trials
 from mlfd.tune.job import JobSpec, load_job, resolve
 from mlfd.tune.packing import plan_gpu, trial_gpu
-from mlfd.tune.study import default_storage
+from mlfd.tune.study import default_storage, search_storage
 from mlfd.tune.trainable import run_stage, stage_epochs
 
 _logger = logging.getLogger(__name__)
@@ -203,12 +203,10 @@ def warm_start_source(source: Path) -> dict:
     if not f.is_file():
         raise SpecError(f"--warm-start: {source} holds no search ({SEARCH_FILE} missing)")
     old = json.loads(f.read_text())
-    url = old.get("optuna_storage")
+    url = search_storage(source, old.get("optuna_storage"))
     if url is None:
-        if not (source / "optuna.db").is_file():
-            raise SpecError(f"--warm-start: {source} has no Optuna studies (optuna.db); it was made before mlfd kept "
-                            "them")
-        url = default_storage(source)
+        raise SpecError(f"--warm-start: {source} has no Optuna studies ({source / 'optuna.db'} missing); it was made "
+                        "before mlfd kept them")
     return {**old, "optuna_storage": url}
 
 

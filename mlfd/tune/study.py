@@ -42,6 +42,16 @@ def default_storage(out: Path) -> str:
     return f"sqlite:///{Path(out).resolve() / STUDY_DB}"
 
 
+def search_storage(out: Path, url: str | None) -> str | None:
+    """The storage of the studies of the search in ``out`` whose ``search.json`` records ``url`` (None: a search made
+    before mlfd kept its studies): ``OUT/optuna.db`` when the recorded SQLite file is gone but ``out`` holds one (the
+    directory was moved or copied), None when there is no storage to read."""
+    local = Path(out) / STUDY_DB
+    if url is None or (url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file()):
+        return default_storage(out) if local.is_file() else None
+    return url
+
+
 def study_name(job_name: str, study: str) -> str:
     """The persistent study of one mlfd study (``study`` is the dataset, or the stage for a single study)."""
     return f"{job_name}-{study}"
@@ -325,7 +335,8 @@ def read_study(url: str, name: str) -> StudyView | None:
                 ev = optuna.importance.FanovaImportanceEvaluator(seed=0)
                 raw = optuna.importance.get_param_importances(st, evaluator=ev, params=varying)
                 imp = dict(sorted(((k, float(v)) for k, v in raw.items()), key=lambda kv: -kv[1]))
-                note = f"from {len(done)} completed trials, {len(varying)} varying params"
+                note = (f"from {len(done)} completed trials, {len(varying)} varying params; values as the sampler "
+                        "was told them: the metric of each trial's last epoch")
             except Exception as e:  # noqa: BLE001  (an evaluator that cannot cope: say why instead of failing)
                 note = f"skipped: Optuna could not assess importances ({type(e).__name__}: {e})"
     return StudyView(name=name, storage=redact_url(url), counts=counts, importances=imp, note=note, trials=rows)
