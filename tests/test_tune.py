@@ -517,6 +517,11 @@ def check_resumed(out: Path, args: list, saved: dict, lines_before: dict, runnin
     assert trial_runs == sorted(s.trials["trial_id"]), trial_runs
     assert len(runs) == len(trial_runs) + 1 and {r.info.status for r in runs} == {"FINISHED"}, \
         [(r.info.run_name, r.info.status) for r in runs]
+    # The persistent Optuna study: every trial once too (mlfd/tune/study.py).
+    from mlfd.tune.study import RAY_TRIAL_ATTR, load_study
+
+    study = load_study(f"sqlite:///{out / 'optuna.db'}", "quickstart-digits")
+    assert sorted(t.user_attrs[RAY_TRIAL_ATTR] for t in study.trials) == sorted(s.trials["trial_id"])
     return s
 
 
