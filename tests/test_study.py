@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import ROOT, Search, read_search
+from conftest import ROOT, read_search
 
 from mlfd.config import SpecError
 from mlfd.tune.spaces import load_space, make_searcher
@@ -163,7 +163,7 @@ def test_read_study_counts_and_importances(tmp_path: Path) -> None:
 
 
 def test_job_optuna_storage_must_be_a_url(tmp_path: Path) -> None:
-    from mlfd.tune.job import load_job
+    from mlfd.search import load_job
 
     with pytest.raises(SpecError, match=r"optuna_storage: must be a database URL"):
         load_job(JOB, overrides=["optuna_storage=/tmp/optuna.db"])
@@ -252,14 +252,13 @@ def mlflow_trial_runs(out: Path) -> tuple[list[str], set[str], set[str]]:
 
 def first_proposal(out: Path, round_: int, seeds: list) -> dict:
     """What the sampler of round ``round_`` of the search in ``out`` proposes first, given ``seeds``."""
-    from mlfd.tune.job import JobSpec
-    from mlfd.config import from_dict
+    from mlfd.search import SearchPlan
     from mlfd.tune.launch import searcher_options
 
-    plan = json.loads((out / "search.json").read_text())
-    job = from_dict(JobSpec, plan["job"], path="job")
-    space = load_space(plan["space_file"])
-    opts = {**searcher_options(plan, job, "digits", 0, round_, space), "seeds": seeds, "record": None}
+    plan = SearchPlan.load(out)
+    job = plan.job
+    space = load_space(plan.space_file)
+    opts = {**searcher_options(plan, "digits", 0, round_, space), "seeds": seeds, "record": None}
     return make_searcher(space, job.metric, job.mode, **opts).suggest("first")
 
 
@@ -319,7 +318,7 @@ def test_extend_adds_trials_to_the_same_study_runs_and_table(searches: dict) -> 
     assert f"Best trial {best['trial_id']} of study 'digits'" in (out / "best" / "digits.yaml").read_text()
     # The extension's sampler started from every earlier trial: its first trial is what a sampler seeded with them
     # proposes first, not what a cold one (same seed) does.
-    seeds = seed_trials(f"sqlite:///{out / 'optuna.db'}", STUDY, load_space(s.plan["space_file"]), "test")
+    seeds = seed_trials(f"sqlite:///{out / 'optuna.db'}", STUDY, load_space(s.plan.space_file), "test")
     seeds = [t for t in seeds if t.user_attrs[RAY_TRIAL_ATTR] in set(first.trials["trial_id"])]
     assert len(seeds) == SAMPLES
     ext_first = config_of(df[df["trial_index"] == SAMPLES + 1].iloc[0])
@@ -353,8 +352,8 @@ def test_warm_start_seeds_a_new_search_with_the_trials_that_fit(searches: dict) 
     assert f"mlfd tune: study digits starts from {len(fit)} trial(s) of {out} ({STUDY})" in output
     assert len(fit) >= 2, "the test needs earlier trials that fit to say anything"
     assert len(s.trials) == WARM_SAMPLES and sorted(study_ids(warm)) == sorted(s.trials["trial_id"])  # no seeds
-    assert s.plan["warm_start"] == str(out)
-    seeds = seed_trials(f"sqlite:///{out / 'optuna.db'}", STUDY, load_space(s.plan["space_file"]), "test")
+    assert s.plan.warm_start == str(out)
+    seeds = seed_trials(f"sqlite:///{out / 'optuna.db'}", STUDY, load_space(s.plan.space_file), "test")
     assert [t.user_attrs[RAY_TRIAL_ATTR] for t in seeds] == [t.user_attrs[RAY_TRIAL_ATTR] for t in fit]
     warm_first = config_of(s.trials[s.trials["trial_index"] == 1].iloc[0])
     assert warm_first == first_proposal(warm, 0, seeds)

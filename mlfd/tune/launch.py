@@ -28,19 +28,17 @@ from typing import Any
 
 import pandas as pd
 
-from mlfd.config import (PipelineSpec, apply_overrides, dump_yaml, from_dict, read_yaml, smoke_pipeline, spec_hash,
-                         to_dict)
+from mlfd.config import PipelineSpec, apply_overrides, dump_yaml, from_dict, read_yaml, smoke_pipeline, to_dict
 from mlfd.errors import NodeLost, SpecError
 from mlfd.store import atomic_write_bytes, atomic_write_text
 from mlfd.tune._private import result_grid_trials
-from mlfd.tune.job import JobSpec, load_job, resolve
-from mlfd.tune.packing import plan_gpu, trial_gpu
+from mlfd.search import SEARCH_FILE, JobSpec, SearchPlan, load_job, resolve
+from mlfd.tune.packing import plan_gpu
 from mlfd.tune.study import default_storage, search_storage
 from mlfd.tune.trainable import run_stage, stage_epochs
 
 _logger = logging.getLogger(__name__)
 
-SEARCH_FILE = "search.json"
 DONE_SUFFIX = ".done"
 CONNECT_TIMEOUT_S = 60.0
 """How long ``mlfd tune --address`` waits for the Ray head to answer (``--connect-timeout``)."""
@@ -66,11 +64,7 @@ def study_names(job: JobSpec, spec: PipelineSpec) -> list[str | None]:
     return [None]
 
 
-def _experiment_name(job: JobSpec, study: str | None) -> str:
-    return f"{job.name}-{study or job.stage}"
-
-
-def prepare(job_path: str, out: Path, smoke: bool, overrides: list[str] | None) -> dict:
+def prepare(job_path: str, out: Path, smoke: bool, overrides: list[str] | None) -> SearchPlan:
     """Everything a search needs, validated before any compute: job, pipeline, space, studies, paths."""
     from mlfd.tune.spaces import apply_config, check_levels, load_space
 
@@ -98,11 +92,11 @@ def prepare(job_path: str, out: Path, smoke: bool, overrides: list[str] | None) 
     # Memory-aware packing (packing.py): dry-run one trial, refuse a fraction that does not fit, resolve 'auto'.
     gpu = plan_gpu(job, pipeline, space, studies)
     out = out.resolve()
-    return {"job": to_dict(job), "job_file": str(Path(job_path).resolve()), "pipeline": pipeline,
-            "pipeline_file": str(pipe_path), "space_file": str(space_path), "studies": studies,
-            "storage_path": job.storage_path or str(out / "ray"), "store": job.store or str(out / "store"),
-            "tracking_uri": job.tracking_uri or f"sqlite:///{out / 'mlflow.db'}", "smoke": smoke, "gpu": gpu,
-            "optuna_storage": job.optuna_storage or default_storage(out), "extends": [], "warm_start": None}
+    return SearchPlan(job=job, pipeline=pipeline, studies=studies, job_file=str(Path(job_path).resolve()),
+                      pipeline_file=str(pipe_path), space_file=str(space_path),
+                      storage_path=job.storage_path or str(out / "ray"), store=job.store or str(out / "store"),
+                      tracking_uri=job.tracking_uri or f"sqlite:///{out / 'mlflow.db'}", smoke=smoke, gpu=gpu,
+                      optuna_storage=job.optuna_storage or default_storage(out))
 
 
 def check_resources(job: JobSpec) -> None:
@@ -114,39 +108,34 @@ def check_resources(job: JobSpec) -> None:
                         "run with --set resources.gpu=0 to use CPUs")
 
 
-def _fingerprint(plan: dict) -> str:
-    return spec_hash({k: plan[k] for k in ("job", "pipeline", "studies")})
-
-
-def open_output(out: Path, plan: dict, resume: bool, claim: bool = True, extend: int | None = None) -> None:
+def open_output(out: Path, plan: SearchPlan, resume: bool, claim: bool = True, extend: int | None = None) -> None:
     """Create or check the output directory: a new search needs a fresh one, --resume and --extend the same search.
 
     ``claim=False`` only checks (nothing is written), so a refused command leaves ``out`` as it was. ``--resume`` and
-    ``--extend`` take the search's rounds (``extends``) and seeding (``warm_start``) from its ``search.json``; with
-    ``claim``, ``--extend N`` adds a round of N trials per study to it.
+    ``--extend`` take the search's rounds (``extends``), seeding (``warm_start``) and Optuna storage from its
+    ``search.json``; with ``claim``, ``--extend N`` adds a round of N trials per study to it.
     """
     f = out / SEARCH_FILE
     if resume or extend is not None:
         flag = "--resume" if resume else "--extend"
         if not f.is_file():
             raise SpecError(f"{flag}: {out} holds no search ({SEARCH_FILE} missing); run without {flag}")
-        old = json.loads(f.read_text())
-        if old.get("fingerprint") != _fingerprint(plan):
-            raise SpecError(f"{flag}: {out} holds a different search (job {old.get('job_file')}); "
+        if SearchPlan.saved_fingerprint(out) != plan.fingerprint():
+            raise SpecError(f"{flag}: {out} holds a different search (job {_saved_job_file(out)}); "
                             "use the same job, --smoke and --set as the first run, or another --out")
-        plan["extends"] = list(old.get("extends") or [])
-        plan["warm_start"] = old.get("warm_start")
-        plan["optuna_storage"] = old.get("optuna_storage") or plan["optuna_storage"]
+        saved = SearchPlan.load(out)
+        plan.extends, plan.warm_start = list(saved.extends), saved.warm_start
+        plan.optuna_storage = saved.optuna_storage or plan.optuna_storage
         if extend is not None:
             check_finished(out, plan)
             if claim:
-                plan["extends"].append(int(extend))
-                atomic_write_text(f, json.dumps({**plan, "fingerprint": _fingerprint(plan)}, indent=1, default=str))
+                plan.extends.append(int(extend))
+                plan.save(out)
         return
     if f.is_file():
         raise SpecError(f"--out: {out} already holds a search; pass --resume to continue it or choose another --out")
     if claim:
-        atomic_write_text(f, json.dumps({**plan, "fingerprint": _fingerprint(plan)}, indent=1, default=str))
+        plan.save(out)
 
 
 def check_search_args(out: Path, resume: bool, extend: int | None, warm_start: str | None) -> None:
@@ -166,28 +155,22 @@ def check_search_args(out: Path, resume: bool, extend: int | None, warm_start: s
         check_warm_start(Path(warm_start), out)
 
 
-def rounds(plan: dict) -> list[int]:
-    """Trials per study of each round of a search: the job's ``num_samples``, then one entry per ``--extend``."""
-    return [int(plan["job"]["num_samples"]), *map(int, plan.get("extends") or [])]
-
-
-def check_finished(out: Path, plan: dict) -> None:
+def check_finished(out: Path, plan: SearchPlan) -> None:
     """Refuse ``--extend`` unless every study of the search in ``out`` has all the trials of its rounds."""
     trials = out / "trials.parquet"
-    want = sum(rounds(plan))
+    want = sum(plan.rounds())
     if not trials.is_file():
         raise SpecError(f"--extend: the search in {out} has not finished (no trials.parquet); continue it with "
                         "--resume first")
     counts = pd.read_parquet(trials, columns=["study"])["study"].value_counts()
-    job = plan["job"]
-    short = [f"{s or job['stage']} {int(counts.get(s or job['stage'], 0))}/{want}" for s in plan["studies"]
-             if int(counts.get(s or job["stage"], 0)) < want]
+    have = {plan.study_key(s): int(counts.get(plan.study_key(s), 0)) for s in plan.studies}
+    short = [f"{k} {n}/{want}" for k, n in have.items() if n < want]
     if short:
         raise SpecError(f"--extend: the search in {out} has not finished ({', '.join(short)} trials); continue it "
                         "with --resume first")
 
 
-def check_warm_start(source: Path, out: Path) -> dict:
+def check_warm_start(source: Path, out: Path) -> SearchPlan:
     """The plan of the search in ``source`` that ``--warm-start`` seeds a new search in ``out`` with (SpecError if
     there is none, it has no Optuna storage, or it is ``out`` itself)."""
     if Path(source).resolve() == Path(out).resolve():
@@ -196,18 +179,25 @@ def check_warm_start(source: Path, out: Path) -> dict:
     return warm_start_source(source)
 
 
-def warm_start_source(source: Path) -> dict:
-    """The plan of the search in ``source``, with the URL of its Optuna storage (``optuna_storage``)."""
+def warm_start_source(source: Path) -> SearchPlan:
+    """The plan of the search in ``source``, its ``optuna_storage`` the URL to read its studies from."""
     source = Path(source).resolve()
-    f = source / SEARCH_FILE
-    if not f.is_file():
+    if not (source / SEARCH_FILE).is_file():
         raise SpecError(f"--warm-start: {source} holds no search ({SEARCH_FILE} missing)")
-    old = json.loads(f.read_text())
-    url = search_storage(source, old.get("optuna_storage"))
+    src = SearchPlan.load(source)
+    url = search_storage(source, src.optuna_storage)
     if url is None:
         raise SpecError(f"--warm-start: {source} has no Optuna studies ({source / 'optuna.db'} missing); it was made "
                         "before mlfd kept them")
-    return {**old, "optuna_storage": url}
+    src.optuna_storage = url
+    return src
+
+
+def _saved_job_file(out: Path) -> str:
+    try:
+        return str(json.loads((out / SEARCH_FILE).read_text()).get("job_file"))
+    except (OSError, ValueError):
+        return "unreadable"
 
 
 def _scheduler(job: JobSpec, max_t: int):
@@ -227,18 +217,13 @@ def trial_threads(job: JobSpec) -> int:
     return max(1, int(job.resources.cpu))
 
 
-def trial_context(plan: dict, job: JobSpec, study: str | None) -> dict:
+def trial_context(plan: SearchPlan, study: str | None) -> dict:
     """What every trial of a study needs besides its sampled values (passed with tune.with_parameters)."""
-    return {"pipeline": plan["pipeline"], "stage": job.stage, "study": study, "store": plan["store"],
-            "threads": trial_threads(job)}
+    return {"pipeline": plan.pipeline, "stage": plan.job.stage, "study": study, "store": plan.store,
+            "threads": trial_threads(plan.job)}
 
 
-def experiment_name(job: JobSpec, study: str | None, round_: int = 0) -> str:
-    """The Ray Tune experiment of one round of a study: ``<name>-<study>``, ``<name>-<study>-extend<k>``."""
-    return _experiment_name(job, study) + (f"-extend{round_}" if round_ else "")
-
-
-def searcher_options(plan: dict, job: JobSpec, study: str | None, index: int, round_: int, space) -> dict:
+def searcher_options(plan: SearchPlan, study: str | None, index: int, round_: int, space) -> dict:
     """Keyword arguments of :func:`mlfd.tune.spaces.make_searcher` for round ``round_`` of study ``index``.
 
     The sampler is seeded with ``seed + index`` (``+ 1000 * round_`` for an ``--extend``: new random startup draws);
@@ -248,24 +233,24 @@ def searcher_options(plan: dict, job: JobSpec, study: str | None, index: int, ro
     """
     from mlfd.tune.study import StudyRecord, direction, seed_trials, study_name
 
-    key = study or job.stage
+    job, key = plan.job, plan.study_key(study)
     name = study_name(job.name, key)
     seeds: list = []
     if round_ > 0:
-        seeds = seed_trials(plan["optuna_storage"], name, space, source=f"{name} (earlier rounds)")
-    elif plan.get("warm_start"):
-        src = warm_start_source(Path(plan["warm_start"]))
-        src_name = study_name(src["job"]["name"], key)
-        seeds = seed_trials(src["optuna_storage"], src_name, space, source=f"{plan['warm_start']} {src_name}")
-        _logger.info("mlfd tune: study %s starts from %d trial(s) of %s (%s)", key, len(seeds), plan["warm_start"],
+        seeds = seed_trials(plan.optuna_storage, name, space, source=f"{name} (earlier rounds)")
+    elif plan.warm_start:
+        src = warm_start_source(Path(plan.warm_start))
+        src_name = study_name(src.job.name, key)
+        seeds = seed_trials(src.optuna_storage, src_name, space, source=f"{plan.warm_start} {src_name}")
+        _logger.info("mlfd tune: study %s starts from %d trial(s) of %s (%s)", key, len(seeds), plan.warm_start,
                      src_name)
     return {"seed": job.seed + index + 1000 * round_, "startup_trials": job.startup_trials,
             "points_to_evaluate": (job.points_to_evaluate or None) if round_ == 0 else None,
             "study_name": name, "seeds": seeds,
-            "record": StudyRecord(plan["optuna_storage"], name, direction(job.mode))}
+            "record": StudyRecord(plan.optuna_storage, name, direction(job.mode)) if plan.optuna_storage else None}
 
 
-def _tuner(plan: dict, study: str | None, index: int, callbacks: list, resume: bool, verbose: bool = False,
+def _tuner(plan: SearchPlan, study: str | None, index: int, callbacks: list, resume: bool, verbose: bool = False,
            round_: int = 0):
     from ray import tune
 
@@ -273,14 +258,13 @@ def _tuner(plan: dict, study: str | None, index: int, callbacks: list, resume: b
     from mlfd.tune.progress import LiveView
     from mlfd.tune.spaces import load_space, make_searcher
 
-    job = from_dict(JobSpec, plan["job"], path="job")
-    spec = from_dict(PipelineSpec, plan["pipeline"], validate=False)
-    name = experiment_name(job, study, round_)
-    exp_path = os.path.join(plan["storage_path"], name)
-    context = trial_context(plan, job, study)
+    job, spec = plan.job, plan.spec
+    name = plan.experiment_name(study, round_)
+    exp_path = os.path.join(plan.storage_path, name)
+    context = trial_context(plan, study)
     trainable = tune.with_resources(tune.with_parameters(run_stage, context=context),
-                                    {"cpu": job.resources.cpu, "gpu": trial_gpu(plan, job)})
-    fs = storage_filesystem(plan["storage_path"])
+                                    {"cpu": job.resources.cpu, "gpu": plan.gpu})
+    fs = storage_filesystem(plan.storage_path)
     if resume and tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
         from mlfd.tune.watch import rewatch
 
@@ -290,17 +274,17 @@ def _tuner(plan: dict, study: str | None, index: int, callbacks: list, resume: b
                                    restart_errored=False, storage_filesystem=fs)
         rewatch(tuner, callbacks)  # this command's watch, not the one pickled with the experiment
         return tuner
-    space = load_space(plan["space_file"])
-    searcher = make_searcher(space, job.metric, job.mode, **searcher_options(plan, job, study, index, round_, space))
+    space = load_space(plan.space_file)
+    searcher = make_searcher(space, job.metric, job.mode, **searcher_options(plan, study, index, round_, space))
     view = LiveView(study or job.stage, job.metric, job.mode, stage_epochs(spec, job.stage),
-                    offset=sum(rounds(plan)[:round_]))
+                    offset=sum(plan.rounds()[:round_]))
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(metric=job.metric, mode=job.mode, search_alg=searcher,
                                     scheduler=_scheduler(job, stage_epochs(spec, job.stage)),
-                                    num_samples=rounds(plan)[round_], max_concurrent_trials=job.max_concurrent_trials,
+                                    num_samples=plan.rounds()[round_], max_concurrent_trials=job.max_concurrent_trials,
                                     reuse_actors=job.reuse_actors),
-        run_config=tune.RunConfig(name=name, storage_path=plan["storage_path"], storage_filesystem=fs,
+        run_config=tune.RunConfig(name=name, storage_path=plan.storage_path, storage_filesystem=fs,
                                   callbacks=[*callbacks, view], checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   failure_config=tune.FailureConfig(max_failures=job.max_failures),
                                   verbose=1 if verbose else 0),  # 0: Ray prints no tables (see quiet_ray)
@@ -421,16 +405,15 @@ def _run_search(job_path: str, out: Path, smoke: bool, resume: bool, address: st
             Tracker.check_reachable(uri)
     check_search_args(out, resume, extend, warm_start)
     plan = prepare(job_path, out, smoke, overrides)
-    job = from_dict(JobSpec, plan["job"], path="job")
+    job, spec = plan.job, plan.spec
     # A misused --out/--resume/--extend is refused before tracking writes to OUT.
     open_output(out, plan, resume, claim=False, extend=extend)
     if warm_start:
-        plan["warm_start"] = str(Path(warm_start).resolve())
-    if plan["optuna_storage"] != default_storage(out):
+        plan.warm_start = str(Path(warm_start).resolve())
+    if plan.optuna_storage and plan.optuna_storage != default_storage(out):
         from mlfd.tune.study import storage
 
-        storage(plan["optuna_storage"])  # a database server that does not answer fails before any compute
-    spec = from_dict(PipelineSpec, plan["pipeline"], validate=False)
+        storage(plan.optuna_storage)  # a database server that does not answer fails before any compute
     rows: list[dict] = []
     try:
         connect(address, connect_timeout, verbose)
@@ -443,25 +426,25 @@ def _run_search(job_path: str, out: Path, smoke: bool, resume: bool, address: st
         open_output(out, plan, resume, extend=extend)
         claimed()
         if job.stage in ("students", "joint"):
-            prebuild_teachers(plan, job)
-        samples = rounds(plan)
-        for i, study in enumerate(plan["studies"]):
+            prebuild_teachers(plan)
+        samples = plan.rounds()
+        for i, study in enumerate(plan.studies):
             study_rows: list[dict] = []
             for r, n in enumerate(samples):
-                name = experiment_name(job, study, r)
-                cbs = study_callbacks(tracking, plan, study, trial_context(plan, job, study)) if tracking else []
+                name = plan.experiment_name(study, r)
+                cbs = study_callbacks(tracking, plan, study, trial_context(plan, study)) if tracking else []
                 watch = LostNodeWatch(lost_node_timeout)
                 # Earlier rounds of an --extend are restored (finished: Ray returns their results at once).
                 tuner = _tuner(plan, study, i, [*cbs, watch], resume or r < len(samples) - 1, verbose, round_=r)
                 _logger.info("mlfd tune: study %s (%d/%d)%s, %d trials -> %s", study or job.stage, i + 1,
-                             len(plan["studies"]), f", extension {r}" if r else "", n,
-                             os.path.join(plan["storage_path"], name))
+                             len(plan.studies), f", extension {r}" if r else "", n,
+                             os.path.join(plan.storage_path, name))
                 results = tuner.fit()
                 watch.raise_if_stopped(f"on a healthy cluster continue it with the same command plus --resume --out "
                                        f"{out}")
                 if _interrupted(results, n):
                     raise KeyboardInterrupt(f"search interrupted during study {study or job.stage}; finished trials "
-                                            f"are kept in {plan['storage_path']}; continue with --resume --out {out}")
+                                            f"are kept in {plan.storage_path}; continue with --resume --out {out}")
                 new = trial_rows(results, study, job, stage_epochs(spec, job.stage))
                 for row in new:  # one trial counter per study across its rounds
                     row["trial_index"] = None if row["trial_index"] is None else row["trial_index"] + sum(samples[:r])
@@ -613,7 +596,7 @@ def _build_teacher(pipeline: dict, store: str, name: str, threads: int) -> str:
     return str(StageTrial(ctx, "teachers", name).build().path)
 
 
-def prebuild_teachers(plan: dict, job: JobSpec) -> None:
+def prebuild_teachers(plan: SearchPlan) -> None:
     """Train the shared upstream (one teacher per dataset) as parallel Ray tasks before any trial needs it.
 
     Without this, the first trials of a study would each wait on the teacher locks and train them one by one.
@@ -625,16 +608,16 @@ def prebuild_teachers(plan: dict, job: JobSpec) -> None:
     from mlfd.store import ArtifactStore
 
     # Teachers already in the store (--resume, a shared store) need no task: a worker only to find them costs seconds.
-    ctx = Context(spec=from_dict(PipelineSpec, plan["pipeline"], validate=False), store=ArtifactStore(plan["store"]),
-                  progress=False)
+    job = plan.job
+    ctx = Context(spec=plan.spec, store=ArtifactStore(plan.store), progress=False)
     names = [d.name for d in ctx.spec.datasets if StageTrial(ctx, "teachers", d.name).artifact() is None]
     if not names:
         return
-    task = ray.remote(_build_teacher).options(num_cpus=job.resources.cpu, num_gpus=trial_gpu(plan, job))
+    task = ray.remote(_build_teacher).options(num_cpus=job.resources.cpu, num_gpus=plan.gpu)
     threads = trial_threads(job)
     _logger.info("mlfd tune: teachers for %s (built once, in parallel, reused by every trial)", ", ".join(names))
     start = time.monotonic()
-    refs = [task.remote(plan["pipeline"], plan["store"], n, threads) for n in names]
+    refs = [task.remote(plan.pipeline, plan.store, n, threads) for n in names]
     pause_point("teachers")
     ray.get(refs)
     _logger.info("mlfd tune: teachers ready in %.0f s", time.monotonic() - start)
@@ -753,8 +736,8 @@ def export_best(out: Path, study: str | None, dest: Path) -> Path:
     out = Path(out)
     if not (out / SEARCH_FILE).is_file() or not (out / "trials.parquet").is_file():
         raise SpecError(f"{out}: no finished search here ({SEARCH_FILE} and trials.parquet are needed)")
-    plan = json.loads((out / SEARCH_FILE).read_text())
-    job = from_dict(JobSpec, plan["job"], path="job")
+    plan = SearchPlan.load(out)
+    job = plan.job
     df = pd.read_parquet(out / "trials.parquet")
     studies = list(dict.fromkeys(df["study"]))
     study = study or studies[0]
@@ -764,7 +747,7 @@ def export_best(out: Path, study: str | None, dest: Path) -> Path:
     if best is None:
         raise SpecError(f"{out}: study {study!r} has no successful trial to export")
     config = trial_config(best)
-    pipeline = copy.deepcopy(apply_config(plan["pipeline"], config))
+    pipeline = copy.deepcopy(apply_config(plan.pipeline, config))
     if job.stage == "students":
         pipeline["only_students"] = [study]
     pipeline["controls"] = {"own_teacher": False, "no_kd": False}
