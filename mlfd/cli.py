@@ -110,10 +110,24 @@ def search_summary(df, out: Path) -> str:
              *[(f"mlfd export {o} --study {s} --out best-{s}.yaml", "the best trial as a pipeline YAML")
                for s in studies],
              (f"mlfd ui --out {o}", "the MLflow UI of this search")]
+    url = _optuna_storage(out)
+    if url:
+        steps.append((f"optuna-dashboard {shlex.quote(url)}", "the Optuna studies"))
     width = max(len(c) for c, _ in steps)
     lines += [f"wrote {out / 'trials.parquet'} and {out / 'best'}/<study>.yaml", "next:",
               *[f"  {c:<{width}}  # {why}" for c, why in steps]]
     return "\n".join(lines)
+
+
+def _optuna_storage(out: Path) -> str | None:
+    """The Optuna storage of the search in ``out`` (None when it has none, or no readable search.json)."""
+    from mlfd.search import SearchPlan
+    from mlfd.tune.study import search_storage
+
+    try:
+        return search_storage(out, SearchPlan.load(out).optuna_storage)
+    except SpecError:
+        return None
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
