@@ -23,7 +23,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from mlfd.errors import SpecError
 
@@ -130,19 +130,19 @@ class StudyRecord:
     url: str
     name: str
     direction: str = "maximize"
-    _known: set = field(default_factory=set, repr=False)
+    _known: Optional[set] = field(default=None, repr=False)
 
     def __getstate__(self) -> dict:
-        return {"url": self.url, "name": self.name, "direction": self.direction, "_known": set()}
+        return {"url": self.url, "name": self.name, "direction": self.direction, "_known": None}
 
     def study(self) -> Any:
         return open_study(self.url, self.name, self.direction)
 
     def known(self) -> set[str]:
         """Ray trial ids already in the persistent study (read once per process, then kept up to date)."""
-        if not self._known:
-            self._known.update(str(t.user_attrs.get(RAY_TRIAL_ATTR)) for t in self.study().get_trials(deepcopy=False)
-                               if RAY_TRIAL_ATTR in t.user_attrs)
+        if self._known is None:
+            self._known = {str(t.user_attrs[RAY_TRIAL_ATTR]) for t in self.study().get_trials(deepcopy=False)
+                           if RAY_TRIAL_ATTR in t.user_attrs}
         return self._known
 
     def add(self, trials: list) -> int:
@@ -154,7 +154,7 @@ class StudyRecord:
                 and SEEDED_ATTR not in t.user_attrs and str(t.user_attrs[RAY_TRIAL_ATTR]) not in self.known()]
         if todo:
             self.study().add_trials(todo)
-            self._known.update(str(t.user_attrs[RAY_TRIAL_ATTR]) for t in todo)
+            self.known().update(str(t.user_attrs[RAY_TRIAL_ATTR]) for t in todo)
         return len(todo)
 
 
