@@ -72,13 +72,16 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if args.plan:
         return _tune_plan(args)
     from mlfd.tracking import SearchTracking
-    from mlfd.tune.launch import handle_sigterm, run_search
+    from mlfd.tune.launch import check_search_args, handle_sigterm, run_search
+
+    check_search_args(Path(args.out), args.resume, args.extend, args.warm_start)
 
     handle_sigterm()  # SIGTERM stops the search like Ctrl-C from here on (exit 143)
     out = Path(args.out).resolve()
     df = run_search(args.job, out, smoke=args.smoke, resume=args.resume, address=args.address, overrides=args.set,
                     tracking=SearchTracking(out, register=args.register), connect_timeout=args.connect_timeout,
-                    lost_node_timeout=args.lost_node_timeout, verbose=args.verbose)
+                    lost_node_timeout=args.lost_node_timeout, verbose=args.verbose, extend=args.extend,
+                    warm_start=args.warm_start)
     print(search_summary(df, out))
     return 0
 
@@ -135,6 +138,9 @@ def search_summary(df, out: Path) -> str:
                 f"point {n} of {n} on the Pareto front (1 = best first objective)")
                for s, n in front_sizes(df).items() if n >= 2],
              (f"mlfd ui --out {o}", "the MLflow UI of this search")]
+    url = _optuna_storage(out)
+    if url:
+        steps.append((f"optuna-dashboard {shlex.quote(url)}", "the Optuna studies"))
     width = max(len(c) for c, _ in steps)
     lines += [f"wrote {out / 'trials.parquet'} and {out / 'best'}/<study>.yaml", "next:",
               *[f"  {c:<{width}}  # {why}" for c, why in steps]]
@@ -146,6 +152,16 @@ def front_sizes(df) -> dict:
     if "is_pareto" not in df.columns:
         return {}
     return {s: int(df.loc[df["study"] == s, "is_pareto"].astype(bool).sum()) for s in dict.fromkeys(df["study"])}
+
+def _optuna_storage(out: Path) -> str | None:
+    """The Optuna storage of the search in ``out`` (None when it has none, or no readable search.json)."""
+    from mlfd.search import SearchPlan
+    from mlfd.tune.study import search_storage
+
+    try:
+        return search_storage(out, SearchPlan.load(out).optuna_storage)
+    except SpecError:
+        return None
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -285,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="runs/search", help="output directory (default: runs/search)")
     t.add_argument("--smoke", action="store_true", help="apply the job's smoke: block (minutes on a CPU)")
     t.add_argument("--resume", action="store_true", help="continue the interrupted search in --out")
+    t.add_argument("--extend", type=int, default=None, metavar="N",
+                   help="run N more trials per study of the finished search in --out, the sampler seeded with every "
+                        "earlier trial (same Optuna studies, same MLflow parent runs)")
+    t.add_argument("--warm-start", default=None, metavar="DIR",
+                   help="seed this new search's samplers with the trials of the search in DIR that fit its space")
     t.add_argument("--address", default=None,
                    help="join an existing Ray cluster: HEAD_IP:6379, ray://HEAD_IP:10001 or auto (see README, "
                         "Running on a cluster)")

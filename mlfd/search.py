@@ -85,7 +85,10 @@ class JobSpec:
     num_samples: int = 8
     """Trials per study."""
     seed: int = 0
-    """Seed of the Optuna TPE sampler (study i uses seed + i)."""
+    """Seed of the Optuna TPE sampler (study i uses seed + i; the k-th ``--extend`` of it seed + i + 1000 k)."""
+    startup_trials: int = 10
+    """Trials TPE samples at random before it models the results (Optuna's ``n_startup_trials``); the earlier trials
+    that ``--extend`` and ``--warm-start`` seed the sampler with count."""
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
     max_concurrent_trials: int = 2
@@ -100,6 +103,10 @@ class JobSpec:
     """MLflow tracking URI (default sqlite:///OUT/mlflow.db)."""
     store: Optional[str] = None
     """Artifact store directory shared by all trials (default OUT/store)."""
+    optuna_storage: Optional[str] = None
+    """Optuna RDB storage URL of the search's persistent studies, one per study, named ``<name>-<study>`` (default
+    sqlite:///OUT/optuna.db). SQLite's file locks are unsafe on NFS: on a cluster give a database server, e.g.
+    postgresql://user:password@host/db (the driver alone writes to it)."""
     points_to_evaluate: list = field(default_factory=list)
     """Flat configs (names of the space) each study tries first, e.g. the paper's Table 1 defaults as a reference."""
     set: list = field(default_factory=list)
@@ -117,6 +124,10 @@ class JobSpec:
         _check(self.max_concurrent_trials >= 1, f"{path}.max_concurrent_trials",
                f"must be >= 1, got {self.max_concurrent_trials}")
         _check(self.max_failures >= 0, f"{path}.max_failures", f"must be >= 0, got {self.max_failures}")
+        _check(self.startup_trials >= 1, f"{path}.startup_trials", f"must be >= 1, got {self.startup_trials}")
+        _check(self.optuna_storage is None or "://" in self.optuna_storage, f"{path}.optuna_storage",
+               f"must be a database URL such as sqlite:////abs/path/optuna.db or postgresql://host/db, "
+               f"got {self.optuna_storage!r}")
         self._validate_objectives(path)
         for k in ("storage_path", "store"):
             v = getattr(self, k)
@@ -261,6 +272,13 @@ class SearchPlan:
     """Whether this is the ``--smoke`` variant."""
     gpu: float = 0.0
     """GPU fraction of one trial (the job's, or the one ``gpu: auto`` resolved to; see mlfd.tune.packing)."""
+    optuna_storage: Optional[str] = None
+    """Optuna storage URL of the persistent studies (the job's, or sqlite:///OUT/optuna.db; see mlfd.tune.study).
+    None in a search made before mlfd kept its studies."""
+    extends: list = field(default_factory=list)
+    """Trials per study of each ``mlfd tune --extend`` so far, in order (round k runs ``extends[k-1]`` trials)."""
+    warm_start: Optional[str] = None
+    """The search directory whose trials seeded this search's samplers (``--warm-start``), if any."""
 
     @cached_property
     def spec(self) -> PipelineSpec:
@@ -271,9 +289,14 @@ class SearchPlan:
         """A study's name in tables, tags and file names: the dataset, or the stage for a single study."""
         return study or self.job.stage
 
-    def experiment_name(self, study: str | None) -> str:
-        """The study's Ray Tune experiment name (a folder of :attr:`storage_path`)."""
-        return f"{self.job.name}-{self.study_key(study)}"
+    def experiment_name(self, study: str | None, round_: int = 0) -> str:
+        """The Ray Tune experiment name (a folder of :attr:`storage_path`) of a study, or of its ``round_``-th
+        ``--extend`` (``<name>-<study>-extend<k>``)."""
+        return f"{self.job.name}-{self.study_key(study)}" + (f"-extend{round_}" if round_ else "")
+
+    def rounds(self) -> list[int]:
+        """Trials per study of each round: the job's ``num_samples``, then one entry per ``--extend``."""
+        return [self.job.num_samples, *map(int, self.extends)]
 
     def fingerprint(self) -> str:
         """Hash of what makes two searches the same search (``--resume`` refuses a different one)."""
@@ -283,7 +306,8 @@ class SearchPlan:
         return {"job": to_dict(self.job), "job_file": self.job_file, "pipeline": self.pipeline,
                 "pipeline_file": self.pipeline_file, "space_file": self.space_file, "studies": list(self.studies),
                 "storage_path": self.storage_path, "store": self.store, "tracking_uri": self.tracking_uri,
-                "smoke": self.smoke, "gpu": self.gpu}
+                "smoke": self.smoke, "gpu": self.gpu, "optuna_storage": self.optuna_storage,
+                "extends": list(self.extends), "warm_start": self.warm_start}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], path: str = SEARCH_FILE) -> "SearchPlan":
@@ -296,7 +320,9 @@ class SearchPlan:
         return cls(job=job, pipeline=data["pipeline"], studies=list(data["studies"]), job_file=data["job_file"],
                    pipeline_file=data["pipeline_file"], space_file=data["space_file"],
                    storage_path=data["storage_path"], store=data["store"], tracking_uri=data["tracking_uri"],
-                   smoke=bool(data.get("smoke", False)), gpu=float(data.get("gpu", job.gpu_fraction())))
+                   smoke=bool(data.get("smoke", False)), gpu=float(data.get("gpu", job.gpu_fraction())),
+                   optuna_storage=data.get("optuna_storage"), extends=[int(n) for n in data.get("extends") or []],
+                   warm_start=data.get("warm_start"))
 
     def save(self, out: Path) -> Path:
         """Write ``OUT/search.json`` (atomically), with the fingerprint ``--resume`` compares."""

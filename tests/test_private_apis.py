@@ -44,5 +44,5 @@ def test_failed_trial_is_infeasible_without_the_deprecated_constraints_func() ->
         searcher.on_trial_complete("b", result={"m": 0.5})
     a, b = searcher._ot_study.trials
     assert a.state == optuna.trial.TrialState.PRUNED and a.constraints == {FAILED_ATTR: 1.0}
-    assert a.user_attrs == {FAILED_ATTR: True}
+    assert a.user_attrs == {FAILED_ATTR: True, "ray_trial_id": "a"}  # every trial carries its Ray trial id
     assert b.state == optuna.trial.TrialState.COMPLETE and b.constraints == {} and b.value == 0.5

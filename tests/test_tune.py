@@ -323,10 +323,10 @@ def test_console_is_compact_and_warning_free(search: Search) -> None:
         how = "finished" if r["status"] == "TERMINATED" else f"stopped early at epoch {r['epochs']}/"
         assert len(mine) == 1 and mine[0].startswith(f"  {r['study']} trial ") and how in mine[0], (mine, r.to_dict())
         assert f"val/acc1 {r[METRIC]:.2f} (best epoch)" in mine[0], mine
-    tail = [ln.split("  # ")[0].strip() for ln in lines[-len(SMOKE_STUDIES) - 3:]]  # the last lines: what next
+    tail = [ln.split("  # ")[0].strip() for ln in lines[-len(SMOKE_STUDIES) - 4:]]  # the last lines: what next
     assert tail == ["next:", f"mlfd report {out}",
                     *[f"mlfd export {out} --study {s} --out best-{s}.yaml" for s in SMOKE_STUDIES],
-                    f"mlfd ui --out {out}"], lines[-8:]
+                    f"mlfd ui --out {out}", f"optuna-dashboard sqlite:///{out / 'optuna.db'}"], lines[-9:]
 
 
 @pytest.mark.slow
@@ -517,6 +517,11 @@ def check_resumed(out: Path, args: list, saved: dict, lines_before: dict, runnin
     assert trial_runs == sorted(s.trials["trial_id"]), trial_runs
     assert len(runs) == len(trial_runs) + 1 and {r.info.status for r in runs} == {"FINISHED"}, \
         [(r.info.run_name, r.info.status) for r in runs]
+    # The persistent Optuna study: every trial once too (mlfd/tune/study.py).
+    from mlfd.tune.study import RAY_TRIAL_ATTR, load_study
+
+    study = load_study(f"sqlite:///{out / 'optuna.db'}", "quickstart-digits")
+    assert sorted(t.user_attrs[RAY_TRIAL_ATTR] for t in study.trials) == sorted(s.trials["trial_id"])
     return s
 
 

@@ -8,7 +8,8 @@ A pipeline run directory (``mlfd run ... --out DIR``) gives:
 * top-1 accuracy per epoch (Figures 2-4 style): one plot per dataset, and one of the joint teachers per level.
 
 A search directory (``mlfd tune JOB --out DIR``) gives, per study, the optimization history, Optuna parameter
-importances (from an in-memory study rebuilt out of ``trials.parquet``) and the top trials.
+importances (read from the search's persistent Optuna study, ``OUT/optuna.db`` or the job's ``optuna_storage``; for
+a search made before mlfd kept them, from an in-memory study rebuilt out of ``trials.parquet``) and the top trials.
 
 Everything is written to ``REPORT_DIR/report.md`` plus PNG files next to it. Plots use matplotlib's Agg renderer
 through :class:`matplotlib.figure.Figure` (no pyplot, no global backend state). Heavy imports (matplotlib, Optuna
@@ -33,7 +34,8 @@ from mlfd.report.plots import (CURVE_METRIC, plot_ablation, plot_dataset_curves,
                                plot_joint_teacher_curves, plot_pareto)
 from mlfd.report.price import price_section
 from mlfd.report.search import (SEARCH_FILE, TOP_TRIALS, TRIALS_FILE, SearchInfo, order_trials, param_importances,
-                                pareto_table, read_search_info, study_summary, summary_table, top_trials_table)
+                                pareto_table, read_search_info, search_importances, study_summary, summary_table,
+                                top_trials_table)
 from mlfd.report.tables import _datasets, _finite, _md_table, ablation_table, delta_table
 from mlfd.stages.results import PM, aggregate_results, results_table
 from mlfd.store import atomic_write_text
@@ -137,7 +139,8 @@ def _summary_section(run_dir: Path) -> list[str]:
             summary_table(df), ""]
 
 
-def _search_section(trials: pd.DataFrame, info: SearchInfo, out: Path, files: dict[str, Path]) -> list[str]:
+def _search_section(trials: pd.DataFrame, info: SearchInfo, out: Path, files: dict[str, Path],
+                    run_dir: Path) -> list[str]:
     md: list[str] = []
     for name in dict.fromkeys(trials["study"].astype(str)):
         study = trials[trials["study"].astype(str) == name]
@@ -164,7 +167,9 @@ def _search_section(trials: pd.DataFrame, info: SearchInfo, out: Path, files: di
             files[f"search/{name}/history"] = png
             md += ["### Optimization history", "", f"![history {name}]({png.name})", ""]
         md += ["### Parameter importances", ""]
-        imp, note = param_importances(study, info)
+        imp, note, source = search_importances(run_dir, name, study, info)
+        if source:
+            md += [source, ""]
         if imp:
             md += [f"Optuna `get_param_importances`, fANOVA ({note}).", "",
                    _md_table(["Param", "Importance"], [[k, f"{v:.3f}"] for k, v in imp.items()]), ""]
@@ -237,7 +242,7 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> dict[str, Path]:
         if len(trials):
             if (run_dir / "search.json").is_file():
                 md += _summary_section(run_dir)
-            md += _search_section(trials, info, out, files)
+            md += _search_section(trials, info, out, files, run_dir)
             md += price_section(run_dir, trials)
         else:
             md += ["## Search", "", f"{TRIALS_FILE} holds no trials yet.", ""]

@@ -131,6 +131,42 @@ def param_importances(study: pd.DataFrame, info: SearchInfo) -> tuple[dict[str, 
     return fanova_importances(values, objective, maximize=info.mode == "max", space_file=info.space_file)
 
 
+def search_importances(run_dir: Path, name: str, study: pd.DataFrame, info: SearchInfo
+                       ) -> tuple[dict[str, float] | None, str, str | None]:
+    """Parameter importances of one study of a search, from its persistent Optuna study when the search has one.
+
+    A search keeps one Optuna study per study (``OUT/optuna.db`` or the job's ``optuna_storage``; see
+    :mod:`mlfd.tune.study`): the study is read back as it is, with the distributions the sampler used. A search made
+    before mlfd kept its studies has none: its importances are rebuilt from trials.parquet (:func:`param_importances`).
+
+    Returns:
+        (importances or None, note, a line naming the Optuna study that was read, or None for the fallback).
+    """
+    from mlfd.errors import SpecError as _SpecError
+    from mlfd.tune.study import read_study, search_storage, study_name
+
+    try:
+        plan = SearchPlan.load(run_dir)
+    except _SpecError:  # no (readable) search.json: a table of trials alone
+        plan = None
+    url = search_storage(Path(run_dir), plan.optuna_storage) if plan is not None else None
+    view = None
+    if url is not None:
+        sname = study_name(plan.job.name, name)
+        try:
+            view = read_study(url, sname)
+        except _SpecError as e:  # a database server that is away: fall back, and say so
+            imp, note = param_importances(study, info)
+            return imp, f"{note}; rebuilt from {TRIALS_FILE}: {e}", None
+    if view is None:
+        imp, note = param_importances(study, info)
+        return imp, f"{note}; rebuilt from {TRIALS_FILE}: this search has no Optuna study {name!r}", None
+    counts = ", ".join(f"{n} {k}" for k, n in sorted(view.counts.items()))
+    source = (f"Optuna study `{view.name}` in `{view.storage}`: {sum(view.counts.values())} trials ({counts}); "
+              f"`optuna-dashboard {view.storage}` shows it.")
+    return view.importances, view.note, source
+
+
 def _fmt_value(v: Any) -> str:
     v = _decode(v)
     if v is None:

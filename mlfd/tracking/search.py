@@ -116,13 +116,16 @@ class SearchTracking:
             _logger.warning("%d MLflow calls are still in %s; the next mlfd tune --resume --out %s replays them", left,
                             self.tracker.journal, self.out)
 
-    def finish_study(self, plan: SearchPlan, study: str | None, best_yaml: Path | None) -> None:
-        """Log the study's best trial under the parent: test metrics, weights, a loadable model, the YAML."""
+    def finish_study(self, plan: SearchPlan, study: str | None, best_yaml: Path | None, round_: int = 0) -> None:
+        """Log the study's best trial under the parent: test metrics, weights, a loadable model, the YAML.
+
+        ``round_``: the study's last round (k after the k-th ``mlfd tune --extend``), whose best is logged again."""
         key = plan.study_key(study)
         rid = self.parents[key]
         t = self.tracker
         state = _load_state(self.out)
-        if key in state.get("finished", []):  # a resumed search passes finished studies again: log them once
+        done = key if not round_ else f"{key}#extend{round_}"
+        if done in state.get("finished", []):  # a resumed search passes finished studies again: log them once
             t.end_run(rid, "FINISHED")
             return
         if best_yaml is not None and best_yaml.is_file():
@@ -147,7 +150,7 @@ class SearchTracking:
             t.log_artifact(rid, trials)
             self.tag_front(rid, key, trials)
         t.end_run(rid, "FINISHED")
-        state.setdefault("finished", []).append(key)
+        state.setdefault("finished", []).append(done)
         _save_state(self.out, state)
 
     def tag_front(self, parent_id: str, key: str, trials: Path) -> None:

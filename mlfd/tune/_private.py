@@ -6,7 +6,9 @@ moved when an upgrade breaks one.
 
     Ray Tune    ResultGrid._experiment_analysis.trials   per-trial status (ResultGrid has no public trial list)
     Ray Tune    OptunaSearch._ot_trials / _ot_study /    the Optuna trial of a Ray trial, to tell a failed one as
-                _completed_trials                        PRUNED + infeasible instead of FAIL
+                _completed_trials                        PRUNED + infeasible instead of FAIL, to tag it with its Ray
+                                                         trial id, and to write the sampler's finished trials to the
+                                                         persistent study (mlfd.tune.study)
     Optuna      BaseDistribution._contains               whether a value lies in a distribution
     Ray Tune    Tuner._local_tuner.get_run_config()      the callbacks a restored Tuner runs with (Tuner.restore
                                                          takes none; they come back pickled with the experiment)
@@ -27,6 +29,16 @@ def optuna_search_trial(searcher: Any, trial_id: str) -> Any | None:
     if trial_id not in searcher._ot_trials or trial_id in searcher._completed_trials:
         return None
     return searcher._ot_trials[trial_id]
+
+
+def optuna_search_asked(searcher: Any, trial_id: str) -> Any | None:
+    """The ``optuna.Trial`` an ``OptunaSearch`` asked for Ray trial ``trial_id`` (told or not; None if never asked)."""
+    return searcher._ot_trials.get(trial_id)
+
+
+def optuna_search_study(searcher: Any) -> Any:
+    """The ``optuna.Study`` an ``OptunaSearch`` samples from."""
+    return searcher._ot_study
 
 
 def optuna_search_tell(searcher: Any, trial_id: str, ot_trial: Any, state: Any) -> None:

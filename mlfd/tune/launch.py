@@ -4,6 +4,8 @@ Layout of an output directory::
 
     OUT/search.json         the resolved job and pipeline (what --resume checks and export reads)
     OUT/ray/<name>-<study>  Ray Tune experiment state (storage_path), restorable with Tuner.restore
+    OUT/ray/<name>-<study>-extend<k>   the k-th ``--extend`` of that study (another Ray experiment)
+    OUT/optuna.db           the persistent Optuna study of each study, <name>-<study> (job optuna_storage; see study.py)
     OUT/store/              artifact store shared by every trial and study
     OUT/trials.parquet      one row per trial
     OUT/best/<study>.yaml   the best trial of each study as a standalone pipeline
@@ -33,6 +35,7 @@ from mlfd.store import atomic_write_bytes, atomic_write_text
 from mlfd.tune._private import result_grid_trials
 from mlfd.search import SEARCH_FILE, JobSpec, SearchPlan, load_job, resolve
 from mlfd.tune.packing import plan_gpu
+from mlfd.tune.study import default_storage, search_storage
 from mlfd.tune.trainable import run_stage, stage_epochs
 
 _logger = logging.getLogger(__name__)
@@ -93,7 +96,8 @@ def prepare(job_path: str, out: Path, smoke: bool, overrides: list[str] | None) 
     return SearchPlan(job=job, pipeline=pipeline, studies=studies, job_file=str(Path(job_path).resolve()),
                       pipeline_file=str(pipe_path), space_file=str(space_path),
                       storage_path=job.storage_path or str(out / "ray"), store=job.store or str(out / "store"),
-                      tracking_uri=job.tracking_uri or f"sqlite:///{out / 'mlflow.db'}", smoke=smoke, gpu=gpu)
+                      tracking_uri=job.tracking_uri or f"sqlite:///{out / 'mlflow.db'}", smoke=smoke, gpu=gpu,
+                      optuna_storage=job.optuna_storage or default_storage(out))
 
 
 def check_resources(job: JobSpec) -> None:
@@ -105,23 +109,89 @@ def check_resources(job: JobSpec) -> None:
                         "run with --set resources.gpu=0 to use CPUs")
 
 
-def open_output(out: Path, plan: SearchPlan, resume: bool, claim: bool = True) -> None:
-    """Create or check the output directory: a new search needs a fresh one, --resume needs the same search.
+def open_output(out: Path, plan: SearchPlan, resume: bool, claim: bool = True, extend: int | None = None) -> None:
+    """Create or check the output directory: a new search needs a fresh one, --resume and --extend the same search.
 
-    ``claim=False`` only checks (nothing is written), so a refused command leaves ``out`` as it was.
+    ``claim=False`` only checks (nothing is written), so a refused command leaves ``out`` as it was. ``--resume`` and
+    ``--extend`` take the search's rounds (``extends``), seeding (``warm_start``) and Optuna storage from its
+    ``search.json``; with ``claim``, ``--extend N`` adds a round of N trials per study to it.
     """
     f = out / SEARCH_FILE
-    if resume:
+    if resume or extend is not None:
+        flag = "--resume" if resume else "--extend"
         if not f.is_file():
-            raise SpecError(f"--resume: {out} holds no search ({SEARCH_FILE} missing); run without --resume")
+            raise SpecError(f"{flag}: {out} holds no search ({SEARCH_FILE} missing); run without {flag}")
         if SearchPlan.saved_fingerprint(out) != plan.fingerprint():
-            raise SpecError(f"--resume: {out} holds a different search (job {_saved_job_file(out)}); "
+            raise SpecError(f"{flag}: {out} holds a different search (job {_saved_job_file(out)}); "
                             "use the same job, --smoke and --set as the first run, or another --out")
+        saved = SearchPlan.load(out)
+        plan.extends, plan.warm_start = list(saved.extends), saved.warm_start
+        plan.optuna_storage = saved.optuna_storage or plan.optuna_storage
+        if extend is not None:
+            check_finished(out, plan)
+            if claim:
+                plan.extends.append(int(extend))
+                plan.save(out)
         return
     if f.is_file():
         raise SpecError(f"--out: {out} already holds a search; pass --resume to continue it or choose another --out")
     if claim:
         plan.save(out)
+
+
+def check_search_args(out: Path, resume: bool, extend: int | None, warm_start: str | None) -> None:
+    """Refuse --resume/--extend/--warm-start combinations that cannot work (before the job is even prepared)."""
+    if extend is not None:
+        if extend < 1:
+            raise SpecError(f"--extend: must be >= 1 trials per study, got {extend}")
+        if resume:
+            raise SpecError("--extend: not with --resume; --extend adds trials to a finished search, --resume "
+                            "continues an interrupted one (an interrupted --extend too)")
+        if warm_start:
+            raise SpecError("--warm-start: not with --extend; --extend seeds the search in --out with its own earlier "
+                            "trials, --warm-start seeds a new search")
+    if warm_start and resume:
+        raise SpecError("--warm-start: not with --resume; a resumed search keeps the seeding it started with")
+    if warm_start:
+        check_warm_start(Path(warm_start), out)
+
+
+def check_finished(out: Path, plan: SearchPlan) -> None:
+    """Refuse ``--extend`` unless every study of the search in ``out`` has all the trials of its rounds."""
+    trials = out / "trials.parquet"
+    want = sum(plan.rounds())
+    if not trials.is_file():
+        raise SpecError(f"--extend: the search in {out} has not finished (no trials.parquet); continue it with "
+                        "--resume first")
+    counts = pd.read_parquet(trials, columns=["study"])["study"].value_counts()
+    have = {plan.study_key(s): int(counts.get(plan.study_key(s), 0)) for s in plan.studies}
+    short = [f"{k} {n}/{want}" for k, n in have.items() if n < want]
+    if short:
+        raise SpecError(f"--extend: the search in {out} has not finished ({', '.join(short)} trials); continue it "
+                        "with --resume first")
+
+
+def check_warm_start(source: Path, out: Path) -> SearchPlan:
+    """The plan of the search in ``source`` that ``--warm-start`` seeds a new search in ``out`` with (SpecError if
+    there is none, it has no Optuna storage, or it is ``out`` itself)."""
+    if Path(source).resolve() == Path(out).resolve():
+        raise SpecError(f"--warm-start: {source} is the --out of this search; seed a new search from another one, or "
+                        "use --extend to add trials to this one")
+    return warm_start_source(source)
+
+
+def warm_start_source(source: Path) -> SearchPlan:
+    """The plan of the search in ``source``, its ``optuna_storage`` the URL to read its studies from."""
+    source = Path(source).resolve()
+    if not (source / SEARCH_FILE).is_file():
+        raise SpecError(f"--warm-start: {source} holds no search ({SEARCH_FILE} missing)")
+    src = SearchPlan.load(source)
+    url = search_storage(source, src.optuna_storage)
+    if url is None:
+        raise SpecError(f"--warm-start: {source} has no Optuna studies ({source / 'optuna.db'} missing); it was made "
+                        "before mlfd kept them")
+    src.optuna_storage = url
+    return src
 
 
 def _saved_job_file(out: Path) -> str:
@@ -156,7 +226,35 @@ def trial_context(plan: SearchPlan, study: str | None) -> dict:
             "threads": trial_threads(plan.job), "gpu": plan.gpu, LATENCY_KEY: plan.job.latency_batch_size}
 
 
-def _tuner(plan: SearchPlan, study: str | None, index: int, callbacks: list, resume: bool, verbose: bool = False):
+def searcher_options(plan: SearchPlan, study: str | None, index: int, round_: int, space) -> dict:
+    """Keyword arguments of :func:`mlfd.tune.spaces.make_searcher` for round ``round_`` of study ``index``.
+
+    The sampler is seeded with ``seed + index`` (``+ 1000 * round_`` for an ``--extend``: new random startup draws);
+    it writes its trials to the study's persistent Optuna study. Round 0 tries the job's ``points_to_evaluate`` first
+    and, with ``--warm-start DIR``, starts from DIR's trials of the same study that fit the space; an ``--extend``
+    round starts from every earlier trial of the persistent study.
+    """
+    from mlfd.tune.study import StudyRecord, directions, seed_trials, study_name
+
+    job, key = plan.job, plan.study_key(study)
+    name = study_name(job.name, key)
+    seeds: list = []
+    if round_ > 0:
+        seeds = seed_trials(plan.optuna_storage, name, space, source=f"{name} (earlier rounds)")
+    elif plan.warm_start:
+        src = warm_start_source(Path(plan.warm_start))
+        src_name = study_name(src.job.name, key)
+        seeds = seed_trials(src.optuna_storage, src_name, space, source=f"{plan.warm_start} {src_name}")
+        _logger.info("mlfd tune: study %s starts from %d trial(s) of %s (%s)", key, len(seeds), plan.warm_start,
+                     src_name)
+    return {"seed": job.seed + index + 1000 * round_, "startup_trials": job.startup_trials,
+            "points_to_evaluate": (job.points_to_evaluate or None) if round_ == 0 else None,
+            "study_name": name, "seeds": seeds,
+            "record": StudyRecord(plan.optuna_storage, name, directions(job.mode)) if plan.optuna_storage else None}
+
+
+def _tuner(plan: SearchPlan, study: str | None, index: int, callbacks: list, resume: bool, verbose: bool = False,
+           round_: int = 0):
     from ray import tune
 
     from mlfd.tune.atomic_fs import storage_filesystem, sweep_partial
@@ -164,7 +262,7 @@ def _tuner(plan: SearchPlan, study: str | None, index: int, callbacks: list, res
     from mlfd.tune.spaces import load_space, make_searcher
 
     job, spec = plan.job, plan.spec
-    name = plan.experiment_name(study)
+    name = plan.experiment_name(study, round_)
     exp_path = os.path.join(plan.storage_path, name)
     context = trial_context(plan, study)
     trainable = tune.with_resources(tune.with_parameters(run_stage, context=context),
@@ -180,15 +278,16 @@ def _tuner(plan: SearchPlan, study: str | None, index: int, callbacks: list, res
         rewatch(tuner, callbacks)  # this command's watch, not the one pickled with the experiment
         return tuner
     space = load_space(plan.space_file)
-    searcher = make_searcher(space, job.metrics, job.modes, seed=job.seed + index,
-                             points_to_evaluate=job.points_to_evaluate or None, constraints=job.constraints or None)
-    view = LiveView(study or job.stage, job.objective, job.objective_mode, stage_epochs(spec, job.stage))
+    searcher = make_searcher(space, job.metrics, job.modes, constraints=job.constraints or None,
+                             **searcher_options(plan, study, index, round_, space))
+    view = LiveView(study or job.stage, job.objective, job.objective_mode, stage_epochs(spec, job.stage),
+                    offset=sum(plan.rounds()[:round_]))
     return tune.Tuner(
         trainable,
         # The scheduler (ASHA, HyperBand) stops trials on the first objective; the searcher sees them all.
         tune_config=tune.TuneConfig(metric=job.objective, mode=job.objective_mode, search_alg=searcher,
                                     scheduler=_scheduler(job, stage_epochs(spec, job.stage)),
-                                    num_samples=job.num_samples, max_concurrent_trials=job.max_concurrent_trials,
+                                    num_samples=plan.rounds()[round_], max_concurrent_trials=job.max_concurrent_trials,
                                     reuse_actors=job.reuse_actors),
         run_config=tune.RunConfig(name=name, storage_path=plan.storage_path, storage_filesystem=fs,
                                   callbacks=[*callbacks, view], checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
@@ -298,8 +397,12 @@ def trial_index(result) -> int | None:
 def run_search(job_path: str, out: Path, smoke: bool = False, resume: bool = False, address: str | None = None,
                overrides: list[str] | None = None, tracking=None,
                connect_timeout: float = CONNECT_TIMEOUT_S, lost_node_timeout: float = LOST_NODE_TIMEOUT_S,
-               verbose: bool = False) -> pd.DataFrame:
+               verbose: bool = False, extend: int | None = None, warm_start: str | None = None) -> pd.DataFrame:
     """Run (or resume) every study of a job; write trials.parquet and best/<study>.yaml. Returns the trial table.
+
+    ``extend``: run that many more trials per study of the finished search in ``out`` (a new round, its sampler
+    seeded with every earlier trial). ``warm_start``: a search directory whose trials seed this new search's samplers
+    (those that fit its space). See :func:`check_search_args` for the combinations refused.
 
     With ``address`` the search joins an existing Ray cluster: the head must answer within ``connect_timeout``
     seconds (:func:`connect`), and the cluster must have what the job asks for, before anything is written to ``out``.
@@ -321,7 +424,7 @@ def run_search(job_path: str, out: Path, smoke: bool = False, resume: bool = Fal
 
     try:
         return _run_search(job_path, out, smoke, resume, address, overrides, tracking, connect_timeout,
-                           lost_node_timeout, verbose, claimed)
+                           lost_node_timeout, verbose, claimed, extend, warm_start)
     finally:
         logs.restore()
 
@@ -342,7 +445,7 @@ def quiet_ray(verbose: bool) -> None:
 
 def _run_search(job_path: str, out: Path, smoke: bool, resume: bool, address: str | None,
                 overrides: list[str] | None, tracking, connect_timeout: float, lost_node_timeout: float,
-                verbose: bool, claimed) -> pd.DataFrame:
+                verbose: bool, claimed, extend: int | None = None, warm_start: str | None = None) -> pd.DataFrame:
     """:func:`run_search` once the console is set up; ``claimed()`` is called once ``out`` holds the search."""
     import ray
 
@@ -361,9 +464,17 @@ def _run_search(job_path: str, out: Path, smoke: bool, resume: bool, address: st
         uri = load_job(job_path, smoke, overrides)[0].tracking_uri
         if uri:
             Tracker.check_reachable(uri)
+    check_search_args(out, resume, extend, warm_start)
     plan = prepare(job_path, out, smoke, overrides)
     job, spec = plan.job, plan.spec
-    open_output(out, plan, resume, claim=False)  # a misused --out/--resume is refused before tracking writes to OUT
+    # A misused --out/--resume/--extend is refused before tracking writes to OUT.
+    open_output(out, plan, resume, claim=False, extend=extend)
+    if warm_start:
+        plan.warm_start = str(Path(warm_start).resolve())
+    if plan.optuna_storage and plan.optuna_storage != default_storage(out):
+        from mlfd.tune.study import storage
+
+        storage(plan.optuna_storage)  # a database server that does not answer fails before any compute
     # Priced before Ray starts; not on a cluster (--address), whose machines the driver cannot time.
     price = None if address else launch_price(plan, trial_threads(job), out, resume)
     measured: dict = {"studies": {}, "resumed": resume}
@@ -378,7 +489,7 @@ def _run_search(job_path: str, out: Path, smoke: bool, resume: bool, address: st
             # An unreachable tracking server fails here, before any compute and before OUT is claimed by search.json
             # (otherwise the same command, rerun once the server is up, is refused as "already holds a search").
             tracking.open(plan)
-        open_output(out, plan, resume)
+        open_output(out, plan, resume, extend=extend)
         claimed()
         if price is not None:
             write_price(price, out / PRICE_FILE)
@@ -389,21 +500,32 @@ def _run_search(job_path: str, out: Path, smoke: bool, resume: bool, address: st
         if job.stage in ("students", "joint"):
             prebuild_teachers(plan)
         measured["teachers_s"] = time.monotonic() - t0
+        samples = plan.rounds()
         for i, study in enumerate(plan.studies):
             t0 = time.monotonic()
-            name = plan.experiment_name(study)
-            cbs = study_callbacks(tracking, plan, study, trial_context(plan, study)) if tracking else []
-            watch = LostNodeWatch(lost_node_timeout)
-            tuner = _tuner(plan, study, i, [*cbs, watch], resume, verbose)
-            _logger.info("mlfd tune: study %s (%d/%d), %d trials -> %s", study or job.stage, i + 1,
-                         len(plan.studies), job.num_samples, os.path.join(plan.storage_path, name))
-            results = tuner.fit()
-            fit_s = time.monotonic() - t0
-            watch.raise_if_stopped(f"on a healthy cluster continue it with the same command plus --resume --out {out}")
-            if _interrupted(results, job):
-                raise KeyboardInterrupt(f"search interrupted during study {study or job.stage}; finished trials are "
-                                        f"kept in {plan.storage_path}; continue with --resume --out {out}")
-            study_rows = trial_rows(results, study, job, stage_epochs(spec, job.stage))
+            fit_s = 0.0
+            study_rows: list[dict] = []
+            for r, n in enumerate(samples):
+                name = plan.experiment_name(study, r)
+                cbs = study_callbacks(tracking, plan, study, trial_context(plan, study)) if tracking else []
+                watch = LostNodeWatch(lost_node_timeout)
+                # Earlier rounds of an --extend are restored (finished: Ray returns their results at once).
+                tuner = _tuner(plan, study, i, [*cbs, watch], resume or r < len(samples) - 1, verbose, round_=r)
+                _logger.info("mlfd tune: study %s (%d/%d)%s, %d trials -> %s", study or job.stage, i + 1,
+                             len(plan.studies), f", extension {r}" if r else "", n,
+                             os.path.join(plan.storage_path, name))
+                t_fit = time.monotonic()
+                results = tuner.fit()
+                fit_s += time.monotonic() - t_fit
+                watch.raise_if_stopped(f"on a healthy cluster continue it with the same command plus --resume --out "
+                                       f"{out}")
+                if _interrupted(results, n):
+                    raise KeyboardInterrupt(f"search interrupted during study {study or job.stage}; finished trials "
+                                            f"are kept in {plan.storage_path}; continue with --resume --out {out}")
+                new = trial_rows(results, study, job, stage_epochs(spec, job.stage))
+                for row in new:  # one trial counter per study across its rounds
+                    row["trial_index"] = None if row["trial_index"] is None else row["trial_index"] + sum(samples[:r])
+                study_rows.extend(new)
             rows.extend(study_rows)
             write_trials(out, rows)
             pause_point("results")
@@ -411,7 +533,7 @@ def _run_search(job_path: str, out: Path, smoke: bool, resume: bool, address: st
             if best_row(pd.DataFrame(study_rows), job.objective, job.objective_mode) is not None:
                 best_yaml = export_best(out, study or job.stage, out / "best" / f"{study or job.stage}.yaml")
             if tracking:
-                tracking.finish_study(plan, study, best_yaml)
+                tracking.finish_study(plan, study, best_yaml, round_=len(samples) - 1)
             measured["studies"][plan.study_key(study)] = {"wall_s": time.monotonic() - t0, "fit_s": fit_s}
         if tracking:
             tracking.close()
@@ -599,11 +721,11 @@ def pause_point(name: str) -> None:
         time.sleep(1.0)
 
 
-def _interrupted(results, job: JobSpec) -> bool:
+def _interrupted(results, num_samples: int) -> bool:
     """Ray Tune returns normally on Ctrl-C; unfinished trials (or too few) tell us the study did not complete."""
     trials = result_grid_trials(results)  # Ray keeps per-trial status only in a private attribute
     unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
-    return bool(unfinished) or len(trials) < job.num_samples or bool(_unfinished_in_saved_state(results))
+    return bool(unfinished) or len(trials) < num_samples or bool(_unfinished_in_saved_state(results))
 
 
 def _unfinished_in_saved_state(results) -> list[str]:

@@ -55,10 +55,11 @@ def clock(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def trial_number(trial) -> str:
-    """``#3``: Ray's creation counter of the trial in its study (the start of its experiment tag), else its id."""
+def trial_number(trial, offset: int = 0) -> str:
+    """``#3``: Ray's creation counter of the trial in its study (the start of its experiment tag) plus ``offset`` (the
+    trials of a study's earlier rounds, before an ``--extend``), else its id."""
     m = re.match(r"(\d+)_", str(getattr(trial, "experiment_tag", "") or ""))
-    return f"#{m.group(1)}" if m else str(trial.trial_id)
+    return f"#{int(m.group(1)) + offset}" if m else str(trial.trial_id)
 
 
 class LiveView(Callback):
@@ -69,10 +70,12 @@ class LiveView(Callback):
         metric: the searched metric (``val/acc1``).
         mode: ``max`` or ``min``.
         max_epochs: the epochs of a trial that runs to the end (a trial with fewer was stopped by the scheduler).
+        offset: added to Ray's trial numbers (the trials of the study's earlier rounds, for an ``--extend``).
     """
 
-    def __init__(self, study: str, metric: str, mode: str, max_epochs: int):
+    def __init__(self, study: str, metric: str, mode: str, max_epochs: int, offset: int = 0):
         self.study, self.metric, self.mode, self.max_epochs = study, metric, mode, max_epochs
+        self.offset = offset
         self._reset()
 
     def _reset(self, total: int = 0) -> None:
@@ -84,6 +87,9 @@ class LiveView(Callback):
         self.drawn = False  # a progress line is on screen, not yet ended by a newline (terminal only)
         self.enabled = _logger.isEnabledFor(logging.INFO)
         self.tty = self.enabled and sys.stderr.isatty()
+
+    def _number(self, trial) -> str:
+        return trial_number(trial, getattr(self, "offset", 0))  # a view pickled before offsets existed has none
 
     # --- Ray Tune's hooks -------------------------------------------------------------------------------------------
 
@@ -112,7 +118,7 @@ class LiveView(Callback):
         self._trial_ended(trials, trial, f"{what}, {self.metric} {self._value(trial)}")
 
     def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
-        self._line(f"  {self.study} trial {trial_number(trial)} ({trial.trial_id}) failed, retrying: "
+        self._line(f"  {self.study} trial {self._number(trial)} ({trial.trial_id}) failed, retrying: "
                    f"{self._reason(trial)}")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
@@ -139,7 +145,7 @@ class LiveView(Callback):
         best = self.best(trials)
         parts = [f"{done}/{total} done", f"{running} running"]
         if best is not None:
-            parts.append(f"best {self.metric} {best[0]:.2f} ({trial_number(best[1])})")
+            parts.append(f"best {self.metric} {best[0]:.2f} ({self._number(best[1])})")
         parts.append(clock(elapsed))
         if done < total:
             # Trials still to end, at the pace of those that ended in this session: a rough guide, not a promise.
@@ -181,7 +187,7 @@ class LiveView(Callback):
 
     def _trial_ended(self, trials: list, trial, what: str) -> None:
         self.ended.add(trial.trial_id)
-        self._line(f"  {self.study} trial {trial_number(trial)} ({trial.trial_id}) {what}")
+        self._line(f"  {self.study} trial {self._number(trial)} ({trial.trial_id}) {what}")
         if not self.enabled:
             return
         if self.tty:

@@ -101,7 +101,8 @@ def _above(level: Any, k: int) -> bool:
 
 def make_searcher(space: SearchSpace, metric: str | list[str], mode: str | list[str], seed: int,
                   points_to_evaluate: list[dict] | None = None,
-                  constraints: dict[str, dict[str, float]] | None = None) -> Any:
+                  constraints: dict[str, dict[str, float]] | None = None, startup_trials: int = 10,
+                  study_name: str | None = None, seeds: list | None = None, record: Any = None) -> Any:
     """A seeded Optuna TPE searcher for Ray Tune over a space (define-by-run).
 
     Args:
@@ -113,6 +114,12 @@ def make_searcher(space: SearchSpace, metric: str | list[str], mode: str | list[
         points_to_evaluate: Flat configs to try first (names of the space; fixed params may be omitted).
         constraints: ``{metric: {le|ge: bound}}``: set on every completed trial as Optuna constraints
             (:class:`mlfd.tune.searcher.FailureAwareOptunaSearch`), so infeasible trials rank last.
+        startup_trials: Trials TPE samples at random before it models the results (``n_startup_trials``; seeded
+            trials count).
+        study_name: Name of the sampler's (in-memory) Optuna study.
+        seeds: Earlier trials (``optuna.trial.FrozenTrial``, in this space's distributions) the sampler's study starts
+            with (``--extend``, ``--warm-start``; see :func:`mlfd.tune.study.seed_trials`).
+        record: A :class:`mlfd.tune.study.StudyRecord` the searcher writes every told trial to, or None.
 
     Returns:
         A ``ray.tune.search.optuna.OptunaSearch``.
@@ -138,7 +145,12 @@ def make_searcher(space: SearchSpace, metric: str | list[str], mode: str | list[
                                 f"allowed: {', '.join(space.names())}")
         points.append({k: v for k, v in point.items() if k not in fixed})
     from mlfd.tune.searcher import FailureAwareOptunaSearch
+    from mlfd.tune.study import directions, seeded_storage
 
-    sampler = optuna.samplers.TPESampler(seed=seed)  # failed trials are infeasible through Trial.set_constraint
+    # failed trials are infeasible through Trial.set_constraint
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials)
+    name = study_name or "optuna"
+    # OptunaSearch creates its study with load_if_exists: a storage that already holds it seeds the sampler.
     return FailureAwareOptunaSearch(space=space.define_by_run, metric=metric, mode=mode, sampler=sampler,
-                                    points_to_evaluate=points or None, constraints=constraints)
+                                    points_to_evaluate=points or None, constraints=constraints, study_name=name,
+                                    storage=seeded_storage(name, directions(mode), list(seeds or [])), record=record)
