@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -16,6 +17,8 @@ from mlfd.errors import SpecError
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
+PRICE_ENV = "MLFD_TUNE_PRICE"
+"""``0`` turns off the price estimate ``mlfd tune`` measures at launch (the default of ``--price/--no-price``)."""
 EXIT_TERMINATED = 143  # 128 + SIGTERM: what Kubernetes and Slurm expect of a job stopped with SIGTERM
 
 
@@ -81,7 +84,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     df = run_search(args.job, out, smoke=args.smoke, resume=args.resume, address=args.address, overrides=args.set,
                     tracking=SearchTracking(out, register=args.register), connect_timeout=args.connect_timeout,
                     lost_node_timeout=args.lost_node_timeout, verbose=args.verbose, extend=args.extend,
-                    warm_start=args.warm_start)
+                    warm_start=args.warm_start, price=args.price)
     print(search_summary(df, out))
     return 0
 
@@ -322,6 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print what the search would cost (stages stored or to build, seconds per epoch measured on "
                         "a few batches, expected trial-epochs, concurrency, wall time, device-hours); run no trial")
     t.add_argument("--json", default=None, metavar="FILE", help="with --plan: also write the estimate as JSON")
+    t.add_argument("--price", action=argparse.BooleanOptionalAction,
+                   default=os.environ.get(PRICE_ENV, "1") != "0",
+                   help="measure the --plan estimate at launch (10-30 s on a CPU) and keep it in OUT/price.json, "
+                        "where `mlfd report` puts it beside the measured time (default: on; off with "
+                        f"--no-price or {PRICE_ENV}=0)")
     t.add_argument("--register", default=None, metavar="NAME",
                    help="register each study's best model in the MLflow model registry under NAME")
     t.set_defaults(func=_cmd_tune)

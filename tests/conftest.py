@@ -27,6 +27,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 # Ray turns on token auth for local clusters by default; local CI runs without it (as .ci/run does).
+# mlfd tune measures its price estimate at launch (10-30 s a search here); only tests/test_price.py asks for it.
+os.environ.setdefault("MLFD_TUNE_PRICE", "0")
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled",
        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 CLI_ENV = ENV

@@ -174,7 +174,7 @@ def test_smoke_quickstart_lands_within_2x_of_its_estimate(mlfd_cli, tmp_path: Pa
     saved at launch, and `mlfd report` shows both."""
     out = tmp_path / "out"
     t0 = time.monotonic()
-    run = mlfd_cli("tune", str(JOB), "--smoke", "--out", str(out), timeout=1200)
+    run = mlfd_cli("tune", str(JOB), "--smoke", "--price", "--out", str(out), timeout=1200)
     wall = time.monotonic() - t0
     assert run.proc.returncode == 0, run.output[-5000:]
     price, measured = read_price(out)
@@ -217,3 +217,15 @@ def test_report_puts_the_estimate_beside_the_measured_times(tmp_path: Path) -> N
     assert "| study a (3 trials, 2 at once; trial-epochs 6.5 expected, 6 ran) | 0:00:40 | 0:01:00 | 1.50 |" in md
     assert "| study b (3 trials, 2 at once; trial-epochs 6.5 expected, 7 ran) | 0:00:40 | 0:01:20 | 2.00 |" in md
     assert "| **total** (the `mlfd tune` command) | 0:02:31 | 0:05:02 | 2.00 |" in md
+
+
+def test_price_at_launch_is_on_unless_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--price`` is the default; ``--no-price`` or MLFD_TUNE_PRICE=0 (what the test suite sets) turn it off."""
+    from mlfd.cli import PRICE_ENV, build_parser
+
+    monkeypatch.delenv(PRICE_ENV, raising=False)
+    assert build_parser().parse_args(["tune", str(JOB)]).price is True
+    assert build_parser().parse_args(["tune", str(JOB), "--no-price"]).price is False
+    monkeypatch.setenv(PRICE_ENV, "0")
+    assert build_parser().parse_args(["tune", str(JOB)]).price is False
+    assert build_parser().parse_args(["tune", str(JOB), "--price"]).price is True

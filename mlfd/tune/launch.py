@@ -397,8 +397,12 @@ def trial_index(result) -> int | None:
 def run_search(job_path: str, out: Path, smoke: bool = False, resume: bool = False, address: str | None = None,
                overrides: list[str] | None = None, tracking=None,
                connect_timeout: float = CONNECT_TIMEOUT_S, lost_node_timeout: float = LOST_NODE_TIMEOUT_S,
-               verbose: bool = False, extend: int | None = None, warm_start: str | None = None) -> pd.DataFrame:
+               verbose: bool = False, extend: int | None = None, warm_start: str | None = None,
+               price: bool = True) -> pd.DataFrame:
     """Run (or resume) every study of a job; write trials.parquet and best/<study>.yaml. Returns the trial table.
+
+    ``price``: measure the search's estimated cost before Ray starts (mlfd.tune.price; not with ``address``) and keep
+    it in ``OUT/price.json``.
 
     ``extend``: run that many more trials per study of the finished search in ``out`` (a new round, its sampler
     seeded with every earlier trial). ``warm_start``: a search directory whose trials seed this new search's samplers
@@ -424,7 +428,7 @@ def run_search(job_path: str, out: Path, smoke: bool = False, resume: bool = Fal
 
     try:
         return _run_search(job_path, out, smoke, resume, address, overrides, tracking, connect_timeout,
-                           lost_node_timeout, verbose, claimed, extend, warm_start)
+                           lost_node_timeout, verbose, claimed, extend, warm_start, price)
     finally:
         logs.restore()
 
@@ -445,7 +449,8 @@ def quiet_ray(verbose: bool) -> None:
 
 def _run_search(job_path: str, out: Path, smoke: bool, resume: bool, address: str | None,
                 overrides: list[str] | None, tracking, connect_timeout: float, lost_node_timeout: float,
-                verbose: bool, claimed, extend: int | None = None, warm_start: str | None = None) -> pd.DataFrame:
+                verbose: bool, claimed, extend: int | None = None, warm_start: str | None = None,
+                price_it: bool = True) -> pd.DataFrame:
     """:func:`run_search` once the console is set up; ``claimed()`` is called once ``out`` holds the search."""
     import ray
 
@@ -476,7 +481,7 @@ def _run_search(job_path: str, out: Path, smoke: bool, resume: bool, address: st
 
         storage(plan.optuna_storage)  # a database server that does not answer fails before any compute
     # Priced before Ray starts; not on a cluster (--address), whose machines the driver cannot time.
-    price = None if address else launch_price(plan, trial_threads(job), out, resume)
+    price = None if address or not price_it else launch_price(plan, trial_threads(job), out, resume)
     measured: dict = {"studies": {}, "resumed": resume}
     rows: list[dict] = []
     try:
