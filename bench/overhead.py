@@ -83,7 +83,7 @@ def plain_loop(search_out: Path, store: Path, result: Path) -> None:
     from mlfd.stages.joint import joint_targets, plan_for
     from mlfd.stages.students import train_student
     from mlfd.store import ArtifactStore
-    from mlfd.tune.launch import trial_config
+    from mlfd.tune.trials import trial_config
     from mlfd.tune.trainable import trial_spec
 
     from mlfd.search import SearchPlan

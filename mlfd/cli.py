@@ -75,7 +75,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if args.plan:
         return _tune_plan(args)
     from mlfd.tracking import SearchTracking
-    from mlfd.tune.launch import check_search_args, handle_sigterm, run_search
+    from mlfd.tune.cluster import handle_sigterm
+    from mlfd.tune.launch import check_search_args, run_search
 
     check_search_args(Path(args.out), args.resume, args.extend, args.warm_start)
 
@@ -95,7 +96,8 @@ def _tune_plan(args: argparse.Namespace) -> int:
         raise SpecError(f"--plan: prices a new local search; drop {'--resume' if args.resume else '--address'}")
     import importlib
 
-    from mlfd.tune.launch import prepare, trial_threads
+    from mlfd.tune.launch import prepare
+    from mlfd.tune.trials import trial_threads
     from mlfd.tune.price import price_prepared, price_table, process_age, write_price
 
     importlib.import_module("ray")  # a search's driver imports it before preparing: part of the measured start
@@ -168,7 +170,7 @@ def _optuna_storage(out: Path) -> str | None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from mlfd.tune.launch import export_best
+    from mlfd.tune.trials import export_best
 
     path = export_best(Path(args.dir), args.study, Path(args.out), pick=args.pick)
     print(f"wrote {path}")
@@ -377,8 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlfd: error: {out_of_memory(e, 'mlfd ' + args.command)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
-        launch = sys.modules.get("mlfd.tune.launch")  # loaded by `mlfd tune`, which alone handles SIGTERM
-        term = launch is not None and launch.stopped_by_sigterm()
+        cluster = sys.modules.get("mlfd.tune.cluster")  # loaded by `mlfd tune`, which alone handles SIGTERM
+        term = cluster is not None and cluster.stopped_by_sigterm()
         print(f"mlfd: {'stopped by SIGTERM' if term else 'interrupted'}{': ' + str(e) if str(e) else ''}",
               file=sys.stderr)
         return EXIT_TERMINATED if term else EXIT_INTERRUPTED

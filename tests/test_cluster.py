@@ -37,7 +37,8 @@ from test_tracking import MlflowServer, all_runs, client, free_port, history_len
 from test_tune import JOB, experiment_dir, one_line_error, read_search, result_lines, same_epoch, tiny, wait_for
 
 from mlfd.tracking import TAG_NODE, TAG_TRIAL  # noqa: E402
-from mlfd.tune.launch import LOOPBACK_ENV, TERM_GRACE_S, check_cluster_resources  # noqa: E402
+from mlfd.tune.cluster import LOOPBACK_ENV, TERM_GRACE_S
+from mlfd.tune.launch import check_cluster_resources  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = {LOOPBACK_ENV: "0"}

@@ -333,7 +333,7 @@ def test_trial_rows_record_the_retry(tmp_path: Path) -> None:
     from ray.tune import Result
 
     from mlfd.search import load_job
-    from mlfd.tune.launch import trial_rows
+    from mlfd.tune.trials import trial_rows
 
     job, _ = load_job(ROOT / "tune_jobs" / "quickstart.yaml", smoke=True)
     metrics = {"trial_id": "0a1b2c39", "experiment_tag": "1_x=1", "training_iteration": 3, "val/acc1": 50.0}

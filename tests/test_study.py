@@ -263,7 +263,7 @@ def first_proposal(out: Path, round_: int, seeds: list) -> dict:
 
 
 def config_of(row: pd.Series) -> dict:
-    from mlfd.tune.launch import trial_config
+    from mlfd.tune.trials import trial_config
 
     return trial_config(row)
 
@@ -312,7 +312,7 @@ def test_extend_adds_trials_to_the_same_study_runs_and_table(searches: dict) -> 
     runs, parents, statuses = mlflow_trial_runs(out)
     assert runs == sorted(df["trial_id"]) and parents == first_parents and statuses == {"FINISHED"}
     assert f"mlfd tune: study digits (1/1), extension 1, {EXTEND} trials" in output
-    from mlfd.tune.launch import best_row
+    from mlfd.tune.trials import best_row
 
     best = best_row(df, "val/acc1", "max")
     assert f"Best trial {best['trial_id']} of study 'digits'" in (out / "best" / "digits.yaml").read_text()

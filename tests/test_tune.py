@@ -29,7 +29,8 @@ from conftest import CLI_ENV, DATASETS, ROOT, CliRun, Search, experiment_dir, re
 
 from mlfd.config import PipelineSpec, SpecError, from_dict, load_pipeline
 from mlfd.search import load_job
-from mlfd.tune.launch import best_row, prepare, trial_rows
+from mlfd.tune.launch import prepare
+from mlfd.tune.trials import best_row, trial_rows
 from mlfd.tune.spaces import load_space
 
 JOB = ROOT / "tune_jobs" / "quickstart.yaml"
@@ -675,7 +676,7 @@ def test_a_trial_out_of_memory_is_retried_once_with_micro_batches(mlfd_cli, offl
     from mlfd.stages.common import Context
     from mlfd.stages.trial import StageTrial
     from mlfd.store import ArtifactStore
-    from mlfd.tune.launch import retried_spec, trial_config
+    from mlfd.tune.trials import retried_spec, trial_config
     from mlfd.tune.spaces import apply_config
 
     s, rc = oom_search(mlfd_cli, offline_store, tmp_path / "out", faults=1)

@@ -81,7 +81,7 @@ def read_search_info(run_dir: Path, trials: pd.DataFrame) -> SearchInfo:
 
 def order_trials(study: pd.DataFrame) -> pd.DataFrame:
     """Trials of one study in creation order: the ``trial_index`` column of trials.parquet (Ray's trial counter,
-    written by :func:`mlfd.tune.launch.trial_rows`); rows without one, and tables written before it existed, keep
+    written by :func:`mlfd.tune.trials.trial_rows`); rows without one, and tables written before it existed, keep
     their file order, after the numbered ones."""
     s = study.copy()
     s["_pos"] = range(len(s))
@@ -96,8 +96,8 @@ def order_trials(study: pd.DataFrame) -> pd.DataFrame:
 
 
 def _decode(v: Any) -> Any:
-    """A config cell as the sampled value (see :func:`mlfd.tune.launch.config_cell`)."""
-    from mlfd.tune.launch import config_cell
+    """A config cell as the sampled value (see :func:`mlfd.tune.trials.config_cell`)."""
+    from mlfd.tune.trials import config_cell
 
     return config_cell(v)
 
@@ -222,7 +222,7 @@ def study_summary(search_dir: Path) -> pd.DataFrame:
     from mlfd.stages.common import Context
     from mlfd.stages.trial import StageTrial
     from mlfd.store import ArtifactStore
-    from mlfd.tune.launch import best_row, retried_spec, trial_config
+    from mlfd.tune.trials import best_row, retried_spec, trial_config
     from mlfd.tune.spaces import apply_config
 
     search_dir = Path(search_dir)

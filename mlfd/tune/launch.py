@@ -1,4 +1,7 @@
-"""``mlfd tune``: one Ray Tune experiment per study, Optuna TPE through OptunaSearch, ASHA, resume, export.
+"""``mlfd tune``: one Ray Tune experiment per study, Optuna TPE through OptunaSearch, ASHA, resume, extend.
+
+Joining a cluster and SIGTERM are :mod:`mlfd.tune.cluster`; a finished study's rows, best trial and export are
+:mod:`mlfd.tune.trials`.
 
 Layout of an output directory::
 
@@ -15,43 +18,28 @@ Layout of an output directory::
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
-import math
 import os
-import re
-import signal
-import socket
 import time
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
-from mlfd.config import PipelineSpec, apply_overrides, dump_yaml, from_dict, read_yaml, smoke_pipeline, to_dict
+from mlfd.config import PipelineSpec, apply_overrides, from_dict, read_yaml, smoke_pipeline, to_dict
 from mlfd.errors import NodeLost, SpecError
-from mlfd.store import atomic_write_bytes, atomic_write_text
 from mlfd.tune._private import result_grid_trials
 from mlfd.search import SEARCH_FILE, JobSpec, SearchPlan, load_job, resolve
+from mlfd.tune.cluster import (CONNECT_TIMEOUT_S, LOST_NODE_TIMEOUT_S, check_cluster_paths, check_cluster_resources,
+                               connect, wait_for_head)
 from mlfd.tune.packing import plan_gpu
 from mlfd.tune.study import default_storage, search_storage
 from mlfd.tune.trainable import run_stage, stage_epochs
+from mlfd.tune.trials import best_row, export_best, trial_rows, trial_threads, write_trials
 
 _logger = logging.getLogger(__name__)
 
 DONE_SUFFIX = ".done"
-CONNECT_TIMEOUT_S = 60.0
-"""How long ``mlfd tune --address`` waits for the Ray head to answer (``--connect-timeout``)."""
-LOST_NODE_TIMEOUT_S = 30.0
-"""How long trials may wait for resources that no live node has (a lost node) before the search stops, exit 2
-(``--lost-node-timeout``; see mlfd.tune.watch)."""
-LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-"""Set to 0, Ray keeps a 127.0.0.1 address as it is instead of replacing it with this machine's IP."""
-TERM_GRACE_S = 60
-"""Seconds ``mlfd tune`` needs after SIGTERM to stop its trials, save their state and end its Ray processes (13 s
-measured in test_cluster.py on a loaded 2-core machine); a scheduler's grace period before SIGKILL should be at least
-this."""
 
 
 def study_names(job: JobSpec, spec: PipelineSpec) -> list[str | None]:
@@ -213,11 +201,6 @@ def _scheduler(job: JobSpec, max_t: int):
     return FIFOScheduler()
 
 
-def trial_threads(job: JobSpec) -> int:
-    """torch threads of a trial (and of the teacher tasks): its CPUs."""
-    return max(1, int(job.resources.cpu))
-
-
 def trial_context(plan: SearchPlan, study: str | None) -> dict:
     """What every trial of a study needs besides its sampled values (passed with tune.with_parameters)."""
     from mlfd.tune.trainable import LATENCY_KEY
@@ -294,104 +277,6 @@ def _tuner(plan: SearchPlan, study: str | None, index: int, callbacks: list, res
                                   failure_config=tune.FailureConfig(max_failures=job.max_failures),
                                   verbose=1 if verbose else 0),  # 0: Ray prints no tables (see quiet_ray)
     )
-
-
-def recorded_metrics(job: JobSpec) -> dict[str, str]:
-    """Metric -> direction of the ``best/<metric>`` and ``final/<metric>`` columns of trials.parquet: the objectives,
-    the metrics the constraints name, the student costs (mlfd.stages.pareto.metric_direction)."""
-    from mlfd.stages.pareto import metric_direction, objectives
-
-    objs = objectives(job.metrics, job.modes)
-    names = [*job.metrics, *job.constraints, *job.cost_metrics]
-    return {m: metric_direction(m, objs, job.constraints) for m in dict.fromkeys(names)}
-
-
-def trial_rows(results, study: str | None, job: JobSpec, max_epochs: int) -> list[dict]:
-    """One row per trial of a finished study; with several objectives, ``is_pareto`` (and with constraints,
-    ``feasible``) from mlfd.stages.pareto."""
-    rows = []
-    for r in results:
-        cfg = dict(r.config or {})
-        hist = r.metrics_dataframe
-        values = {}
-        for metric, direction in recorded_metrics(job).items():
-            col = hist[metric] if hist is not None and metric in hist else None
-            values[f"final/{metric}"] = (float(r.metrics[metric]) if r.metrics and metric in r.metrics
-                                         else float("nan"))
-            values[f"best/{metric}"] = (float("nan") if col is None or col.isna().all() else
-                                        float(col.max() if direction == "max" else col.min()))
-        epochs = int(r.metrics.get("training_iteration", 0)) if r.metrics else 0
-        if r.error is not None:
-            status, error = "ERROR", f"{type(r.error).__name__}: {str(r.error).strip().splitlines()[-1][:300]}"
-        else:
-            status, error = ("TERMINATED" if epochs >= max_epochs else "STOPPED"), ""
-        rows.append({"study": study or job.stage, "trial_id": str((r.metrics or {}).get("trial_id") or
-                                                                  Path(r.path).name), "status": status,
-                     "epochs": epochs, **values, "error": error,
-                     "path": r.path, "trial_index": trial_index(r), **trial_nodes(r), **trial_memory(r),
-                     **{f"config/{k}": v for k, v in sorted(cfg.items())}})
-    return mark_front(rows, job)
-
-
-def mark_front(rows: list[dict], job: JobSpec) -> list[dict]:
-    """Add ``is_pareto`` (several objectives) and ``feasible`` (constraints) to one study's rows."""
-    from mlfd.stages.pareto import feasible_mask, objectives, pareto_mask
-
-    if not rows or not (job.multi_objective or job.constraints):
-        return rows
-    df = pd.DataFrame(rows)
-    if job.multi_objective:
-        df["is_pareto"] = pareto_mask(df, objectives(job.metrics, job.modes), job.constraints)
-    if job.constraints:
-        df["feasible"] = feasible_mask(df, job.constraints)
-    return [{**row, **{k: bool(df.at[i, k]) for k in ("is_pareto", "feasible") if k in df}}
-            for i, row in enumerate(rows)]
-
-
-def trial_nodes(result) -> dict:
-    """Where a trial ran: ``node`` (Ray node id of its last report), ``node_ip``, ``hostname``, and ``nodes``, every
-    node it reported from in order (two for a trial retried elsewhere after its node was lost)."""
-    from mlfd.tune.trainable import NODE_KEY
-
-    m, hist = result.metrics or {}, result.metrics_dataframe
-    seen = list(dict.fromkeys(hist[NODE_KEY].dropna())) if hist is not None and NODE_KEY in hist else []
-    last = m.get(NODE_KEY) or (seen[-1] if seen else "")
-    return {"node": str(last), "node_ip": str(m.get("node_ip") or ""), "hostname": str(m.get("hostname") or ""),
-            "nodes": ",".join(map(str, seen or ([last] if last else [])))}
-
-
-def trial_memory(result) -> dict:
-    """What a trial says about its memory (:data:`mlfd.tune.trainable.MEMORY_KEYS`): ``oom_retries`` (1: it ran out
-    of memory and was retried with a micro-batch, also when the retry failed too), ``micro_batch_size`` and
-    ``accum_steps`` of the recipe it trained last (None: it never reported)."""
-    from mlfd.tune.trainable import MEMORY_KEYS, RETRY_FAILED
-
-    m = result.metrics or {}
-    row = {k: (int(m[k]) if m.get(k) is not None else None) for k in MEMORY_KEYS}
-    retried_and_failed = result.error is not None and RETRY_FAILED in str(result.error)
-    row["oom_retries"] = 1 if retried_and_failed else (row["oom_retries"] or 0)
-    return row
-
-
-def retried_spec(spec: PipelineSpec, stage: str, row: pd.Series) -> PipelineSpec:
-    """``spec`` as the trial of trials.parquet ``row`` trained it: with the micro-batch and accumulation steps of its
-    out-of-memory retry, if it had one (:func:`mlfd.stages.trial.micro_batched`), else as it is."""
-    from mlfd.stages.trial import micro_batched
-
-    retries = row.get("oom_retries")
-    if retries is None or pd.isna(retries) or int(retries) == 0 or pd.isna(row.get("micro_batch_size")):
-        return spec
-    study = row["study"] if stage in ("students", "teachers") else None
-    return micro_batched(spec, stage, study, int(row["micro_batch_size"]), int(row["accum_steps"]))
-
-
-def trial_index(result) -> int | None:
-    """Ray's creation order of a trial in its study (1, 2, ...; kept across --resume): the counter that starts the
-    trial's experiment tag (``3_fusion_level=2,...``), which Ray also puts in the trial directory's name
-    (``run_stage_<8 hex id>_3_fusion_level=2,..._<date>``), read from there when the trial never reported."""
-    tag = str((result.metrics or {}).get("experiment_tag") or "")
-    m = re.match(r"(\d+)_", tag) or re.match(r".*?_[0-9a-f]{8}_(\d+)_", Path(result.path).name)
-    return int(m.group(1)) if m else None
 
 
 def run_search(job_path: str, out: Path, smoke: bool = False, resume: bool = False, address: str | None = None,
@@ -558,117 +443,8 @@ def _run_search(job_path: str, out: Path, smoke: bool, resume: bool, address: st
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Joining a cluster; stopping on SIGTERM
+# Teachers built before the trials; fault-injection points; interrupted studies
 # --------------------------------------------------------------------------------------------------------------------
-
-_stopped_by: list[int] = []
-
-
-def stopped_by_sigterm() -> bool:
-    """Whether the search was stopped by SIGTERM (the CLI then exits 143 instead of Ctrl-C's 130)."""
-    return signal.SIGTERM in _stopped_by
-
-
-def _on_sigterm(signum: int, frame) -> None:
-    """SIGTERM does what Ctrl-C does at that moment: Ray Tune's handler stops the experiment and saves its state, or
-    Python's raises KeyboardInterrupt."""
-    _stopped_by.append(signum)
-    # os.write, not print: the main thread may be inside a write to stderr (a reentrant call would raise).
-    os.write(2, f"mlfd tune: SIGTERM received: stopping like Ctrl-C (within {TERM_GRACE_S} s)\n".encode())
-    handler = signal.getsignal(signal.SIGINT)
-    if callable(handler):
-        handler(signal.SIGINT, frame)
-    else:
-        raise KeyboardInterrupt
-
-
-def handle_sigterm() -> None:
-    """Make SIGTERM (Kubernetes, Slurm, ``kill``) stop the search like Ctrl-C. Called before Ray starts and again
-    after ``ray.init``, which installs its own handler (a driver that exits at once, leaving MLflow runs RUNNING)."""
-    import threading
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
-
-
-def _gcs_target(address: str) -> tuple[str, int] | None:
-    """(host, port) that ``ray.init(address)`` will connect to; None when Ray finds the address itself."""
-    from ray._private.services import canonicalize_bootstrap_address
-
-    if address.startswith("ray://"):  # Ray Client: the proxy on the head (port 10001 by default)
-        host, _, port = address[len("ray://"):].partition("/")[0].rpartition(":")
-        return (host or address[len("ray://"):], int(port) if port.isdigit() else 10001)
-    try:
-        # Ray's own reading of the address: "auto" (RAY_ADDRESS, the latest local cluster), and 127.0.0.1 replaced
-        # by this machine's IP unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0.
-        canon = canonicalize_bootstrap_address(address)
-    except (ConnectionError, ValueError) as e:
-        raise SpecError(f"--address {address}: {str(e).strip().splitlines()[0]}") from None
-    if canon is None:
-        return None
-    host, _, port = canon.rpartition(":")
-    if not port.isdigit():
-        raise SpecError(f"--address {address}: expected host:port (e.g. 10.0.0.1:6379), ray://host:10001 or auto")
-    return host, int(port)
-
-
-def wait_for_head(address: str, timeout: float, poll: float = 0.5) -> None:
-    """Wait until the Ray head at ``address`` accepts a connection; SpecError naming the likely cause after
-    ``timeout`` seconds. A plain socket probe in Python: Ctrl-C and SIGTERM stop it at once (``ray.init`` retries a
-    head it cannot reach in C++ for many minutes and ignores both meanwhile)."""
-    target = _gcs_target(address)
-    if target is None:
-        return
-    host, port = target
-    _logger.info("mlfd tune: joining the Ray cluster at %s (up to %g s)", address, timeout)
-    deadline = time.monotonic() + timeout
-    last: OSError | None = None
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=max(0.1, min(2.0, deadline - time.monotonic()))):
-                return
-        except OSError as e:
-            last = e
-        if time.monotonic() + poll > deadline:
-            break
-        time.sleep(poll)
-    given = address.rpartition(":")[0]
-    if given in ("127.0.0.1", "localhost", "::1") and host != given:
-        cause = (f"Ray replaced {given} with this machine's IP {host}; a cluster started on 127.0.0.1 listens only "
-                 f"on 127.0.0.1: set {LOOPBACK_ENV}=0 for the cluster and for mlfd tune")
-    else:
-        cause = ("is the head running (ray status --address ADDRESS), is the port open from this machine, is the "
-                 "address the head's GCS port (6379 by default)? Or raise --connect-timeout")
-    reason = f"{type(last).__name__}: {last}" if last else "no answer"
-    raise SpecError(f"--address {address}: no Ray cluster answered at {host}:{port} within {timeout:g} s "
-                    f"({reason}); {cause}")
-
-
-def connect(address: str | None, timeout: float = CONNECT_TIMEOUT_S, verbose: bool = False) -> None:
-    """Start a local Ray cluster (``address`` None) or join an existing one, within ``timeout`` seconds. The
-    workers' output reaches this console only when ``verbose`` (it is in Ray's session logs in any case)."""
-    import ray
-
-    handle_sigterm()
-    if ray.is_initialized():
-        return
-    if address:
-        wait_for_head(address, timeout)  # again: the head may have gone since the first check
-    # Without --address a search starts its own local cluster ("local"): a plain ray.init() would join whatever
-    # cluster RAY_ADDRESS or /tmp/ray/ray_current_cluster names (another user's, or a dead one it then waits for).
-    ray.init(address=address or "local", include_dashboard=False, configure_logging=False, log_to_driver=verbose)
-    handle_sigterm()  # ray.init replaced it
-
-
-def check_cluster_resources(job: JobSpec, resources: dict, address: str) -> None:
-    """Refuse a job the cluster cannot run: GPU trials on a cluster without GPUs, a trial larger than the cluster."""
-    gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 0))
-    if job.resources.gpu not in (0, 0.0) and gpus == 0:
-        raise SpecError(f"resources.gpu: {job.resources.gpu!r} asks for GPUs but the cluster at {address} has none "
-                        f"({cpus:g} CPUs); run with --set resources.gpu=0 or add GPU nodes")
-    if job.resources.cpu > cpus:
-        raise SpecError(f"resources.cpu: a trial asks for {job.resources.cpu:g} CPUs but the cluster at {address} "
-                        f"has {cpus:g} in all")
 
 
 def _build_teacher(pipeline: dict, store: str, name: str, threads: int, gpu: float = 0.0) -> str:
@@ -756,116 +532,3 @@ def _unfinished_in_saved_state(results) -> list[str]:
         return []
 
 
-def check_cluster_paths(job: JobSpec) -> None:
-    """Joining an existing cluster needs storage every node sees and a tracking server every node reaches."""
-    if job.storage_path is None:
-        raise SpecError("storage_path: --address needs a shared storage_path in the job (NFS path or s3:// URI) so "
-                        "every node writes trial state to the same place")
-    if job.store is None:
-        raise SpecError("store: --address needs a shared store directory in the job (the same path on every node, "
-                        "e.g. an NFS mount) so that teachers and caches are built once for the whole cluster")
-    if "://" not in job.store and not Path(job.store).is_dir():
-        raise SpecError(f"store: {job.store} does not exist on this machine; with --address it must be a shared "
-                        f"directory mounted at the same path on every node (create it on the shared volume)")
-    uri = job.tracking_uri or ""
-    if not uri.startswith(("http://", "https://", "databricks")):
-        raise SpecError(f"tracking_uri: --address needs a remote MLflow tracking server (http://host:port), "
-                        f"got {uri or 'none (the default is a SQLite file on this machine)'}")
-
-
-def write_trials(out: Path, rows: list[dict]) -> None:
-    import io
-
-    df = pd.DataFrame(rows)
-    # The same columns in the same order whatever order Ray returns the trials in (conditional params appear only in
-    # some rows): the trial's own columns, then its sampled params sorted by name.
-    df = df[[c for c in df.columns if not c.startswith("config/")] + sorted(c for c in df.columns
-                                                                            if c.startswith("config/"))]
-    for c in df.columns:  # parquet wants one type per column; sampled categoricals may mix int/str
-        if df[c].dtype == object and c.startswith("config/"):
-            df[c] = df[c].map(lambda v: v if v is None or isinstance(v, str) else json.dumps(v))
-    buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
-    atomic_write_bytes(out / "trials.parquet", buf.getvalue())
-
-
-def best_row(df: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
-    """The best trial of a study: among trials that ran every epoch (reproducible by a rerun) if any, else all;
-    among those, feasible ones first (a ``feasible`` column: the job has constraints)."""
-    col = f"best/{metric}"
-    ok = df[df["status"] != "ERROR"].dropna(subset=[col]) if len(df) else df
-    if not len(ok):
-        return None
-    if "feasible" in ok.columns and ok["feasible"].astype(bool).any():
-        ok = ok[ok["feasible"].astype(bool)]
-    full = ok[ok["status"] == "TERMINATED"]
-    pool = full if len(full) else ok
-    return pool.loc[pool[col].idxmax() if mode == "max" else pool[col].idxmin()]
-
-
-def config_cell(v: Any) -> Any:
-    """A trials.parquet config cell as the sampled value (mixed-type categoricals are stored as JSON text)."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return None
-    if isinstance(v, str):
-        try:
-            return json.loads(v)
-        except ValueError:
-            return v
-    return v.item() if hasattr(v, "item") else v
-
-
-def trial_config(row: pd.Series) -> dict:
-    """The sampled values of one trials.parquet row (params a trial did not sample are left out)."""
-    return {k[len("config/"):]: config_cell(v) for k, v in row.items()
-            if k.startswith("config/") and config_cell(v) is not None}
-
-
-def export_best(out: Path, study: str | None, dest: Path, pick: str | None = None) -> Path:
-    """Write the best trial of ``study`` in search ``out`` (or the one ``pick`` names: ``pareto:K``, or conditions
-    such as ``student/params<=1e6``; see mlfd.stages.pareto) as a standalone pipeline YAML and return its path."""
-    from mlfd.stages.pareto import objectives, parse_pick, pick_row
-    from mlfd.tune.spaces import apply_config
-
-    chosen = parse_pick(pick) if pick is not None else None  # a bad --pick fails before anything is read
-    out = Path(out)
-    if not (out / SEARCH_FILE).is_file() or not (out / "trials.parquet").is_file():
-        raise SpecError(f"{out}: no finished search here ({SEARCH_FILE} and trials.parquet are needed)")
-    plan = SearchPlan.load(out)
-    job = plan.job
-    df = pd.read_parquet(out / "trials.parquet")
-    studies = list(dict.fromkeys(df["study"]))
-    study = study or studies[0]
-    if study not in studies:
-        raise SpecError(f"--study: unknown study {study!r}; allowed: {studies}")
-    rows = df[df["study"] == study]
-    if chosen is not None and chosen.pareto is not None and not job.multi_objective:
-        raise SpecError(f"--pick {pick}: this search has one objective ({job.objective}), so no Pareto front; "
-                        "pick by conditions (e.g. 'student/params<=1e6'), or leave --pick out for the best trial")
-    if chosen is not None:
-        best = pick_row(rows, chosen, objectives(job.metrics, job.modes), job.constraints, study=study)
-    else:
-        best = best_row(rows, job.objective, job.objective_mode)
-    if best is None:
-        raise SpecError(f"{out}: study {study!r} has no successful trial to export")
-    config = trial_config(best)
-    pipeline = copy.deepcopy(apply_config(plan.pipeline, config))
-    if job.stage == "students":
-        pipeline["only_students"] = [study]
-    pipeline["controls"] = {"own_teacher": False, "no_kd": False}
-    pipeline["baselines"] = dict(pipeline.get("baselines") or {}, multi_head=job.stage == "multi_head",
-                                 joint_head=job.stage == "joint_head")
-    spec = retried_spec(from_dict(PipelineSpec, pipeline, path="export"), job.stage, best)
-    retries = best.get("oom_retries")
-    retried = (f"# the trial ran out of memory and was retried with micro-batch {int(best['micro_batch_size'])} x "
-               f"{int(best['accum_steps'])} accumulation steps; so does this pipeline\n"
-               if retries is not None and not pd.isna(retries) and int(retries) > 0 else "")
-    what = f"Trial {best['trial_id']} (--pick {pick})" if pick is not None else f"Best trial {best['trial_id']}"
-    values = ", ".join(f"{m} = {best[f'best/{m}']:.6g}" for m in recorded_metrics(job) if f"best/{m}" in best)
-    header = (f"# {what} of study {study!r} ({job.stage}) from {out}\n"
-              f"# {values} (best epoch, val); sampled: {json.dumps(config)}\n"
-              f"{retried}"
-              # CPU kernels split reductions by thread count; a trial ran with resources.cpu torch threads.
-              f"# the same numbers on CPU: OMP_NUM_THREADS={trial_threads(job)} mlfd run {Path(dest).name}\n")
-    atomic_write_text(Path(dest), header + dump_yaml(spec))
-    return Path(dest)

@@ -581,7 +581,7 @@ def price_search(job: Any, pipeline: dict, space_file: str, studies: list[str | 
         space_file: The search space YAML.
         studies: The studies in the order they run.
         store: The artifact store the search reads and fills.
-        threads: torch threads of a trial (``launch.trial_threads``: its CPUs).
+        threads: torch threads of a trial (``mlfd.tune.trials.trial_threads``: its CPUs).
         gpu_fraction: The GPU fraction per trial (``plan.gpu``, ``prepare``'s packing result).
         job_name: What to call the job in the output.
         driver_start_s: Measured seconds from the command's start to the end of ``prepare``.
