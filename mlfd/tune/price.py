@@ -340,10 +340,10 @@ class _WorkerStart:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        from mlfd.tune.packing.probe import _child_env
+        from mlfd.tune.packing.probe import child_env
 
         self.proc = subprocess.Popen([sys.executable, "-c", self.CODE, json.dumps(self.datasets)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env())
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
 
     def seconds(self) -> float:
         if self.proc is None:

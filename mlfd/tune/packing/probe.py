@@ -229,7 +229,7 @@ def probe(spec: PipelineSpec | dict, stage: str, studies: Sequence[str | None], 
         req.write_text(json.dumps(request, default=str))
         try:
             proc = subprocess.run([sys.executable, "-m", "mlfd.tune.packing", str(req), str(out)], capture_output=True,
-                                  text=True, timeout=timeout, env=_child_env())
+                                  text=True, timeout=timeout, env=child_env())
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"packing: the dry run of a {stage} trial took over {timeout:.0f} s") from None
         data = json.loads(out.read_text()) if out.is_file() else {}
@@ -248,7 +248,7 @@ def probe(spec: PipelineSpec | dict, stage: str, studies: Sequence[str | None], 
                        free_bytes=int(data.get("free_bytes", 0)), device_name=data.get("device_name", ""))
 
 
-def _child_env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
     """The environment of the child: this one, with the directory holding ``mlfd`` on PYTHONPATH."""
     root = str(Path(__file__).resolve().parents[3])
     path = os.environ.get("PYTHONPATH", "")
