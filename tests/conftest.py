@@ -67,6 +67,15 @@ def snapshot_status(exp: Path) -> dict[str, str]:
         return {}
 
 
+def one_line_error(rc: int, stderr: str, *words: str) -> None:
+    """A refused command: exit 2, one ``mlfd: error:`` line holding ``words``, no traceback."""
+    assert rc == 2, (rc, stderr[-3000:])
+    errors = [line for line in stderr.splitlines() if line.startswith("mlfd: error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    for w in words:
+        assert w in errors[0], errors[0]
+
+
 @dataclass
 class Search:
     """A finished search: its output directory, trials.parquet, search.json (the plan)."""

@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import ROOT, read_search
+from conftest import ROOT, one_line_error, read_search
 
 from mlfd.config import SpecError
 from mlfd.tune.spaces import load_space, make_searcher
@@ -172,14 +172,6 @@ def test_job_optuna_storage_must_be_a_url(tmp_path: Path) -> None:
 
 
 # In-process (``mlfd.cli.main``): misuse of --extend / --warm-start exits 2 with one line, before compute.
-
-
-def one_line_error(rc: int, stderr: str, *words: str) -> None:
-    assert rc == 2, (rc, stderr[-3000:])
-    errors = [line for line in stderr.splitlines() if line.startswith("mlfd: error:")]
-    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
-    for w in words:
-        assert w in errors[0], errors[0]
 
 
 def test_extend_and_warm_start_misuse_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -25,7 +25,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import CLI_ENV, DATASETS, ROOT, CliRun, Search, experiment_dir, read_search, result_lines, snapshot_status
+from conftest import (CLI_ENV, DATASETS, ROOT, CliRun, Search, experiment_dir, one_line_error, read_search, result_lines,
+                      snapshot_status)
 
 from mlfd.config import PipelineSpec, SpecError, from_dict, load_pipeline
 from mlfd.search import load_job
@@ -390,14 +391,6 @@ def test_trials_that_ran_every_epoch_leave_their_student_in_the_store(search: Se
 def cli(*args, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mlfd.cli", *map(str, args)], cwd=cwd, env=CLI_ENV,
                           capture_output=True, text=True, timeout=300)
-
-
-def one_line_error(rc: int, stderr: str, *words: str) -> None:
-    assert rc == 2, (rc, stderr[-3000:])
-    errors = [line for line in stderr.splitlines() if line.startswith("mlfd: error:")]
-    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
-    for w in words:
-        assert w in errors[0], errors[0]
 
 
 # In-process (``mlfd.cli.main``, whose return value is the exit status): these checks come before Ray starts.
