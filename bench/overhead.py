@@ -64,15 +64,13 @@ def in_trainable_seconds(search_out: Path) -> float:
     return total
 
 
-def warm_store(plan: dict, store: Path) -> None:
-    """Train the search's teachers once into ``store``."""
-    from mlfd.config import PipelineSpec, from_dict
+def warm_store(plan, store: Path) -> None:
+    """Train the teachers of a prepared search (a :class:`mlfd.search.SearchPlan`) once into ``store``."""
     from mlfd.stages.common import Context
     from mlfd.stages.teachers import train_teacher
     from mlfd.store import ArtifactStore
 
-    ctx = Context(spec=from_dict(PipelineSpec, plan["pipeline"], validate=False), store=ArtifactStore(store),
-                  progress=False)
+    ctx = Context(spec=plan.spec, store=ArtifactStore(store), progress=False)
     for d in ctx.spec.datasets:
         train_teacher(ctx, d.name)
 
@@ -88,8 +86,9 @@ def plain_loop(search_out: Path, store: Path, result: Path) -> None:
     from mlfd.tune.launch import trial_config
     from mlfd.tune.trainable import trial_spec
 
-    plan = json.loads((search_out / "search.json").read_text())
-    context = {"pipeline": plan["pipeline"]}
+    from mlfd.search import SearchPlan
+
+    context = {"pipeline": SearchPlan.load(search_out).pipeline}
     rows = pd.read_parquet(search_out / "trials.parquet")
     times = []
     for _, row in rows.iterrows():

@@ -60,7 +60,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from mlfd.tune.job import load_job
+    from mlfd.search import load_job
 
     if args.connect_timeout <= 0:
         raise SpecError(f"--connect-timeout: must be > 0 seconds, got {args.connect_timeout:g}")

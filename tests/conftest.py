@@ -20,6 +20,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from mlfd.search import SearchPlan
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -69,7 +71,7 @@ class Search:
 
     out: Path
     trials: pd.DataFrame
-    plan: dict
+    plan: SearchPlan
     args: list[str]
     """The ``mlfd tune`` arguments that made it."""
     output: str = ""
@@ -77,9 +79,7 @@ class Search:
 
 
 def read_search(out: Path, args: list[str]) -> Search:
-    from mlfd.tune.launch import SEARCH_FILE
-
-    return Search(out, pd.read_parquet(out / "trials.parquet"), json.loads((out / SEARCH_FILE).read_text()), args)
+    return Search(out, pd.read_parquet(out / "trials.parquet"), SearchPlan.load(out), args)
 
 
 # --------------------------------------------------------------------------------------------------------------------

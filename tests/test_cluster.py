@@ -465,7 +465,7 @@ def test_what_cannot_work_on_a_cluster_is_refused(sets: list[str], words: tuple,
 def test_cluster_resources_are_checked() -> None:
     """What ray.cluster_resources() says of the cluster: GPU trials need GPU nodes; a trial must fit in the cluster."""
     from mlfd.config import SpecError
-    from mlfd.tune.job import load_job
+    from mlfd.search import load_job
 
     gpu, _ = load_job(JOB, overrides=["resources.gpu=auto"])
     cpu, _ = load_job(JOB, overrides=["resources.cpu=4"])

@@ -177,7 +177,7 @@ def test_every_yaml_file_loads(path: Path) -> None:
         smoke = smoke_pipeline(spec)
         smoke.validate()
     elif kind == "tune_jobs":
-        from mlfd.tune.job import load_job, resolve
+        from mlfd.search import load_job, resolve
         from mlfd.tune.spaces import load_space
 
         for smoke in (False, True):
@@ -207,14 +207,14 @@ def test_every_yaml_file_loads(path: Path) -> None:
 def test_quickstart_smoke_is_small(tmp_path: Path) -> None:
     """--smoke runs the pipeline's smoke variant (as `mlfd run --smoke`) with the job's smoke block on top."""
     from mlfd.config import SMOKE_EPOCHS, SMOKE_LIMITS, PipelineSpec, from_dict
-    from mlfd.tune.job import load_job
+    from mlfd.search import load_job
     from mlfd.tune.launch import prepare
 
     job, _ = load_job(ROOT / "tune_jobs" / "quickstart.yaml", smoke=True)
     normal, _ = load_job(ROOT / "tune_jobs" / "quickstart.yaml")
     assert job.num_samples < normal.num_samples
     plan = prepare(str(ROOT / "tune_jobs" / "quickstart.yaml"), tmp_path, True, None)
-    pipe = from_dict(PipelineSpec, plan["pipeline"])
+    pipe = from_dict(PipelineSpec, plan.pipeline)
     assert pipe.teacher.epochs <= SMOKE_EPOCHS and pipe.student.recipe.epochs <= SMOKE_EPOCHS
     assert all(d.max_train is not None and d.max_train <= SMOKE_LIMITS["max_train"] for d in pipe.datasets)
 

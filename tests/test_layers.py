@@ -3,7 +3,8 @@
 Layers, lowest first. A module may import from its own layer or a lower one; function-level (lazy) imports count
 the same as top-level ones.
 
-    0  mlfd, mlfd.errors, mlfd.fileio, mlfd.config   error types, atomic writes, typed specs and YAML
+    0  mlfd, mlfd.errors, mlfd.fileio, mlfd.config,  error types, atomic writes, typed specs and YAML; a search's
+       mlfd.search                                   job file and its prepared plan (OUT/search.json)
     1  mlfd.losses                                   the terms of Eq. (3)
     2  mlfd.data                                     sources, splits, transforms, loaders
     3  mlfd.models                                   levels of timm models, adaptors, joint teacher, student
@@ -30,7 +31,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "mlfd"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("mlfd", "mlfd.errors", "mlfd.fileio", "mlfd.config"),
+    ("mlfd", "mlfd.errors", "mlfd.fileio", "mlfd.config", "mlfd.search"),
     ("mlfd.losses",),
     ("mlfd.data",),
     ("mlfd.models",),

@@ -18,7 +18,7 @@ from conftest import ENV, ROOT
 from mlfd.config import SpecError, load_pipeline, smoke_pipeline  # noqa: E402
 from mlfd.tune import packing  # noqa: E402
 from mlfd.tune.packing import (GIB, MIB, LimitedTask, ProbeResult, auto_fraction, check_packing,  # noqa: E402
-                               fraction_for, memory_worst_config, packed_per_gpu, plan_gpu, trial_gpu, trials_per_gpu)
+                               fraction_for, memory_worst_config, packed_per_gpu, plan_gpu, trials_per_gpu)
 
 H200 = 143_771 * MIB
 RESNET18_32PX = int(0.29 * GIB)
@@ -103,7 +103,7 @@ def test_memory_worst_config_of_the_students_space():
 
 
 def _job(gpu, max_concurrent=2):
-    from mlfd.tune.job import JobSpec, ResourcesSpec
+    from mlfd.search import JobSpec, ResourcesSpec
 
     return JobSpec(pipeline="p.yaml", space="s.yaml", resources=ResourcesSpec(cpu=1, gpu=gpu),
                    max_concurrent_trials=max_concurrent)
@@ -146,12 +146,6 @@ def test_plan_gpu_checks_and_resolves(smoke_pipeline_dict):
     assert "one trial peaks at 20.00 GiB (trial:mnist" in lines[-1] and "3 trials per GPU" in lines[-1]
     assert "max_concurrent_trials caps it at 2" in lines[-1]
     assert plan_gpu(_job(0.5), smoke_pipeline_dict, _space(), ["mnist"], probe_fn=fake, log=lines.append) == 0.5
-
-
-def test_trial_gpu():
-    assert trial_gpu({"gpu": 0.3333}, _job("auto")) == 0.3333
-    assert trial_gpu({}, _job(0.25)) == 0.25
-    assert trial_gpu({}, _job("auto")) == 0.0
 
 
 def test_limited_task_cuts_the_epoch():

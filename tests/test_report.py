@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import re
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 from PIL import Image
 
 from mlfd.config import SpecError
+from mlfd.search import JobSpec, SearchPlan
 from mlfd.report import SearchInfo, add_report_parser, order_trials, top_trials_table, write_report
 from mlfd.stages.results import aggregate_results
 
@@ -96,7 +96,11 @@ def write_search(d: Path, space_file: str | None = None) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     make_trials().to_parquet(d / "trials.parquet", index=False)
     space = space_file if space_file is not None else str(ROOT / "search_spaces" / "students.yaml")
-    (d / "search.json").write_text(json.dumps({"job": {"metric": "val/acc1", "mode": "max"}, "space_file": space}))
+    pipeline = str(ROOT / "pipelines" / "offline_default.yaml")
+    SearchPlan(job=JobSpec(pipeline=pipeline, space=space, metric="val/acc1", mode="max"), pipeline={},
+               studies=["mnist"], job_file=str(ROOT / "tune_jobs" / "quickstart.yaml"), pipeline_file=pipeline,
+               space_file=space, storage_path=str(d / "ray"), store=str(d / "store"),
+               tracking_uri=f"sqlite:///{d / 'mlflow.db'}").save(d)
     return d
 
 

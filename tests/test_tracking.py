@@ -27,6 +27,7 @@ import pandas as pd
 import pytest
 from conftest import snapshot_status
 
+from mlfd.search import JobSpec, SearchPlan
 from mlfd.tracking import (PENDING_PREFIX, STATE_FILE, TAG_DATASET, TAG_LEVEL, TAG_PARENT, TAG_STAGE, TAG_TRIAL,
                            Tracker, best_artifact)
 
@@ -545,7 +546,7 @@ def test_search_best_model_logged_under_parent(search: SearchScenario) -> None:
     c = client(search.server.uri)
     parents, _ = split_runs(all_runs(c, "quickstart"))
     parent = parents[0]
-    plan = json.loads((search.out / "search.json").read_text())
+    plan = SearchPlan.load(search.out)
     best_yaml = search.out / "best" / "digits.yaml"
     art = best_artifact(plan, best_yaml, "digits")
     assert art is not None and art.kind == "student"
@@ -601,10 +602,11 @@ def test_input_files_are_logged_without_credentials(tmp_path: Path) -> None:
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    plan = {"job": {"name": "leaky", "stage": "students", "tracking_uri": "http://alice:s3cr3t@mlflow.example:5000",
-                    "api_token": "abc123"},
-            "job_file": str(tmp_path / "job.yaml"), "space_file": str(tmp_path / "space.yaml"),
-            "pipeline_file": str(tmp_path / "pipeline.yaml"), "tracking_uri": uri}
+    job = JobSpec(pipeline="pipeline.yaml", space="space.yaml", name="leaky", stage="students",
+                  tracking_uri="http://alice:s3cr3t@mlflow.example:5000", storage_path="s3://AKIA:k3y@bucket/ray")
+    plan = SearchPlan(job=job, pipeline={}, studies=["digits"], job_file=str(tmp_path / "job.yaml"),
+                      pipeline_file=str(tmp_path / "pipeline.yaml"), space_file=str(tmp_path / "space.yaml"),
+                      storage_path=job.storage_path, store=str(tmp_path / "store"), tracking_uri=uri)
     tracking = SearchTracking(tmp_path / "out")
     tracking.open(plan)
     rid = tracking.parent(plan, "digits")
@@ -620,4 +622,5 @@ def test_input_files_are_logged_without_credentials(tmp_path: Path) -> None:
                                 "storage_path: s3://***@bucket/ray", "set: [pipeline.student.recipe.lr=0.1]",
                                 "api_token: '***'", "extra:", "  - password = '***'"]
     params = c.get_run(rid).data.params
-    assert params["job.tracking_uri"] == "http://***@mlflow.example:5000" and params["job.api_token"] == "***"
+    assert params["job.tracking_uri"] == "http://***@mlflow.example:5000"
+    assert params["job.storage_path"] == "s3://***@bucket/ray"

@@ -28,7 +28,7 @@ import pytest
 from conftest import CLI_ENV, DATASETS, ROOT, CliRun, Search, experiment_dir, read_search, result_lines, snapshot_status
 
 from mlfd.config import PipelineSpec, SpecError, from_dict, load_pipeline
-from mlfd.tune.job import load_job
+from mlfd.search import load_job
 from mlfd.tune.launch import best_row, prepare, trial_rows
 from mlfd.tune.spaces import load_space
 
@@ -114,13 +114,13 @@ def test_every_job_validates(job: Path, smoke: bool, tmp_path: Path) -> None:
     """load_job + prepare: the job, its pipeline, its space applied to the pipeline, its datasets; no Ray."""
     spec, base = load_job(job, smoke=smoke)
     plan = prepare(str(job), tmp_path / "out", smoke, None)
-    assert plan["studies"], job
-    assert plan["storage_path"] == (spec.storage_path or str(tmp_path / "out" / "ray"))
-    from_dict(PipelineSpec, plan["pipeline"], path=str(job))
-    space = load_space(plan["space_file"])
+    assert plan.studies, job
+    assert plan.storage_path == (spec.storage_path or str(tmp_path / "out" / "ray"))
+    from_dict(PipelineSpec, plan.pipeline, path=str(job))
+    space = load_space(plan.space_file)
     assert space.names()
     if smoke:
-        p = from_dict(PipelineSpec, plan["pipeline"], path="smoke")
+        p = from_dict(PipelineSpec, plan.pipeline, path="smoke")
         assert all(d.max_train <= 300 for d in p.datasets), "the smoke variant must use small data"
         assert spec.num_samples <= 4, "a smoke search must finish on a CPU in minutes"
 
@@ -368,10 +368,10 @@ def test_trials_that_ran_every_epoch_leave_their_student_in_the_store(search: Se
     from mlfd.store import ArtifactStore
     from mlfd.tune.trainable import trial_spec
 
-    store = ArtifactStore(search.plan["store"])
+    store = ArtifactStore(search.plan.store)
     for _, r in search.trials.iterrows():
         config = json.loads((Path(r["path"]) / "params.json").read_text())
-        ctx = Context(spec=trial_spec(config, {"pipeline": search.plan["pipeline"]}), store=store, progress=False)
+        ctx = Context(spec=trial_spec(config, {"pipeline": search.plan.pipeline}), store=store, progress=False)
         art = StageTrial(ctx, "students", r["study"]).artifact()
         if r["status"] == "TERMINATED":
             assert art is not None, f"trial {r['trial_id']} finished but its student is not in the store"
@@ -614,7 +614,7 @@ def test_export_then_run_retrains_the_best_student_bit_for_bit(search: Search, m
     assert len(student) == 1, res
 
     # Every artifact the run built has the same key as one the search built: compare their weights and numbers.
-    fresh, old = ArtifactStore(run_out / "store"), ArtifactStore(search.plan["store"])
+    fresh, old = ArtifactStore(run_out / "store"), ArtifactStore(search.plan.store)
     differ = []
     for kind in ("teacher", "joint", "student"):
         keys = sorted(p.name for p in (run_out / "store" / kind).iterdir() if not p.name.startswith("."))

@@ -22,9 +22,9 @@ import pandas as pd
 from mlfd.config import PipelineSpec, from_dict
 from mlfd.errors import SpecError
 from mlfd.report.tables import _finite, _md_table
+from mlfd.search import SEARCH_FILE, SearchPlan
 
 TRIALS_FILE = "trials.parquet"
-SEARCH_FILE = "search.json"
 TOP_TRIALS = 10
 MIN_IMPORTANCE_TRIALS = 3
 SUMMARY_COLUMNS = ["study", "row", "trial_id", "fusion_level", "val/acc1", "val/acc5", "test/acc1", "test/acc5"]
@@ -59,18 +59,9 @@ def read_search_info(run_dir: Path, trials: pd.DataFrame) -> SearchInfo:
         SpecError: ``search.json`` is unreadable or names an invalid mode, or no metric column exists.
     """
     metric, mode, space_file = None, "max", None
-    path = run_dir / SEARCH_FILE
-    if path.is_file():
-        try:
-            plan = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise SpecError(f"{path}: not readable JSON ({e})") from None
-        job = plan.get("job") or {}
-        metric = job.get("metric")
-        mode = job.get("mode", "max")
-        space_file = plan.get("space_file")
-        if mode not in ("max", "min"):
-            raise SpecError(f"{path}: job.mode: must be 'max' or 'min', got {mode!r}")
+    if (run_dir / SEARCH_FILE).is_file():
+        plan = SearchPlan.load(run_dir)
+        metric, mode, space_file = plan.job.metric, plan.job.mode, plan.space_file
     candidates = [f"best/{metric}", f"final/{metric}"] if metric else []
     candidates += [c for c in trials.columns if c.startswith(("best/", "final/"))]
     for col in candidates:
@@ -192,13 +183,13 @@ def study_summary(search_dir: Path) -> pd.DataFrame:
     from mlfd.tune.spaces import apply_config
 
     search_dir = Path(search_dir)
-    plan = json.loads((search_dir / "search.json").read_text())
-    job = plan["job"]
-    if job["stage"] != "students":
+    plan = SearchPlan.load(search_dir)
+    job = plan.job
+    if job.stage != "students":
         return pd.DataFrame(columns=SUMMARY_COLUMNS)
-    trials = pd.read_parquet(search_dir / "trials.parquet")
-    store = ArtifactStore(plan["store"])
-    base = from_dict(PipelineSpec, plan["pipeline"], validate=False)
+    trials = pd.read_parquet(search_dir / TRIALS_FILE)
+    store = ArtifactStore(plan.store)
+    base = plan.spec
     rows = []
     for study in dict.fromkeys(trials["study"]):
         st = trials[trials["study"] == study]
@@ -210,20 +201,20 @@ def study_summary(search_dir: Path) -> pd.DataFrame:
 
         def trial_row(label: str, r: pd.Series) -> dict:
             cfg = trial_config(r)
-            spec = from_dict(PipelineSpec, apply_config(plan["pipeline"], cfg), validate=False)
+            spec = from_dict(PipelineSpec, apply_config(plan.pipeline, cfg), validate=False)
             tctx = Context(spec=spec, store=store, progress=False)
             level = spec.fusion_levels[0]
             art = StageTrial(tctx, "students", study).artifact()
-            m = _metrics(art) if art is not None else {"val/acc1": float(r[f"best/{job['metric']}"]),
+            m = _metrics(art) if art is not None else {"val/acc1": float(r[f"best/{job.metric}"]),
                                                        "val/acc5": math.nan, "test/acc1": math.nan,
                                                        "test/acc5": math.nan}
             return {"study": study, "row": label, "trial_id": r["trial_id"], "fusion_level": level, **m}
 
-        for i, point in enumerate(job.get("points_to_evaluate") or []):
+        for i, point in enumerate(job.points_to_evaluate or []):
             match = [r for _, r in st.iterrows() if _same(trial_config(r), point)]
             if match:
                 rows.append(trial_row("reference" if i == 0 else f"reference {i + 1}", match[0]))
-        best = best_row(st, job["metric"], job["mode"])
+        best = best_row(st, job.metric, job.mode)
         if best is not None:
             rows.append(trial_row("best trial", best))
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)

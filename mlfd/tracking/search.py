@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 from mlfd.config import to_dict
+from mlfd.search import SearchPlan
 from mlfd.tracking.client import PENDING_PREFIX, TAG_STAGE, TAG_STUDY, Tracker, _transient, flatten, git_commit
 from mlfd.tracking.redaction import redact_text
 
@@ -51,31 +52,30 @@ class SearchTracking:
         self.tracker: Tracker | None = None
         self.parents: dict[str, str] = {}
 
-    def open(self, plan: dict) -> None:
+    def open(self, plan: SearchPlan) -> None:
         """Check the tracking server and open the experiment (before the output directory is claimed)."""
-        Tracker.check_reachable(plan["tracking_uri"])
+        Tracker.check_reachable(plan.tracking_uri)
         self.out.mkdir(parents=True, exist_ok=True)  # the default SQLite database lives there
-        job = plan["job"]
-        self.tracker = Tracker(plan["tracking_uri"], job["name"], self.out / "mlflow_pending.jsonl")
+        self.tracker = Tracker(plan.tracking_uri, plan.job.name, self.out / "mlflow_pending.jsonl")
 
-    def parent(self, plan: dict, study: str | None) -> str:
+    def parent(self, plan: SearchPlan, study: str | None) -> str:
         """The study's parent run: created once, found again on --resume (its id is kept in OUT/tracking.json)."""
-        key = study or plan["job"]["stage"]
+        key = plan.study_key(study)
         state = _load_state(self.out)
         rid = state.get("parents", {}).get(key)
         t = self.tracker
         if rid is not None:
             t.call("update_run", rid, status="RUNNING")
         else:
-            tags = {TAG_STUDY: key, TAG_STAGE: plan["job"]["stage"], "mlfd.job_file": plan["job_file"]}
+            tags = {TAG_STUDY: key, TAG_STAGE: plan.job.stage, "mlfd.job_file": plan.job_file}
             commit = git_commit()
             if commit:
                 tags["mlflow.source.git.commit"] = commit
             rid = t.start_run(f"search-{key}", tags)
-            t.log_params(rid, {f"job.{k}": v for k, v in flatten(plan["job"]).items()})
+            t.log_params(rid, {f"job.{k}": v for k, v in flatten(to_dict(plan.job)).items()})
             from mlfd.store import atomic_write_text
 
-            for f in (plan["job_file"], plan["space_file"], plan["pipeline_file"]):
+            for f in (plan.job_file, plan.space_file, plan.pipeline_file):
                 # Logged as redacted copies: a job file may hold a tracking URI with user:password@.
                 copy = self.out / "inputs" / Path(f).name
                 atomic_write_text(copy, redact_text(Path(f).read_text()))
@@ -85,12 +85,12 @@ class SearchTracking:
         self.parents[key] = rid
         return rid
 
-    def trial_runs_args(self, plan: dict, study: str | None) -> dict:
+    def trial_runs_args(self, plan: SearchPlan, study: str | None) -> dict:
         """Keyword arguments of ``mlfd.tune.mlflow_callback.TrialRuns`` for a new study: where its trials' runs go."""
         parent = self.parent(plan, study)
         return {"uri": self.tracker.uri, "experiment": self.tracker.experiment_name,
                 "journal": str(self.tracker.journal), "parent_id": parent, "study": study,
-                "stage": plan["job"]["stage"], "experiment_id": self.tracker.experiment_id}
+                "stage": plan.job.stage, "experiment_id": self.tracker.experiment_id}
 
     def interrupted(self, status: str = "KILLED") -> None:
         """End the open parent runs (Ctrl-C: KILLED, an error: FAILED); never masks the exception on its way."""
@@ -112,9 +112,9 @@ class SearchTracking:
             _logger.warning("%d MLflow calls are still in %s; the next mlfd tune --resume --out %s replays them", left,
                             self.tracker.journal, self.out)
 
-    def finish_study(self, plan: dict, study: str | None, best_yaml: Path | None) -> None:
+    def finish_study(self, plan: SearchPlan, study: str | None, best_yaml: Path | None) -> None:
         """Log the study's best trial under the parent: test metrics, weights, a loadable model, the YAML."""
-        key = study or plan["job"]["stage"]
+        key = plan.study_key(study)
         rid = self.parents[key]
         t = self.tracker
         state = _load_state(self.out)
@@ -146,17 +146,17 @@ class SearchTracking:
         _save_state(self.out, state)
 
 
-def best_artifact(plan: dict, best_yaml: Path, study: str | None):
+def best_artifact(plan: SearchPlan, best_yaml: Path, study: str | None):
     """The stored artifact of the exported best trial (students and teachers: its trained model)."""
     from mlfd.config import load_pipeline
     from mlfd.stages.common import Context
     from mlfd.stages.trial import StageTrial
     from mlfd.store import ArtifactStore
 
-    stage = plan["job"]["stage"]
+    stage = plan.job.stage
     if stage not in ("students", "teachers"):
         return None
-    ctx = Context(spec=load_pipeline(best_yaml), store=ArtifactStore(plan["store"]), progress=False)
+    ctx = Context(spec=load_pipeline(best_yaml), store=ArtifactStore(plan.store), progress=False)
     return StageTrial(ctx, stage, study).artifact()
 
 

@@ -26,18 +26,16 @@ from typing import Any
 
 import pandas as pd
 
-from mlfd.config import (PipelineSpec, apply_overrides, dump_yaml, from_dict, read_yaml, smoke_pipeline, spec_hash,
-                         to_dict)
+from mlfd.config import PipelineSpec, apply_overrides, dump_yaml, from_dict, read_yaml, smoke_pipeline, to_dict
 from mlfd.errors import NodeLost, SpecError
 from mlfd.store import atomic_write_bytes, atomic_write_text
 from mlfd.tune._private import result_grid_trials
-from mlfd.tune.job import JobSpec, load_job, resolve
-from mlfd.tune.packing import plan_gpu, trial_gpu
+from mlfd.search import SEARCH_FILE, JobSpec, SearchPlan, load_job, resolve
+from mlfd.tune.packing import plan_gpu
 from mlfd.tune.trainable import run_stage, stage_epochs
 
 _logger = logging.getLogger(__name__)
 
-SEARCH_FILE = "search.json"
 DONE_SUFFIX = ".done"
 CONNECT_TIMEOUT_S = 60.0
 """How long ``mlfd tune --address`` waits for the Ray head to answer (``--connect-timeout``)."""
@@ -63,11 +61,7 @@ def study_names(job: JobSpec, spec: PipelineSpec) -> list[str | None]:
     return [None]
 
 
-def _experiment_name(job: JobSpec, study: str | None) -> str:
-    return f"{job.name}-{study or job.stage}"
-
-
-def prepare(job_path: str, out: Path, smoke: bool, overrides: list[str] | None) -> dict:
+def prepare(job_path: str, out: Path, smoke: bool, overrides: list[str] | None) -> SearchPlan:
     """Everything a search needs, validated before any compute: job, pipeline, space, studies, paths."""
     from mlfd.tune.spaces import apply_config, check_levels, load_space
 
@@ -95,10 +89,10 @@ def prepare(job_path: str, out: Path, smoke: bool, overrides: list[str] | None) 
     # Memory-aware packing (packing.py): dry-run one trial, refuse a fraction that does not fit, resolve 'auto'.
     gpu = plan_gpu(job, pipeline, space, studies)
     out = out.resolve()
-    return {"job": to_dict(job), "job_file": str(Path(job_path).resolve()), "pipeline": pipeline,
-            "pipeline_file": str(pipe_path), "space_file": str(space_path), "studies": studies,
-            "storage_path": job.storage_path or str(out / "ray"), "store": job.store or str(out / "store"),
-            "tracking_uri": job.tracking_uri or f"sqlite:///{out / 'mlflow.db'}", "smoke": smoke, "gpu": gpu}
+    return SearchPlan(job=job, pipeline=pipeline, studies=studies, job_file=str(Path(job_path).resolve()),
+                      pipeline_file=str(pipe_path), space_file=str(space_path),
+                      storage_path=job.storage_path or str(out / "ray"), store=job.store or str(out / "store"),
+                      tracking_uri=job.tracking_uri or f"sqlite:///{out / 'mlflow.db'}", smoke=smoke, gpu=gpu)
 
 
 def check_resources(job: JobSpec) -> None:
@@ -110,11 +104,7 @@ def check_resources(job: JobSpec) -> None:
                         "run with --set resources.gpu=0 to use CPUs")
 
 
-def _fingerprint(plan: dict) -> str:
-    return spec_hash({k: plan[k] for k in ("job", "pipeline", "studies")})
-
-
-def open_output(out: Path, plan: dict, resume: bool, claim: bool = True) -> None:
+def open_output(out: Path, plan: SearchPlan, resume: bool, claim: bool = True) -> None:
     """Create or check the output directory: a new search needs a fresh one, --resume needs the same search.
 
     ``claim=False`` only checks (nothing is written), so a refused command leaves ``out`` as it was.
@@ -123,15 +113,21 @@ def open_output(out: Path, plan: dict, resume: bool, claim: bool = True) -> None
     if resume:
         if not f.is_file():
             raise SpecError(f"--resume: {out} holds no search ({SEARCH_FILE} missing); run without --resume")
-        old = json.loads(f.read_text())
-        if old.get("fingerprint") != _fingerprint(plan):
-            raise SpecError(f"--resume: {out} holds a different search (job {old.get('job_file')}); "
+        if SearchPlan.saved_fingerprint(out) != plan.fingerprint():
+            raise SpecError(f"--resume: {out} holds a different search (job {_saved_job_file(out)}); "
                             "use the same job, --smoke and --set as the first run, or another --out")
         return
     if f.is_file():
         raise SpecError(f"--out: {out} already holds a search; pass --resume to continue it or choose another --out")
     if claim:
-        atomic_write_text(f, json.dumps({**plan, "fingerprint": _fingerprint(plan)}, indent=1, default=str))
+        plan.save(out)
+
+
+def _saved_job_file(out: Path) -> str:
+    try:
+        return str(json.loads((out / SEARCH_FILE).read_text()).get("job_file"))
+    except (OSError, ValueError):
+        return "unreadable"
 
 
 def _scheduler(job: JobSpec, max_t: int):
@@ -151,27 +147,26 @@ def trial_threads(job: JobSpec) -> int:
     return max(1, int(job.resources.cpu))
 
 
-def trial_context(plan: dict, job: JobSpec, study: str | None) -> dict:
+def trial_context(plan: SearchPlan, study: str | None) -> dict:
     """What every trial of a study needs besides its sampled values (passed with tune.with_parameters)."""
-    return {"pipeline": plan["pipeline"], "stage": job.stage, "study": study, "store": plan["store"],
-            "threads": trial_threads(job)}
+    return {"pipeline": plan.pipeline, "stage": plan.job.stage, "study": study, "store": plan.store,
+            "threads": trial_threads(plan.job)}
 
 
-def _tuner(plan: dict, study: str | None, index: int, callbacks: list, resume: bool, verbose: bool = False):
+def _tuner(plan: SearchPlan, study: str | None, index: int, callbacks: list, resume: bool, verbose: bool = False):
     from ray import tune
 
     from mlfd.tune.atomic_fs import storage_filesystem, sweep_partial
     from mlfd.tune.progress import LiveView
     from mlfd.tune.spaces import load_space, make_searcher
 
-    job = from_dict(JobSpec, plan["job"], path="job")
-    spec = from_dict(PipelineSpec, plan["pipeline"], validate=False)
-    name = _experiment_name(job, study)
-    exp_path = os.path.join(plan["storage_path"], name)
-    context = trial_context(plan, job, study)
+    job, spec = plan.job, plan.spec
+    name = plan.experiment_name(study)
+    exp_path = os.path.join(plan.storage_path, name)
+    context = trial_context(plan, study)
     trainable = tune.with_resources(tune.with_parameters(run_stage, context=context),
-                                    {"cpu": job.resources.cpu, "gpu": trial_gpu(plan, job)})
-    fs = storage_filesystem(plan["storage_path"])
+                                    {"cpu": job.resources.cpu, "gpu": plan.gpu})
+    fs = storage_filesystem(plan.storage_path)
     if resume and tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
         from mlfd.tune.watch import rewatch
 
@@ -181,7 +176,7 @@ def _tuner(plan: dict, study: str | None, index: int, callbacks: list, resume: b
                                    restart_errored=False, storage_filesystem=fs)
         rewatch(tuner, callbacks)  # this command's watch, not the one pickled with the experiment
         return tuner
-    space = load_space(plan["space_file"])
+    space = load_space(plan.space_file)
     searcher = make_searcher(space, job.metric, job.mode, seed=job.seed + index,
                              points_to_evaluate=job.points_to_evaluate or None)
     view = LiveView(study or job.stage, job.metric, job.mode, stage_epochs(spec, job.stage))
@@ -191,7 +186,7 @@ def _tuner(plan: dict, study: str | None, index: int, callbacks: list, resume: b
                                     scheduler=_scheduler(job, stage_epochs(spec, job.stage)),
                                     num_samples=job.num_samples, max_concurrent_trials=job.max_concurrent_trials,
                                     reuse_actors=job.reuse_actors),
-        run_config=tune.RunConfig(name=name, storage_path=plan["storage_path"], storage_filesystem=fs,
+        run_config=tune.RunConfig(name=name, storage_path=plan.storage_path, storage_filesystem=fs,
                                   callbacks=[*callbacks, view], checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   failure_config=tune.FailureConfig(max_failures=job.max_failures),
                                   verbose=1 if verbose else 0),  # 0: Ray prints no tables (see quiet_ray)
@@ -307,9 +302,8 @@ def _run_search(job_path: str, out: Path, smoke: bool, resume: bool, address: st
         if uri:
             Tracker.check_reachable(uri)
     plan = prepare(job_path, out, smoke, overrides)
-    job = from_dict(JobSpec, plan["job"], path="job")
+    job, spec = plan.job, plan.spec
     open_output(out, plan, resume, claim=False)  # a misused --out/--resume is refused before tracking writes to OUT
-    spec = from_dict(PipelineSpec, plan["pipeline"], validate=False)
     rows: list[dict] = []
     try:
         connect(address, connect_timeout, verbose)
@@ -322,19 +316,19 @@ def _run_search(job_path: str, out: Path, smoke: bool, resume: bool, address: st
         open_output(out, plan, resume)
         claimed()
         if job.stage in ("students", "joint"):
-            prebuild_teachers(plan, job)
-        for i, study in enumerate(plan["studies"]):
-            name = _experiment_name(job, study)
-            cbs = study_callbacks(tracking, plan, study, trial_context(plan, job, study)) if tracking else []
+            prebuild_teachers(plan)
+        for i, study in enumerate(plan.studies):
+            name = plan.experiment_name(study)
+            cbs = study_callbacks(tracking, plan, study, trial_context(plan, study)) if tracking else []
             watch = LostNodeWatch(lost_node_timeout)
             tuner = _tuner(plan, study, i, [*cbs, watch], resume, verbose)
             _logger.info("mlfd tune: study %s (%d/%d), %d trials -> %s", study or job.stage, i + 1,
-                         len(plan["studies"]), job.num_samples, os.path.join(plan["storage_path"], name))
+                         len(plan.studies), job.num_samples, os.path.join(plan.storage_path, name))
             results = tuner.fit()
             watch.raise_if_stopped(f"on a healthy cluster continue it with the same command plus --resume --out {out}")
             if _interrupted(results, job):
                 raise KeyboardInterrupt(f"search interrupted during study {study or job.stage}; finished trials are "
-                                        f"kept in {plan['storage_path']}; continue with --resume --out {out}")
+                                        f"kept in {plan.storage_path}; continue with --resume --out {out}")
             study_rows = trial_rows(results, study, job, stage_epochs(spec, job.stage))
             rows.extend(study_rows)
             write_trials(out, rows)
@@ -483,7 +477,7 @@ def _build_teacher(pipeline: dict, store: str, name: str, threads: int) -> str:
     return str(StageTrial(ctx, "teachers", name).build().path)
 
 
-def prebuild_teachers(plan: dict, job: JobSpec) -> None:
+def prebuild_teachers(plan: SearchPlan) -> None:
     """Train the shared upstream (one teacher per dataset) as parallel Ray tasks before any trial needs it.
 
     Without this, the first trials of a study would each wait on the teacher locks and train them one by one.
@@ -495,16 +489,16 @@ def prebuild_teachers(plan: dict, job: JobSpec) -> None:
     from mlfd.store import ArtifactStore
 
     # Teachers already in the store (--resume, a shared store) need no task: a worker only to find them costs seconds.
-    ctx = Context(spec=from_dict(PipelineSpec, plan["pipeline"], validate=False), store=ArtifactStore(plan["store"]),
-                  progress=False)
+    job = plan.job
+    ctx = Context(spec=plan.spec, store=ArtifactStore(plan.store), progress=False)
     names = [d.name for d in ctx.spec.datasets if StageTrial(ctx, "teachers", d.name).artifact() is None]
     if not names:
         return
-    task = ray.remote(_build_teacher).options(num_cpus=job.resources.cpu, num_gpus=trial_gpu(plan, job))
+    task = ray.remote(_build_teacher).options(num_cpus=job.resources.cpu, num_gpus=plan.gpu)
     threads = trial_threads(job)
     _logger.info("mlfd tune: teachers for %s (built once, in parallel, reused by every trial)", ", ".join(names))
     start = time.monotonic()
-    refs = [task.remote(plan["pipeline"], plan["store"], n, threads) for n in names]
+    refs = [task.remote(plan.pipeline, plan.store, n, threads) for n in names]
     pause_point("teachers")
     ray.get(refs)
     _logger.info("mlfd tune: teachers ready in %.0f s", time.monotonic() - start)
@@ -623,8 +617,8 @@ def export_best(out: Path, study: str | None, dest: Path) -> Path:
     out = Path(out)
     if not (out / SEARCH_FILE).is_file() or not (out / "trials.parquet").is_file():
         raise SpecError(f"{out}: no finished search here ({SEARCH_FILE} and trials.parquet are needed)")
-    plan = json.loads((out / SEARCH_FILE).read_text())
-    job = from_dict(JobSpec, plan["job"], path="job")
+    plan = SearchPlan.load(out)
+    job = plan.job
     df = pd.read_parquet(out / "trials.parquet")
     studies = list(dict.fromkeys(df["study"]))
     study = study or studies[0]
@@ -634,7 +628,7 @@ def export_best(out: Path, study: str | None, dest: Path) -> Path:
     if best is None:
         raise SpecError(f"{out}: study {study!r} has no successful trial to export")
     config = trial_config(best)
-    pipeline = copy.deepcopy(apply_config(plan["pipeline"], config))
+    pipeline = copy.deepcopy(apply_config(plan.pipeline, config))
     if job.stage == "students":
         pipeline["only_students"] = [study]
     pipeline["controls"] = {"own_teacher": False, "no_kd": False}

@@ -12,6 +12,7 @@ from ray.tune.logger import LoggerCallback
 
 from mlfd.config import to_dict
 from mlfd.errors import SpecError
+from mlfd.search import SearchPlan
 from mlfd.tracking import (TAG_DATASET, TAG_LEVEL, TAG_NODE, TAG_PARENT, TAG_STAGE, TAG_STUDY, TAG_TRIAL,
                            SearchTracking, Tracker, flatten, trial_error)
 
@@ -116,6 +117,6 @@ class TrialRuns(LoggerCallback):
                 self._ended.add(trial_id)
 
 
-def study_callbacks(tracking: SearchTracking, plan: dict, study: str | None, context: dict) -> list:
+def study_callbacks(tracking: SearchTracking, plan: SearchPlan, study: str | None, context: dict) -> list:
     """Ray Tune callbacks for a new study (a restored study brings back its pickled callback)."""
     return [TrialRuns(context=context, **tracking.trial_runs_args(plan, study))]

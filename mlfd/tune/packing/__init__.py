@@ -40,7 +40,7 @@ from mlfd.tune.packing.probe import PROBE_STEPS, PROBE_TIMEOUT_S, LimitedTask, P
 
 __all__ = ["CONTEXT_RESERVE_BYTES", "GIB", "HEADROOM", "MAX_AUTO_TRIALS", "MIB", "PROBE_STEPS", "PROBE_TIMEOUT_S",
            "RAY_RESOURCE_STEP", "LimitedTask", "ProbeResult", "auto_fraction", "check_packing", "fraction_for", "gib",
-           "memory_worst_config", "packed_per_gpu", "plan_gpu", "probe", "standin_spec", "trial_gpu",
+           "memory_worst_config", "packed_per_gpu", "plan_gpu", "probe", "standin_spec",
            "trials_per_gpu"]
 
 _logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def plan_gpu(job: Any, pipeline: dict, space: Any, studies: Sequence[str | None]
     (:func:`auto_fraction`).
 
     Args:
-        job: The :class:`mlfd.tune.job.JobSpec`.
+        job: The :class:`mlfd.search.JobSpec`.
         pipeline: The job's pipeline as a dict (smoke variant and overrides applied).
         space: The job's :class:`mlfd.tune.spaces.SearchSpace`.
         studies: The job's studies.
@@ -88,8 +88,3 @@ def plan_gpu(job: Any, pipeline: dict, space: Any, studies: Sequence[str | None]
     return fraction
 
 
-def trial_gpu(plan: dict, job: Any) -> float:
-    """The GPU fraction of one trial of a prepared search (``plan['gpu']`` from :func:`plan_gpu`)."""
-    if "gpu" in plan:
-        return float(plan["gpu"])
-    return 0.0 if job.resources.gpu == "auto" else float(job.resources.gpu)
