@@ -142,7 +142,7 @@ def test_scientific_notation_is_a_number(tmp_path: Path, raw: dict) -> None:
 
 def test_duplicate_keys_are_an_error(tmp_path: Path) -> None:
     text = PIPELINE.read_text().replace("  epochs: 10\n", "  epochs: 10\n  epochs: 3\n", 1)
-    with pytest.raises(SpecError, match=r"p\.yaml: malformed YAML \(line 27, column 3\): duplicate key 'epochs'"):
+    with pytest.raises(SpecError, match=r"p\.yaml: malformed YAML \(line 28, column 3\): duplicate key 'epochs'"):
         load_text(tmp_path, text)
 
 
