@@ -141,8 +141,8 @@ def test_scientific_notation_is_a_number(tmp_path: Path, raw: dict) -> None:
 
 
 def test_duplicate_keys_are_an_error(tmp_path: Path) -> None:
-    text = PIPELINE.read_text().replace("  epochs: 15\n", "  epochs: 15\n  epochs: 3\n", 1)
-    with pytest.raises(SpecError, match=r"p\.yaml: malformed YAML \(line 25, column 3\): duplicate key 'epochs'"):
+    text = PIPELINE.read_text().replace("  epochs: 10\n", "  epochs: 10\n  epochs: 3\n", 1)
+    with pytest.raises(SpecError, match=r"p\.yaml: malformed YAML \(line 28, column 3\): duplicate key 'epochs'"):
         load_text(tmp_path, text)
 
 
@@ -467,7 +467,7 @@ def test_per_dataset_overrides_merge_field_by_field(default: PipelineSpec) -> No
     # everything not written comes from the global block, nested augment included
     assert t.augment.crop_padding == default.teacher.augment.crop_padding == 2
     assert (t.optimizer, t.weight_decay, t.epochs, t.schedule) == (default.teacher.optimizer,
-                                                                  default.teacher.weight_decay, 15, "cosine")
+                                                                  default.teacher.weight_decay, 10, "cosine")
     assert spec.teacher == default.teacher  # the global block itself is untouched
     assert spec.teacher_for("fashion") == spec.teacher_for("digits") == default.teacher
     s = spec.student_for("fashion")
@@ -529,7 +529,7 @@ def test_teacher_epochs_zero_takes_a_given_teacher_as_is(tmp_path: Path) -> None
     ckpt.write_bytes(b"")  # validation checks only that the file exists
     sets = [f"datasets.mnist.model.checkpoint={ckpt}", "datasets.mnist.teacher.epochs=0"]
     spec = load_pipeline(PIPELINE, [*sets, "baselines.multi_head=false", "baselines.joint_head=false"])
-    assert spec.teacher_for("mnist").epochs == 0 and spec.teacher_for("fashion").epochs == 15
+    assert spec.teacher_for("mnist").epochs == 0 and spec.teacher_for("fashion").epochs == 10
     # mnist's column is the first (only) to use test_resnet: its teacher recipe (0 epochs) would train the baselines
     with pytest.raises(SpecError, match=r"^pipeline\.baselines\.recipe: needed: .* dataset 'mnist', which has epoch"):
         load_pipeline(PIPELINE, sets)
@@ -557,7 +557,7 @@ def test_baseline_groups_follow_the_student_architectures(default: PipelineSpec)
     assert [(m.arch, names) for m, names in groups] == [("test_resnet", ["mnist"]), ("test_efficientnet", ["fashion"]),
                                                         ("test_convnext", ["digits"])]
     spec = load_pipeline(PIPELINE, ["datasets.digits.model.arch=test_resnet",
-                                    "datasets.fashion.student_model={arch: test_resnet}"])
+                                    "datasets.fashion.student_model={arch: test_resnet, kwargs: {output_stride: 8}}"])
     assert [(m.arch, names) for m, names in spec.baseline_groups()] == [("test_resnet", ["mnist", "fashion", "digits"])]
     # the whole model spec decides: another input size is another baseline
     spec = load_pipeline(PIPELINE, ["datasets.digits.model={arch: test_resnet, input_size: 48}"])
@@ -575,7 +575,8 @@ def test_the_student_model_never_carries_the_teachers_checkpoint(tmp_path: Path)
     spec = load_pipeline(PIPELINE, [f"datasets.mnist.model.checkpoint={ckpt}", "datasets.mnist.model.pretrained=true"])
     d = spec.datasets[0]
     assert d.model.checkpoint == str(ckpt)
-    assert d.student_net == ModelSpec(arch="test_resnet", input_size=32, pretrained=True, checkpoint=None)
+    assert d.student_net == ModelSpec(arch="test_resnet", input_size=32, pretrained=True, checkpoint=None,
+                                   kwargs={"output_stride": 8})
     assert spec.baseline_groups()[0][0].checkpoint is None
 
 
