@@ -275,7 +275,7 @@ def test_trials_are_ordered_by_their_creation_index_not_their_id() -> None:
     assert order_trials(digits)["trial_id"].tolist() == TRIAL_IDS["digits"]
     info = SearchInfo(metric="val/acc1", mode="max", value_column="best/val/acc1", space_file=None)
     top = parse_table(top_trials_table(digits, info).splitlines())
-    assert {r["trial_id"]: int(r["#"]) for r in top} == {t: i for i, t in enumerate(TRIAL_IDS["digits"])}
+    assert {r["trial_id"]: int(r["#"]) for r in top} == {t: i + 1 for i, t in enumerate(TRIAL_IDS["digits"])}
     old = digits.drop(columns="trial_index")
     assert order_trials(old)["trial_id"].tolist() == old["trial_id"].tolist()
     partly = digits.assign(trial_index=[None if t == "c0ffee15" else i for t, i in zip(digits["trial_id"],

@@ -190,7 +190,7 @@ def top_trials_table(study: pd.DataFrame, info: SearchInfo, n: int = TOP_TRIALS)
         A Markdown table: rank, trial, status, epochs, metric columns, then the sampled config (short names).
     """
     s = order_trials(study)
-    s["#"] = range(len(s))
+    s["#"] = range(1, len(s) + 1)  # the trial numbers of the live view (#1 ran first)
     s = s.sort_values(info.value_column, ascending=info.mode == "min", na_position="last", kind="stable").head(n)
     metric_cols = [c for c in (f"best/{info.metric}", f"final/{info.metric}") if c in s.columns]
     cfg = [c for c in _config_columns(s) if s[c].map(_decode).notna().any()]
