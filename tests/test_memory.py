@@ -153,7 +153,8 @@ def test_golden_micro_batches_on_a_real_task_with_batchnorm(tmp_path: Path) -> N
     from mlfd.store import ArtifactStore
 
     torch.set_num_threads(1)
-    spec = load_pipeline(PIPELINE, ["datasets.digits.model.arch=test_resnet", "datasets.digits.max_train=200",
+    spec = load_pipeline(PIPELINE, ["datasets.digits.model.arch=test_resnet", "datasets.digits.model.kwargs={}",
+                                    "datasets.digits.max_train=200",
                                     "datasets.digits.max_val=100", "datasets.digits.max_test=100", "teacher.epochs=2",
                                     "teacher.batch_size=32"])
     ctx = Context(spec=spec, store=ArtifactStore(tmp_path / "store"), progress=False)

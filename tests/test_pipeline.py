@@ -447,8 +447,9 @@ def test_baselines_per_student_architecture(tmp_path: Path) -> None:
         assert {r["dataset"] for r in rows} == set(st.datasets) and len(rows) == 2  # val and test
     assert len([k for k in _artifacts(tmp_path / "store") if k.startswith("baseline/")]) == 4
 
-    # digits' student is a test_resnet too: one baseline per mode serves both columns, the one already stored
-    same = _edited(tmp_path, lambda d: d["datasets"][1].update(student_model={"arch": "test_resnet"}))
+    # digits' student is mnist's test_resnet (same timm kwargs) too: one baseline per mode serves both columns, the one
+    # already stored
+    same = _edited(tmp_path, lambda d: d["datasets"][1].update(student_model=dict(d["datasets"][0]["model"])))
     sctx = Context(spec=same, store=store, progress=False)
     assert [(s.label, s.datasets) for s in plan_stages(same) if s.role == "multi_head"] == [("multi_head", None)]
     assert baseline_key(sctx, "multi_head", "digits") == baseline_key(sctx, "multi_head", "mnist") == \
