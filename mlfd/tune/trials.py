@@ -36,11 +36,12 @@ def trial_rows(results, study: str | None, job: JobSpec, max_epochs: int) -> lis
     """One row per trial of a finished study; with several objectives, ``is_pareto`` (and with constraints,
     ``feasible``) from mlfd.stages.pareto."""
     rows = []
+    recorded = recorded_metrics(job)
     for r in results:
         cfg = dict(r.config or {})
         hist = r.metrics_dataframe
         values = {}
-        for metric, direction in recorded_metrics(job).items():
+        for metric, direction in recorded.items():
             col = hist[metric] if hist is not None and metric in hist else None
             values[f"final/{metric}"] = (float(r.metrics[metric]) if r.metrics and metric in r.metrics
                                          else float("nan"))
@@ -99,13 +100,18 @@ def trial_memory(result) -> dict:
     return row
 
 
+def oom_retried(row: pd.Series) -> bool:
+    """Whether the trial of trials.parquet ``row`` trained with the micro-batch of an out-of-memory retry."""
+    retries = row.get("oom_retries")
+    return not (retries is None or pd.isna(retries) or int(retries) == 0 or pd.isna(row.get("micro_batch_size")))
+
+
 def retried_spec(spec: PipelineSpec, stage: str, row: pd.Series) -> PipelineSpec:
     """``spec`` as the trial of trials.parquet ``row`` trained it: with the micro-batch and accumulation steps of its
     out-of-memory retry, if it had one (:func:`mlfd.stages.trial.micro_batched`), else as it is."""
     from mlfd.stages.trial import micro_batched
 
-    retries = row.get("oom_retries")
-    if retries is None or pd.isna(retries) or int(retries) == 0 or pd.isna(row.get("micro_batch_size")):
+    if not oom_retried(row):
         return spec
     study = row["study"] if stage in ("students", "teachers") else None
     return micro_batched(spec, stage, study, int(row["micro_batch_size"]), int(row["accum_steps"]))
@@ -203,10 +209,8 @@ def export_best(out: Path, study: str | None, dest: Path, pick: str | None = Non
     pipeline["baselines"] = dict(pipeline.get("baselines") or {}, multi_head=job.stage == "multi_head",
                                  joint_head=job.stage == "joint_head")
     spec = retried_spec(from_dict(PipelineSpec, pipeline, path="export"), job.stage, best)
-    retries = best.get("oom_retries")
     retried = (f"# the trial ran out of memory and was retried with micro-batch {int(best['micro_batch_size'])} x "
-               f"{int(best['accum_steps'])} accumulation steps; so does this pipeline\n"
-               if retries is not None and not pd.isna(retries) and int(retries) > 0 else "")
+               f"{int(best['accum_steps'])} accumulation steps; so does this pipeline\n" if oom_retried(best) else "")
     what = f"Trial {best['trial_id']} (--pick {pick})" if pick is not None else f"Best trial {best['trial_id']}"
     values = ", ".join(f"{m} = {best[f'best/{m}']:.6g}" for m in recorded_metrics(job) if f"best/{m}" in best)
     header = (f"# {what} of study {study!r} ({job.stage}) from {out}\n"
