@@ -186,9 +186,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     spec = load_pipeline(args.pipeline, args.set)  # before the stages import: a bad file fails in a second
     if args.smoke:
         spec = smoke_pipeline(spec)
-    from mlfd.plan import make_plan, parse_counts, plan_table, write_json
+    from mlfd.plan import make_plan, parse_counts, parse_memory, plan_table, write_json
 
     counts = parse_counts(args.count)
+    memory = parse_memory(args.memory) if args.memory is not None else None
     if counts and not args.synthetic:
         raise SpecError("--count: image counts are for --synthetic; a real run counts its data")
     if args.steps < 1:
@@ -198,7 +199,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
         preflight(spec)  # datasets readable, models buildable, levels available: as `mlfd run` checks them
     plan = make_plan(spec, store=Path(args.store).resolve() if args.store else None, synthetic=args.synthetic,
-                     counts=counts, steps=args.steps, name=Path(args.pipeline).name)
+                     counts=counts, steps=args.steps, name=Path(args.pipeline).name, memory=memory)
     print(plan_table(plan))
     if args.json:
         write_json(plan, Path(args.json))
@@ -218,6 +219,10 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
                    help="image counts of a dataset for --synthetic, e.g. sketch=train:50889,classes:1000 "
                         "(keys: train, val, test, classes, image_size, channels)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per stage after one warm-up step (default 3)")
+    p.add_argument("--memory", default=None, metavar="SIZE",
+                   help="memory each stage must fit, e.g. 24GiB to plan for the paper's 24 GB GPU on a bigger one "
+                        "(default: the GPU's total, or the host memory available now on a CPU); a batch predicted "
+                        "not to fit is measured smaller and its peak extrapolated")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the plan as JSON")
     p.set_defaults(func=_cmd_plan)
 

@@ -44,7 +44,8 @@ from mlfd.stages.baselines import SharedTask, baseline_key, baseline_model
 from mlfd.stages.cache import build_cache, cache_key
 from mlfd.stages.common import EVAL_BATCH, SPLITS, Context, load_frozen
 from mlfd.stages.joint import JointPlan, JointTask, joint_key, plan_for
-from mlfd.stages.measure import PeakMemory, ProbeContext as _ProbeContext, probe_data, probe_spec, seed_teachers
+from mlfd.stages.measure import PeakMemory, ProbeContext as _ProbeContext, SavedBytes, probe_data, probe_spec
+from mlfd.stages.measure import seed_teachers
 from mlfd.stages.measure import sync as _sync, time_eval, time_train_steps
 from mlfd.stages.pipeline import Stage, plan_stages
 from mlfd.stages.students import StudentTask, student_key, student_variant
@@ -95,6 +96,22 @@ KNOWN_DATASETS: dict[str, KnownDataset] = {
 _FOLDER_NAMES = (("tinyimagenet", re.compile(r"tiny.?imagenet", re.I)),
                  ("imagenet_sketch", re.compile(r"sketch", re.I)))
 COUNT_KEYS = ("train", "val", "test", "classes", "image_size", "channels")
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2, "g": 1000 ** 3, "gb": 1000 ** 3,
+          "t": 1000 ** 4, "tb": 1000 ** 4, "ki": 1024, "kib": 1024, "mi": 1024 ** 2, "mib": 1024 ** 2,
+          "gi": 1024 ** 3, "gib": 1024 ** 3, "ti": 1024 ** 4, "tib": 1024 ** 4}
+
+
+def parse_memory(text: str) -> int:
+    """``--memory`` as bytes: a positive number with an optional unit (decimal ``GB`` or binary ``GiB``), e.g.
+    ``24GiB``, ``80GB``, ``512MiB``."""
+    m = _SIZE.match(text)
+    if m is None or float(m.group(1)) <= 0:
+        raise SpecError(f"--memory: {text!r} is not a size; allowed: a positive number with an optional unit "
+                        f"(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 24GiB")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
 
 
 def parse_counts(items: list[str] | None) -> dict[str, dict[str, int]]:
@@ -402,7 +419,32 @@ class Plan:
         return out
 
 
-def _budget(device: torch.device) -> tuple[int, str]:
+def peak_line(b1: int, p1: int, b2: int, p2: int | None) -> tuple[float, float]:
+    """(fixed, per-sample) bytes of the line through two measured peaks at batches ``b1 < b2``; the slope is never
+    negative, and without the second peak everything is taken as per-sample (``p1 / b1``)."""
+    if p2 is None:
+        return 0.0, p1 / b1
+    slope = max(0.0, (p2 - p1) / (b2 - b1))
+    return p1 - slope * b1, slope
+
+
+def fitting_batch(full: int, floor: int, fixed: float, slope: float, budget: float) -> int:
+    """``full`` halved until ``fixed + slope x batch`` fits ``budget``, never below ``floor``."""
+    batch = full
+    while batch // 2 >= floor and fixed + slope * batch > budget:
+        batch //= 2
+    return batch
+
+
+PROBE_SHARE = 0.8
+"""Share of the memory budget a probe step may be predicted to use before it is measured at a smaller batch."""
+
+
+def _budget(device: torch.device, declared: int | None = None) -> tuple[int, str]:
+    """The memory a stage must fit: ``declared`` (``mlfd plan --memory``), else the GPU's total or the host memory
+    available now."""
+    if declared is not None:
+        return declared, "given by --memory"
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory, "total on the GPU"
     try:
@@ -424,11 +466,15 @@ class Planner:
         counts: ``--count`` overrides per dataset name (:func:`parse_counts`).
         steps: Timed optimizer steps (or extraction batches) per stage, after one untimed warm-up step.
         name: What to call the pipeline in the output.
+        memory: Bytes each stage must fit (``--memory``; None: the GPU's total, or on a CPU the host memory available
+            now); probes are measured at a batch predicted to fit it (:meth:`_fitting_batch`).
     """
 
     def __init__(self, spec: PipelineSpec, store: Path | None = None, synthetic: bool = False,
-                 counts: dict[str, dict[str, int]] | None = None, steps: int = 3, name: str = ""):
+                 counts: dict[str, dict[str, int]] | None = None, steps: int = 3, name: str = "",
+                 memory: int | None = None):
         self.spec, self.synthetic, self.steps, self.name = spec, synthetic, max(1, steps), name or spec.name
+        self.memory = memory
         self.store = ArtifactStore(store) if store is not None else None
         counts = counts or {}
         names = [d.name for d in spec.datasets]
@@ -490,7 +536,7 @@ class Planner:
                              progress=False)
         pctx.probe = probes
         self._seed_teachers(pctx)
-        budget, budget_what = _budget(self.device)
+        budget, budget_what = _budget(self.device, self.memory)
         caches = self._caches(pctx, jobs, shapes)
         plans = []
         for st, (kind, key), job in zip(stages, recorded, jobs):
@@ -569,22 +615,30 @@ class Planner:
 
     # -- trained stages ------------------------------------------------------------------------------------------
 
-    def _task(self, job: Job, pctx: _ProbeContext) -> tuple[Any, Any, str, list[str]]:
-        """(task, recipe, batch-size field, datasets it trains on) of a job, built on the probe."""
+    def _task(self, job: Job, pctx: _ProbeContext, batch: int | None = None) -> tuple[Any, Any, str, list[str]]:
+        """(task, recipe, batch-size field, datasets it trains on) of a job, built on the probe; ``batch`` replaces
+        the recipe's batch size (a probe cut to fit the memory)."""
+        def cut(recipe: Any) -> Any:
+            return recipe if batch is None else dataclasses.replace(recipe, batch_size=batch)
+
         if job.kind == "teacher":
-            recipe = pctx.spec.teacher_for(job.dataset)
+            recipe = cut(pctx.spec.teacher_for(job.dataset))
             where = (f"datasets.{job.dataset}.teacher" if "batch_size" in pctx.spec.dataset(job.dataset).teacher
                      else "teacher")
             return (ClassifierTask(pctx, job.dataset, pctx.spec.dataset(job.dataset).model, recipe), recipe,
                     f"{where}.batch_size", [job.dataset])
         if job.kind == "baseline":
             model, recipe = baseline_model(pctx, job.dataset)
+            recipe = cut(recipe)
             where = "baselines.recipe" if pctx.spec.baselines.recipe is not None else "teacher"
             return (SharedTask(pctx, job.mode, model, recipe), recipe, f"{where}.batch_size",
                     [d.name for d in pctx.spec.datasets])
         if job.kind == "joint":
-            return JointTask(pctx, job.plan), pctx.spec.joint.recipe, "joint.recipe.batch_size", list(job.plan.datasets)
+            task = JointTask(pctx, job.plan)
+            task.recipe = cut(task.recipe)  # read at each epoch's batching
+            return task, task.recipe, "joint.recipe.batch_size", list(job.plan.datasets)
         sspec = student_variant(pctx, job.control, job.dataset)
+        sspec = dataclasses.replace(sspec, recipe=cut(sspec.recipe))
         where = (f"datasets.{job.dataset}.student.recipe" if "batch_size" in
                  (pctx.spec.dataset(job.dataset).student.get("recipe") or {}) else "student.recipe")
         return (StudentTask(pctx, job.dataset, job.plan, sspec), sspec.recipe, f"{where}.batch_size", [job.dataset])
@@ -603,18 +657,91 @@ class Planner:
 
     def _probe(self, job: Job, pctx: _ProbeContext) -> dict:
         """Speeds and peak memory of a job's task on the probe, measured once per task shape: a student's controls
-        train the same network on the same batches, so they reuse the student's figures."""
+        train the same network on the same batches, so they reuse the student's figures.
+
+        A batch that would not fit is measured smaller (:meth:`_fitting_batch`; on a GPU also after an out-of-memory
+        error, halving), and its peak is extrapolated to the full batch from the peak of one step at half the
+        measured batch: the stage's fit warning then names the batch size that fits."""
         memo = (job.kind, job.dataset, job.level, job.mode, job.plan if job.kind == "joint" else None)
         if memo not in self._probes:
-            with PeakMemory(self.device) as peak:
-                task, recipe, batch_field, names = self._task(job, pctx)
-                ips = time_train_steps(task, recipe, self.device, self.steps)
-                eval_ips = time_eval(task, sum(len(pctx.data(n).val) for n in names), self.device, recipe)
-                emb = getattr(getattr(task, "joint", None), "embedding_shapes", None)
-                del task
-            self._probes[memo] = {"ips": ips, "eval_ips": eval_ips, "peak": peak.peak, "batch_field": batch_field,
-                                  "names": names, "emb": emb, "label": job}
+            full = self._task(job, pctx)[1].batch_size
+            batch, why, slope = self._fitting_batch(job, pctx, full)
+            while True:
+                try:
+                    m = self._measure_task(job, pctx, None if batch == full else batch)
+                    break
+                except torch.OutOfMemoryError:  # an accelerator's (a CPU's own shortage kills the process)
+                    if batch < 4:
+                        raise
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    why = f"batch {batch} ran out of memory on {self.device}"
+                    batch //= 2
+            if batch < full:
+                if slope is None:  # a GPU out of memory: the line through one step at the batch and one at half
+                    half = max(2, batch // 2)
+                    hi, lo = self._step_peak(job, pctx, batch), self._step_peak(job, pctx, half)
+                    slope = peak_line(half, lo, batch, hi)[1] if hi is not None and lo is not None else None
+                if m["peak"] is not None and slope is not None:
+                    m["peak"] = int(m["peak"] + slope * (full - batch))
+                m["cut"] = f"measured at batch {batch} of {full} ({why}); peak extrapolated"
+            self._probes[memo] = m
         return self._probes[memo]
+
+    def _measure_task(self, job: Job, pctx: _ProbeContext, batch: int | None) -> dict:
+        with PeakMemory(self.device) as peak:
+            task, recipe, batch_field, names = self._task(job, pctx, batch)
+            ips = time_train_steps(task, recipe, self.device, self.steps)
+            eval_ips = time_eval(task, sum(len(pctx.data(n).val) for n in names), self.device, recipe)
+            emb = getattr(getattr(task, "joint", None), "embedding_shapes", None)
+            del task
+        return {"ips": ips, "eval_ips": eval_ips, "peak": peak.peak, "batch_field": batch_field, "names": names,
+                "emb": emb, "label": job, "cut": ""}
+
+    def _step_peak(self, job: Job, pctx: _ProbeContext, batch: int) -> int | None:
+        """Memory of building a job's task at ``batch`` and one optimizer step of it. On a GPU the measured peak; on a
+        CPU, whose resident set depends on what the allocator kept from earlier work, the activations autograd saves
+        (:class:`SavedBytes`) plus four times the trainable parameters' bytes (weights, gradients, two optimizer
+        moments)."""
+        if self.device.type == "cuda":
+            with PeakMemory(self.device) as peak:
+                task, recipe, *_ = self._task(job, pctx, batch)
+                time_train_steps(task, recipe, self.device, steps=1, warmup=0)
+                del task
+            return peak.peak
+        task, recipe, *_ = self._task(job, pctx, batch)
+        with SavedBytes() as saved:
+            time_train_steps(task, recipe, self.device, steps=1, warmup=0)
+        params = sum(p.numel() * p.element_size() for p in task.module.parameters() if p.requires_grad)
+        return saved.bytes + 4 * params
+
+    def _fitting_batch(self, job: Job, pctx: _ProbeContext, full: int) -> tuple[int, str, float | None]:
+        """The batch to measure a job at, why it is not ``full``, and the bytes per sample of the predicting line
+        (None where none was drawn): ``full`` unless its predicted peak exceeds
+        :data:`PROBE_SHARE` of the memory budget. Without a declared budget a GPU measures the full batch (an
+        out-of-memory error is caught there). A CPU, where the kernel would kill the process instead, or a declared
+        budget first predicts the peak: from one step at 1/16 of the batch (at least 2) scaled up (an upper bound,
+        since the model and optimizer do not grow with the batch), then, if that does not fit, from the line through
+        that step and one at twice its batch (:func:`peak_line`). The largest halving of the batch predicted to fit
+        is measured (:func:`fitting_batch`)."""
+        if self.device.type == "cuda" and self.memory is None:
+            return full, "", None
+        budget = _budget(self.device, self.memory)[0] * PROBE_SHARE
+        b1 = max(2, full // 16)  # batch norm needs two samples in training
+        if budget <= 0 or 2 * b1 > full:
+            return full, "", None
+        p1 = self._step_peak(job, pctx, b1)
+        if p1 is None or p1 * full / b1 <= budget:
+            return full, "", None
+        b2 = 2 * b1
+        p2 = self._step_peak(job, pctx, b2)
+        fixed, slope = peak_line(b1, p1, b2, p2)
+        need = fixed + slope * full
+        batch = fitting_batch(full, b1, fixed, slope, budget)
+        if batch == full:
+            return full, "", slope
+        return batch, (f"batch {full} would need about {_fmt_bytes(int(need))}, more than {PROBE_SHARE:.0%} of "
+                       f"{_fmt_bytes(int(budget / PROBE_SHARE))}"), slope
 
     def _measure_stage(self, sp: StagePlan, job: Job, pctx: _ProbeContext, shapes: dict[str, DataShape],
                        probes: dict[str, DatasetSplits], caches: dict) -> None:
@@ -623,6 +750,8 @@ class Planner:
         sp.images_per_s, sp.eval_images_per_s, sp.batch_field = m["ips"], m["eval_ips"], m["batch_field"]
         names, emb = m["names"], m["emb"]
         notes = ["speed of the plain student"] if m["label"] is not job else []
+        if m["cut"]:
+            notes.append(m["cut"])
         sp.measured_peak = m["peak"]
         recipe = self._recipe(job)
         sp.batch_size, sp.epochs = recipe.batch_size, recipe.epochs
@@ -642,7 +771,7 @@ class Planner:
             feats = sum(caches[t, d, job.level].total_bytes for t in job.plan.teachers for d in job.plan.datasets)
             probe_held = sum(_probe_cache_bytes(caches[t, d, job.level], probes[d]) for t in job.plan.teachers
                              for d in job.plan.datasets)
-            on_device = caches_on_device(spec, feats, _budget(self.device)[0])
+            on_device = caches_on_device(spec, feats, _budget(self.device, self.memory)[0])
             sp.resident_bytes = feats if on_device else 0
             sp.resident_what = f"cached features {_fmt_bytes(feats)}" + ("" if on_device else " (read out of core)")
         else:
@@ -713,9 +842,10 @@ def _probe_cache_bytes(c: CachePlan, probe: DatasetSplits) -> int:
 
 
 def make_plan(spec: PipelineSpec, store: Path | None = None, synthetic: bool = False,
-              counts: dict[str, dict[str, int]] | None = None, steps: int = 3, name: str = "") -> Plan:
+              counts: dict[str, dict[str, int]] | None = None, steps: int = 3, name: str = "",
+              memory: int | None = None) -> Plan:
     """Plan ``spec`` (see :class:`Planner`)."""
-    planner = Planner(spec, store, synthetic, counts, steps, name)
+    planner = Planner(spec, store, synthetic, counts, steps, name, memory)
     try:
         return planner.plan()
     finally:

@@ -6,19 +6,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from mlfd.cli import main
 from mlfd.config import PipelineSpec, SpecError, from_dict, load_pipeline, smoke_pipeline
 from mlfd.models import LevelModel, create_model
-from mlfd.plan import (Planner, StagePlan, cache_bytes, fit_warning, make_plan, parse_counts, plan_table,
-                       synthetic_shape, write_json)
+from mlfd.plan import (Planner, StagePlan, cache_bytes, fit_warning, fitting_batch, make_plan, parse_counts,
+                       parse_memory, peak_line, plan_table, synthetic_shape, write_json)
 from mlfd.stages.cache import build_cache
 from mlfd.stages.common import Context
 from mlfd.stages.pipeline import plan_stages
@@ -147,6 +149,119 @@ def test_fit_warnings_name_the_switch() -> None:
     assert "options.stream: true" in fit_warning(_stage("teacher", 100 * gb, 90 * gb), 80 * gb, "cuda")
 
 
+def test_memory_sizes() -> None:
+    assert parse_memory("24GiB") == 24 * 2**30 and parse_memory("80GB") == 80 * 10**9
+    assert parse_memory("512mib") == 512 * 2**20 and parse_memory("1.5 G") == 1_500_000_000
+    assert parse_memory("4096") == 4096
+    for bad in ("0GB", "-1GB", "x", "1e9", "GB"):
+        with pytest.raises(SpecError, match="--memory: .* is not a size"):
+            parse_memory(bad)
+
+
+def test_the_probe_batch_follows_the_line_through_two_measured_steps() -> None:
+    mb = 10**6
+    # 20 MB at batch 32, 36 MB at 64: 0.5 MB per sample over 4 MB fixed
+    assert peak_line(32, 20 * mb, 64, 36 * mb) == (4 * mb, 0.5 * mb)
+    assert peak_line(32, 20 * mb, 64, 10 * mb) == (20 * mb, 0.0)  # a noisy second step: never a negative slope
+    assert peak_line(32, 20 * mb, 64, None) == (0.0, 20 * mb / 32)
+    # batch 512 needs 260 MB; 100 MB fits batch 128 (68 MB) but not 256 (132 MB)
+    assert fitting_batch(512, 32, 4 * mb, 0.5 * mb, 100 * mb) == 128
+    assert fitting_batch(512, 32, 4 * mb, 0.5 * mb, 300 * mb) == 512
+    assert fitting_batch(512, 32, 4 * mb, 0.5 * mb, 1 * mb) == 32  # never below the smallest step measured
+    assert fitting_batch(100, 6, 0.0, 1.0, 30.0) == 25
+
+
+def test_a_batch_that_does_not_fit_is_measured_smaller_and_its_peak_extrapolated() -> None:
+    """With a declared 40 MB, a teacher's batch of 512 is predicted not to fit from steps at 32 and 64: it is timed
+    at a halving of the batch, the peak is extrapolated to 512, and the warning names the batch field."""
+    data = json.loads(json.dumps(PAPER_LIKE))
+    data["datasets"] = data["datasets"][:2]
+    data["teacher"]["batch_size"] = 512
+    data["baselines"]["multi_head"] = False
+    spec = from_dict(PipelineSpec, data)
+    planner = Planner(spec, synthetic=True, steps=1, memory=40 * 10**6)
+    try:
+        plan = planner.plan()
+    finally:
+        planner.close()
+    assert plan.budget_bytes == 40 * 10**6 and plan.budget_what == "given by --memory"
+    teacher = plan.stages[0]
+    cut = re.match(r"measured at batch (\d+) of 512 \(batch 512 would need about .*, more than 80% of 40\.0 MB\); "
+                   r"peak extrapolated$", teacher.note)
+    assert cut is not None, teacher.note
+    assert int(cut.group(1)) in (32, 64, 128, 256)
+    assert teacher.batch_size == 512 and teacher.images_per_s > 0 and teacher.peak_bytes > teacher.resident_bytes
+    assert teacher.warning.startswith("teacher cifar100: needs about ") and "teacher.batch_size" in teacher.warning
+    assert plan.stages[-1].note == ""  # a student's batch of 16 is measured whole: 1/16 of it is below two samples
+
+
+def test_out_of_memory_in_a_probe_halves_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU path on a CPU: a probe step above batch 128 raises the error CUDA raises (injected), the probe halves
+    the batch until one trains, then extrapolates the peak along the line through steps at 128 and 64."""
+    data = json.loads(json.dumps(PAPER_LIKE))
+    data["datasets"] = data["datasets"][:2]
+    data["datasets"][0]["teacher"] = {"batch_size": 512}
+    data["baselines"]["multi_head"] = False
+    spec = from_dict(PipelineSpec, data)
+    measured, stepped = [], []
+    real_measure, real_step = Planner._measure_task, Planner._step_peak
+
+    def measure(self: Planner, job, pctx, batch):  # type: ignore[no-untyped-def]
+        measured.append(batch)
+        if job.kind == "teacher" and job.dataset == "cifar100" and (batch is None or batch > 128):
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_measure(self, job, pctx, batch)
+
+    def step(self: Planner, job, pctx, batch):  # type: ignore[no-untyped-def]
+        stepped.append(batch)
+        return real_step(self, job, pctx, batch)
+
+    monkeypatch.setattr(Planner, "_measure_task", measure)
+    monkeypatch.setattr(Planner, "_step_peak", step)
+    monkeypatch.setattr(Planner, "_fitting_batch", lambda self, job, pctx, full: (full, "", None))  # as on a GPU
+    planner = Planner(spec, synthetic=True, steps=1)
+    try:
+        plan = planner.plan()
+    finally:
+        planner.close()
+    assert measured[:3] == [None, 256, 128] and stepped == [128, 64]
+    teacher = plan.stages[0]
+    assert teacher.note == "measured at batch 128 of 512 (batch 256 ran out of memory on cpu); peak extrapolated"
+    assert teacher.batch_size == 512 and teacher.images_per_s > 0 and teacher.peak_bytes >= teacher.resident_bytes
+    assert plan.stages[1].note == ""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_out_of_memory_in_a_probe_is_measured_at_half_the_batch() -> None:
+    """On a GPU capped to 2 GiB, a teacher batch of 2048 at 224 px (test_resnet: about 16 MB of activations per
+    image in float32) runs out of memory: the probe halves it until a batch trains, and the plan still comes back, with
+    the peak extrapolated to 2048 and a warning naming the batch field. (Extraction at 512 images peaks well under the
+    cap.)"""
+    data = json.loads(json.dumps(PAPER_LIKE))
+    data["datasets"] = data["datasets"][:2]
+    data["datasets"][0]["model"]["input_size"] = 224
+    data["datasets"][0]["teacher"] = {"batch_size": 2048}
+    data["baselines"]["multi_head"] = False
+    data["device"] = "cuda"
+    spec = from_dict(PipelineSpec, data)
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(2 * 2**30 / total)
+    try:
+        planner = Planner(spec, synthetic=True, steps=1)
+        try:
+            plan = planner.plan()
+        finally:
+            planner.close()
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    teacher = plan.stages[0]
+    assert re.match(r"measured at batch \d+ of 2048 \(batch \d+ ran out of memory on cuda\S*\); peak extrapolated$",
+                    teacher.note), teacher.note
+    assert teacher.batch_size == 2048 and teacher.peak_bytes > 2 * 2**30
+    assert "lower datasets.cifar100.teacher.batch_size to " in fit_warning(teacher, 2 * 2**30, "cuda")
+
+
 @pytest.mark.parametrize("argv", [["--synthetic"], []])
 def test_a_malformed_file_fails_before_torch_is_imported(argv: list[str], tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
@@ -167,6 +282,8 @@ def test_a_malformed_file_fails_before_torch_is_imported(argv: list[str], tmp_pa
      "--count mnist=size:3: unknown key 'size'; allowed: train, val, test, classes, image_size, channels"),
     (["--steps", "0"], "--steps: must be >= 1, got 0"),
     (["--count", "mnist=train:10"], "--count: image counts are for --synthetic; a real run counts its data"),
+    (["--memory", "24 parsecs"], "--memory: '24 parsecs' is not a size; allowed: a positive number with an optional "
+                                 "unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 24GiB"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
     assert main(["plan", str(DEFAULT), *argv]) == 2

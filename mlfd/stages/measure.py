@@ -11,6 +11,7 @@ peak memory is read with :class:`PeakMemory`.
 from __future__ import annotations
 
 import copy
+import ctypes
 import dataclasses
 import gc
 import statistics
@@ -47,6 +48,14 @@ def _vm(field_name: str) -> int | None:
     return None
 
 
+def _trim_heap() -> None:
+    """Return the C heap's free memory to the system (glibc ``malloc_trim``; nothing elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak memory of the code run inside ``with``: on CUDA ``torch.cuda.max_memory_allocated`` above what was
     allocated at entry; on a CPU the growth of the process's peak resident set (``VmHWM``, reset at entry through
@@ -69,6 +78,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         else:
+            _trim_heap()  # freed memory the allocator still holds would be reused without raising the resident set
             try:
                 Path("/proc/self/clear_refs").write_text("5")
                 self._base = _vm("VmRSS")
@@ -83,6 +93,32 @@ class PeakMemory:
         else:
             hwm = _vm("VmHWM")
             self.peak = None if hwm is None or self._base is None else max(0, hwm - self._base)
+
+
+class SavedBytes:
+    """Bytes of the distinct tensors autograd saves for backward inside ``with``: the activation memory of a training
+    step, counted from the tensors themselves (the same on every run, where a CPU's resident set depends on what the
+    allocator kept from earlier work)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        self._seen[storage.data_ptr()] = storage.nbytes()  # alive until backward: no address is reused meanwhile
+        return t
+
+    def __enter__(self) -> SavedBytes:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._hooks.__exit__(*exc)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self._seen.values())
 
 
 def sync(device: torch.device) -> None:
