@@ -11,14 +11,16 @@
 #   2. on the GPU machine, as one command (device tool):
 #        run(command="bash bench/gpu_check.sh run", carry=[".carry"], timeout_s=600)
 #      It unpacks the tree, checks the imports, then, each step bounded and skipped once the deadline (DEADLINE_S,
-#      default 540 s after the start) is near: the CUDA tests (tests/test_device.py, tests/test_packing.py), the
-#      enforced memory per trial (tests/test_memory.py -k cuda: a trial of gpu 0.25 cannot allocate beyond its cap;
-#      a real over-size batch under a small cap runs out of memory and the trial's retry with micro-batches and
-#      gradient accumulation trains under it, after the first attempt's memory is freed), the GPU smoke search
-#      (`mlfd tune tune_jobs/quickstart.yaml --smoke --set resources.gpu=0.25`), then the benchmarks at full size
-#      on the GPU (trial_throughput, input_pipeline, packing, cache, overhead, memory; scaling is a CPU benchmark).
-#      Results go to $OUT (at most 8 files): gpu_check.log, bench-results.json, bench-logs.tgz, RESULTS.md (the GPU
-#      section appended: copy it into bench/RESULTS.md), pytest.log (with the memory tests), smoke_search.log.
+#      default 540 s after the start) is near: the CUDA tests (tests/test_device.py, tests/test_packing.py,
+#      tests/test_plan.py), the enforced memory per trial (tests/test_memory.py -k cuda: a trial of gpu 0.25 cannot
+#      allocate beyond its cap; a real over-size batch under a small cap runs out of memory and the trial's retry with
+#      micro-batches and gradient accumulation trains under it, after the first attempt's memory is freed), the GPU
+#      smoke search (`mlfd tune tune_jobs/quickstart.yaml --smoke --set resources.gpu=0.25`), the paper's T1 plan for
+#      its 24 GB GPU (`mlfd plan pipelines/paper_t1.yaml --synthetic --memory 24GiB`: plan_t1.txt, plan_t1.json), then
+#      the benchmarks at full size on the GPU (trial_throughput, input_pipeline, packing, cache, overhead, memory;
+#      scaling is a CPU benchmark). Results go to $OUT (8 files): gpu_check.log, bench-results.json, bench-logs.tgz,
+#      RESULTS.md (the GPU section appended: copy it into bench/RESULTS.md), pytest.log (with the memory tests),
+#      smoke_search.log, plan_t1.txt and plan_t1.json (the README's T1 plan on a GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CARRY=.carry
@@ -127,15 +129,20 @@ print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')
 print('timm', timm.__version__, 'ray', ray.__version__, 'optuna', optuna.__version__, 'mlflow', mlflow.__version__)" \
     || { echo "imports failed: see above"; exit 1; }
-  local steps=${STEPS:-"tests memory_tests smoke_search trial_throughput input_pipeline packing cache overhead memory"}
+  local steps=${STEPS:-"tests memory_tests smoke_search plan_t1 trial_throughput input_pipeline packing cache overhead
+                        memory"}
   local run="bench/results/$(hostname)-gpu-$(date -u +%Y%m%dT%H%MZ)"
   mkdir -p "$run"
   for s in $steps; do
     case $s in
       tests) step tests 90 150 python3 -m pytest -q -p no:cacheprovider tests/test_device.py tests/test_packing.py \
+               tests/test_plan.py \
                -k "cuda or gpu" 2>&1 | tee "$out/pytest.log" | tail -15 ;;
       memory_tests) step memory_tests 150 170 python3 -m pytest -q -p no:cacheprovider tests/test_memory.py -k cuda \
                2>&1 | tee -a "$out/pytest.log" | tail -15 ;;
+      plan_t1) step plan_t1 150 160 bash -c 'python3 -m mlfd.cli plan pipelines/paper_t1.yaml --synthetic \
+               --memory 24GiB --json "$1" > "$2" 2>&1' _ "$out/plan_t1.json" "$out/plan_t1.txt"
+               tail -25 "$out/plan_t1.txt" ;;
       smoke_search) step smoke_search 200 220 python3 -m mlfd.cli tune tune_jobs/quickstart.yaml --smoke \
                --set resources.gpu=0.25 --out "/tmp/gpu-smoke-$(date +%s)" 2>&1 | tee "$out/smoke_search.log" \
                | grep -E "mlfd|packing|TERMINATED|ERROR|rror" | tail -30 ;;

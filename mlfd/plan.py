@@ -14,7 +14,9 @@ one epoch per recipe, and a few timed steps of each stage's task:
 * peak memory: on a GPU ``torch.cuda.max_memory_allocated`` over the probe, on a CPU the growth of the process's
   peak resident set (``VmHWM`` after resetting it through ``/proc/self/clear_refs``). The probe's own data is
   swapped for what the stage holds whole at full size: its images (unless streamed from files), the feature caches
-  of a joint teacher (unless it reads them out of core: ``joint.cache_on_device``) or a student's cached targets.
+  of a joint teacher (unless it reads them out of core: ``joint.cache_on_device``) or a student's cached targets;
+* a batch that would not fit the memory budget (the device's, or ``--memory``) is measured smaller and its peak
+  extrapolated to the full batch (:meth:`Planner._probe`), so a plan never dies of the batch it warns about.
 
 The estimates are ``images x epochs / (images/s)`` plus the evaluation passes ``fit`` makes (val every epoch, test
 once); they leave out early stops, loading the data before the first step, a student's pass of T* over its cached
