@@ -180,6 +180,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
 # --- mlfd plan -------------------------------------------------------------------------------------------------------
 
 
+def _exit_on_sigterm(command: str) -> None:
+    """SIGTERM raises ``SystemExit(143)`` in the main thread, so ``finally`` blocks run before the process ends."""
+    import signal
+
+    def stop(signum: int, frame: object) -> None:
+        print(f"{command}: stopped by SIGTERM", file=sys.stderr)
+        raise SystemExit(EXIT_TERMINATED)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from mlfd.config import load_pipeline, smoke_pipeline
 
@@ -198,6 +209,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         from mlfd.stages.pipeline import preflight
 
         preflight(spec)  # datasets readable, models buildable, levels available: as `mlfd run` checks them
+    _exit_on_sigterm("mlfd plan")  # unwinds like Ctrl-C: the probe's throwaway store (GBs at 224 px) is removed
     plan = make_plan(spec, store=Path(args.store).resolve() if args.store else None, synthetic=args.synthetic,
                      counts=counts, steps=args.steps, name=Path(args.pipeline).name, memory=memory)
     print(plan_table(plan))

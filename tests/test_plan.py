@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -260,6 +261,25 @@ def test_cuda_out_of_memory_in_a_probe_is_measured_at_half_the_batch() -> None:
                     teacher.note), teacher.note
     assert teacher.batch_size == 2048 and teacher.peak_bytes > 2 * 2**30
     assert "lower datasets.cifar100.teacher.batch_size to " in fit_warning(teacher, 2 * 2**30, "cuda")
+
+
+def test_sigterm_removes_the_probe_store(tmp_path: Path) -> None:
+    """A plan stopped with SIGTERM exits 143 and leaves no throwaway probe store behind in the temp dir."""
+    path = tmp_path / "paper_like.yaml"
+    path.write_text(yaml.safe_dump(PAPER_LIKE))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "mlfd.cli", "plan", str(path), "--synthetic"],
+                            env={**ENV, "TMPDIR": str(tmp)}, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp.glob("mlfd-plan-*/store/teacher/*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert list(tmp.glob("mlfd-plan-*")), "the plan never started its probe"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().endswith("mlfd plan: stopped by SIGTERM")
+    assert list(tmp.iterdir()) == []
 
 
 @pytest.mark.parametrize("argv", [["--synthetic"], []])
