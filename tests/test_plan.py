@@ -373,7 +373,9 @@ def test_planned_cache_bytes_match_what_the_cache_stage_writes(tmp_path: Path) -
     again = make_plan(spec, store=store, steps=1)
     assert all(c.stored for c in again.caches)
     assert [s.stored for s in again.stages] == [True] * 3 + [False] * (len(again.stages) - 3)
-    assert again.total_seconds < plan.total_seconds
+    # only what is not stored counts (measured speeds differ from run to run: no comparison across the two plans)
+    assert again.total_seconds == pytest.approx(sum(s.seconds for s in again.stages if not s.stored))
+    assert plan.total_seconds == pytest.approx(sum(s.seconds for s in plan.stages) + sum(c.seconds for c in plan.caches))
     table = plan_table(again)
     assert "stored" in table
     write_json(again, tmp_path / "plan.json")
