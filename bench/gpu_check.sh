@@ -17,7 +17,8 @@
 #      micro-batches and gradient accumulation trains under it, after the first attempt's memory is freed), the GPU
 #      smoke search (`mlfd tune tune_jobs/quickstart.yaml --smoke --set resources.gpu=0.25`), the paper's T1 plan for
 #      its 24 GB GPU (`mlfd plan pipelines/paper_t1.yaml --synthetic --memory 24GiB`: plan_t1.txt, plan_t1.json), then
-#      the benchmarks at full size on the GPU (trial_throughput, input_pipeline, packing, cache, overhead, memory;
+#      the benchmarks at full size on the GPU (trial_throughput, input_pipeline, packing, cache, overhead, memory,
+#      probe_batch: img/s at batch 32 against Table 1's batches;
 #      scaling is a CPU benchmark). Results go to $OUT (8 files): gpu_check.log, bench-results.json, bench-logs.tgz,
 #      RESULTS.md (the GPU section appended: copy it into bench/RESULTS.md), pytest.log (with the memory tests),
 #      smoke_search.log, plan_t1.txt and plan_t1.json (the README's T1 plan on a GPU).
@@ -130,7 +131,7 @@ print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
 print('timm', timm.__version__, 'ray', ray.__version__, 'optuna', optuna.__version__, 'mlflow', mlflow.__version__)" \
     || { echo "imports failed: see above"; exit 1; }
   local steps=${STEPS:-"tests memory_tests smoke_search plan_t1 trial_throughput input_pipeline packing cache overhead
-                        memory"}
+                        memory probe_batch"}
   local run="bench/results/$(hostname)-gpu-$(date -u +%Y%m%dT%H%MZ)"
   mkdir -p "$run"
   for s in $steps; do

@@ -15,7 +15,7 @@ mode=()
 if [ "${1:-}" = "--quick" ] || ! $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   mode=(--quick)
 fi
-benches=${BENCHES:-"trial_throughput input_pipeline packing cache out_of_core overhead memory scaling cluster"}
+benches=${BENCHES:-"trial_throughput input_pipeline packing cache out_of_core overhead memory scaling cluster probe_batch"}
 stamp="$(hostname)-$(date -u +%Y%m%dT%H%MZ)"
 run="$(mktemp -d)/$stamp"  # per-benchmark JSON and logs; only the collected JSON stays in bench/results
 mkdir -p "$run" bench/results

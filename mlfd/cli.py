@@ -197,7 +197,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     spec = load_pipeline(args.pipeline, args.set)  # before the stages import: a bad file fails in a second
     if args.smoke:
         spec = smoke_pipeline(spec)
-    from mlfd.plan import make_plan, parse_counts, parse_memory, plan_table, write_json
+    from mlfd.plan import check_probe_batch, make_plan, parse_counts, parse_memory, plan_table, write_json
 
     counts = parse_counts(args.count)
     memory = parse_memory(args.memory) if args.memory is not None else None
@@ -205,13 +205,15 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         raise SpecError("--count: image counts are for --synthetic; a real run counts its data")
     if args.steps < 1:
         raise SpecError(f"--steps: must be >= 1, got {args.steps}")
+    check_probe_batch(args.probe_batch)
     if not args.synthetic:
         from mlfd.stages.pipeline import preflight
 
         preflight(spec)  # datasets readable, models buildable, levels available: as `mlfd run` checks them
     _exit_on_sigterm("mlfd plan")  # unwinds like Ctrl-C: the probe's throwaway store (GBs at 224 px) is removed
     plan = make_plan(spec, store=Path(args.store).resolve() if args.store else None, synthetic=args.synthetic,
-                     counts=counts, steps=args.steps, name=Path(args.pipeline).name, memory=memory)
+                     counts=counts, steps=args.steps, name=Path(args.pipeline).name, memory=memory,
+                     probe_batch=args.probe_batch)
     print(plan_table(plan))
     if args.json:
         write_json(plan, Path(args.json))
@@ -235,6 +237,10 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
                    help="memory each stage must fit, e.g. 24GiB to plan for the paper's 24 GB GPU on a bigger one "
                         "(default: the GPU's total, or the host memory available now on a CPU); a batch predicted "
                         "not to fit is measured smaller and its peak extrapolated")
+    p.add_argument("--probe-batch", type=int, default=None, metavar="N",
+                   help="measure each trained stage at batch N at most: images/s as measured there, peak memory "
+                        "extrapolated to the stage's batch (a quick plan on a CPU; on a GPU a small batch understates "
+                        "the speed)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the plan as JSON")
     p.set_defaults(func=_cmd_plan)
 

@@ -16,7 +16,10 @@ one epoch per recipe, and a few timed steps of each stage's task:
   swapped for what the stage holds whole at full size: its images (unless streamed from files), the feature caches
   of a joint teacher (unless it reads them out of core: ``joint.cache_on_device``) or a student's cached targets;
 * a batch that would not fit the memory budget (the device's, or ``--memory``) is measured smaller and its peak
-  extrapolated to the full batch (:meth:`Planner._probe`), so a plan never dies of the batch it warns about.
+  extrapolated to the full batch (:meth:`Planner._probe`), so a plan never dies of the batch it warns about;
+* ``--probe-batch N`` measures every trained stage but the joint teacher at batch N at most, the same way (a quick
+  plan of a paper-scale file on a CPU: the probe's data, and so the caches' probe, shrink with it). Its images/s are
+  those of batch N, which can differ either way from the full batch's (``bench/probe_batch.py``).
 
 The estimates are ``images x epochs / (images/s)`` plus the evaluation passes ``fit`` makes (val every epoch, test
 once); they leave out early stops, loading the data before the first step, a student's pass of T* over its cached
@@ -114,6 +117,13 @@ def parse_memory(text: str) -> int:
         raise SpecError(f"--memory: {text!r} is not a size; allowed: a positive number with an optional unit "
                         f"(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 24GiB")
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+
+
+def check_probe_batch(n: int | None) -> int | None:
+    """``--probe-batch``: None, or a batch of at least two samples."""
+    if n is not None and n < 2:
+        raise SpecError(f"--probe-batch: must be >= 2 (batch norm trains on two or more samples), got {n}")
+    return n
 
 
 def parse_counts(items: list[str] | None) -> dict[str, dict[str, int]]:
@@ -470,13 +480,20 @@ class Planner:
         name: What to call the pipeline in the output.
         memory: Bytes each stage must fit (``--memory``; None: the GPU's total, or on a CPU the host memory available
             now); probes are measured at a batch predicted to fit it (:meth:`_fitting_batch`).
+        probe_batch: The largest batch a trained stage other than the joint teacher (cheap on cached features, where
+            a small batch would be all per-step cost) is measured at (``--probe-batch``; None: its own batch). A
+            larger batch is measured at this one: its images/s are taken as measured and its peak is extrapolated
+            along the line through steps at this batch and half of it. The probe's data shrinks to match, so the
+            caches' probe is cheaper too. On a CPU images/s hardly depend on the batch; on a GPU a small batch
+            understates them, so the time estimates are then upper bounds.
     """
 
     def __init__(self, spec: PipelineSpec, store: Path | None = None, synthetic: bool = False,
                  counts: dict[str, dict[str, int]] | None = None, steps: int = 3, name: str = "",
-                 memory: int | None = None):
+                 memory: int | None = None, probe_batch: int | None = None):
         self.spec, self.synthetic, self.steps, self.name = spec, synthetic, max(1, steps), name or spec.name
         self.memory = memory
+        self.probe_batch = check_probe_batch(probe_batch)
         self.store = ArtifactStore(store) if store is not None else None
         counts = counts or {}
         names = [d.name for d in spec.datasets]
@@ -487,6 +504,7 @@ class Planner:
         self.device = resolve_device(spec.device)
         self._tmp = tempfile.TemporaryDirectory(prefix="mlfd-plan-")
         self._probes: dict[tuple, dict] = {}
+        self._done = self._total = 0
         self.keys_ctx = Context(spec=spec, store=_KeyRecorder(Path(self._tmp.name) / "keys"), progress=False)
 
     # -- data ----------------------------------------------------------------------------------------------------
@@ -499,7 +517,10 @@ class Planner:
 
     def _load_data(self) -> tuple[dict[str, DataShape], dict[str, DatasetSplits]]:
         warm = 1
-        n_train = (warm + self.steps) * max(r.batch_size for r in self._recipes() if r is not self.spec.joint.recipe)
+        batches = [self._probed_batch(r.batch_size) for r in self._recipes() if r is not self.spec.joint.recipe]
+        if self.probe_batch is not None:  # the joint teacher keeps its batch, drawn from every dataset's features
+            batches.append(math.ceil(self.spec.joint.recipe.batch_size / len(self.spec.datasets)))
+        n_train = (warm + self.steps) * max(batches)
         n_eval = min(EVAL_BATCH, n_train)
         shapes, probes = {}, {}
         for i, d in enumerate(self.spec.datasets):
@@ -511,6 +532,10 @@ class Planner:
                 shapes[d.name] = real_shape(data)
                 probes[d.name] = probe_data(data, n_train, n_eval)
         return shapes, probes
+
+    def _probed_batch(self, full: int) -> int:
+        """The batch a stage of batch ``full`` is measured at before any cut for memory."""
+        return full if self.probe_batch is None else min(full, self.probe_batch)
 
     # -- the plan ------------------------------------------------------------------------------------------------
 
@@ -539,17 +564,19 @@ class Planner:
         pctx.probe = probes
         self._seed_teachers(pctx)
         budget, budget_what = _budget(self.device, self.memory)
+        self._done, self._total = 0, len(self._wanted_caches(jobs)) + sum(job is not None for job in jobs)
         caches = self._caches(pctx, jobs, shapes)
         plans = []
         for st, (kind, key), job in zip(stages, recorded, jobs):
             sp = StagePlan(st.label, st.role, kind, key, self.stored(kind, key), job.level if job else None)
             if job is not None:
+                self._progress(st.label)
                 self._measure_stage(sp, job, pctx, shapes, probes, caches)
             else:
                 sp.note = "not measured (stage not known to mlfd plan)"
             plans.append(sp)
         for sp in plans:
-            sp.warning = fit_warning(sp, budget, str(self.device))
+            sp.warning = fit_warning(sp, budget, str(self.device) if self.memory is None else "--memory")
         return Plan(self.name, str(self.device), PeakMemory.method(self.device), budget, budget_what, self.synthetic,
                     list(shapes.values()), list(caches.values()), plans,
                     str(self.store.root) if self.store is not None else None)
@@ -560,8 +587,9 @@ class Planner:
 
     # -- caches --------------------------------------------------------------------------------------------------
 
-    def _caches(self, pctx: _ProbeContext, jobs: list[Job | None], shapes: dict[str, DataShape]) -> dict:
-        """Every (teacher, dataset, level) cache a joint teacher of the run reads, measured once each."""
+    @staticmethod
+    def _wanted_caches(jobs: list[Job | None]) -> list[tuple[str, str, int]]:
+        """Every (teacher, dataset, level) cache a joint teacher of the run reads, in order of first use."""
         wanted: list[tuple[str, str, int]] = []
         for job in jobs:
             if job is not None and job.plan is not None:
@@ -569,9 +597,19 @@ class Planner:
                     for d in job.plan.datasets:
                         if (t, d, job.plan.level) not in wanted:
                             wanted.append((t, d, job.plan.level))
+        return wanted
+
+    def _progress(self, what: str) -> None:
+        """One stderr line per probe (``mlfd plan`` of a paper-scale file runs for many minutes on a CPU)."""
+        self._done += 1
+        _logger.info("plan [%d/%d] %s", self._done, self._total, what)
+
+    def _caches(self, pctx: _ProbeContext, jobs: list[Job | None], shapes: dict[str, DataShape]) -> dict:
+        """Every cache a joint teacher of the run reads (:meth:`_wanted_caches`), measured once each."""
         out: dict[tuple[str, str, int], CachePlan] = {}
         speed: dict[tuple[str, int, tuple], tuple[float, int | None]] = {}
-        for t, d, level in wanted:
+        for t, d, level in self._wanted_caches(jobs):
+            self._progress(f"cache {t}->{d} L{level}")
             key = cache_key(self.keys_ctx, t, d, level)
             c = CachePlan(t, d, level, key, self.stored("features", key))
             art = build_cache(pctx, t, d, level)  # the real cache build, on the probe: one batch gives the shape
@@ -623,18 +661,22 @@ class Planner:
         def cut(recipe: Any) -> Any:
             return recipe if batch is None else dataclasses.replace(recipe, batch_size=batch)
 
+        def teacher_field(name: str) -> str:  # where the teacher recipe of dataset ``name`` takes its batch size
+            return (f"datasets.{name}.teacher.batch_size" if "batch_size" in pctx.spec.dataset(name).teacher
+                    else "teacher.batch_size")
+
         if job.kind == "teacher":
             recipe = cut(pctx.spec.teacher_for(job.dataset))
-            where = (f"datasets.{job.dataset}.teacher" if "batch_size" in pctx.spec.dataset(job.dataset).teacher
-                     else "teacher")
             return (ClassifierTask(pctx, job.dataset, pctx.spec.dataset(job.dataset).model, recipe), recipe,
-                    f"{where}.batch_size", [job.dataset])
+                    teacher_field(job.dataset), [job.dataset])
         if job.kind == "baseline":
             model, recipe = baseline_model(pctx, job.dataset)
             recipe = cut(recipe)
-            where = "baselines.recipe" if pctx.spec.baselines.recipe is not None else "teacher"
-            return (SharedTask(pctx, job.mode, model, recipe), recipe, f"{where}.batch_size",
-                    [d.name for d in pctx.spec.datasets])
+            # baselines.recipe, else the teacher recipe of the first dataset of the column's architecture
+            first = next(names for _, names in pctx.spec.baseline_groups() if job.dataset in names)[0]
+            field = ("baselines.recipe.batch_size" if pctx.spec.baselines.recipe is not None
+                     else teacher_field(first))
+            return (SharedTask(pctx, job.mode, model, recipe), recipe, field, [d.name for d in pctx.spec.datasets])
         if job.kind == "joint":
             task = JointTask(pctx, job.plan)
             task.recipe = cut(task.recipe)  # read at each epoch's batching
@@ -667,7 +709,10 @@ class Planner:
         memo = (job.kind, job.dataset, job.level, job.mode, job.plan if job.kind == "joint" else None)
         if memo not in self._probes:
             full = self._task(job, pctx)[1].batch_size
-            batch, why, slope = self._fitting_batch(job, pctx, full)
+            start = full if job.kind == "joint" else self._probed_batch(full)
+            batch, why, slope = self._fitting_batch(job, pctx, start)
+            if batch == start < full:
+                why = f"--probe-batch {self.probe_batch}"
             while True:
                 try:
                     m = self._measure_task(job, pctx, None if batch == full else batch)
@@ -680,7 +725,7 @@ class Planner:
                     why = f"batch {batch} ran out of memory on {self.device}"
                     batch //= 2
             if batch < full:
-                if slope is None:  # a GPU out of memory: the line through one step at the batch and one at half
+                if slope is None:  # no line drawn yet: the one through a step at the batch and one at half of it
                     half = max(2, batch // 2)
                     hi, lo = self._step_peak(job, pctx, batch), self._step_peak(job, pctx, half)
                     slope = peak_line(half, lo, batch, hi)[1] if hi is not None and lo is not None else None
@@ -810,13 +855,15 @@ class Planner:
 
 
 def fit_warning(sp: StagePlan, budget: int, device: str) -> str:
-    """One line when a stage's estimated peak exceeds ``budget`` bytes, naming the switch that makes it fit; "" when it
+    """One line when a stage's estimated peak exceeds ``budget`` bytes (the memory of ``device``, or what ``--memory``
+    gives when ``device`` is ``"--memory"``), naming the switch that makes it fit; "" when it
     fits. A joint teacher that holds its caches on the device: ``joint.cache_on_device: false``. Another stage: the batch
     size at which its working memory (taken as proportional to the batch) leaves room for what it holds whole, else
     streamed images."""
     if sp.peak_bytes is None or budget <= 0 or sp.peak_bytes <= budget:
         return ""
-    where = f"{sp.label}: needs about {_fmt_bytes(sp.peak_bytes)}, {_fmt_bytes(budget)} on {device}"
+    where = f"{sp.label}: needs about {_fmt_bytes(sp.peak_bytes)}, " + (
+        f"--memory gives {_fmt_bytes(budget)}" if device == "--memory" else f"{_fmt_bytes(budget)} on {device}")
     working = sp.peak_bytes - sp.resident_bytes
     if sp.kind == "joint" and sp.resident_bytes > 0 and working < budget:
         return f"{where}; it holds its {sp.resident_what} whole: set joint.cache_on_device: false (out of core)"
@@ -845,9 +892,9 @@ def _probe_cache_bytes(c: CachePlan, probe: DatasetSplits) -> int:
 
 def make_plan(spec: PipelineSpec, store: Path | None = None, synthetic: bool = False,
               counts: dict[str, dict[str, int]] | None = None, steps: int = 3, name: str = "",
-              memory: int | None = None) -> Plan:
+              memory: int | None = None, probe_batch: int | None = None) -> Plan:
     """Plan ``spec`` (see :class:`Planner`)."""
-    planner = Planner(spec, store, synthetic, counts, steps, name, memory)
+    planner = Planner(spec, store, synthetic, counts, steps, name, memory, probe_batch)
     try:
         return planner.plan()
     finally:

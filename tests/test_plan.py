@@ -148,6 +148,8 @@ def test_fit_warnings_name_the_switch() -> None:
     assert fit_warning(_stage("teacher", 100 * gb, 10 * gb), 80 * gb, "cuda").endswith(
         "lower teacher.batch_size to 99 or less")
     assert "options.stream: true" in fit_warning(_stage("teacher", 100 * gb, 90 * gb), 80 * gb, "cuda")
+    assert fit_warning(_stage("teacher", 100 * gb, 10 * gb), 80 * gb, "--memory").startswith(
+        "teacher tiny: needs about 100.0 GB, --memory gives 80.0 GB; lower")
 
 
 def test_memory_sizes() -> None:
@@ -232,6 +234,56 @@ def test_out_of_memory_in_a_probe_halves_the_batch(monkeypatch: pytest.MonkeyPat
     assert plan.stages[1].note == ""
 
 
+def test_probe_batch_measures_large_batches_smaller(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--probe-batch 16``: cifar100's teacher batch of 64 (a per-dataset override) and the multi-head baseline of
+    its architecture, which trains with that recipe, are timed at 16, their peaks extrapolated along the line through
+    steps at 16 and 8, and their fit warnings would name that override; batches of 16 and the joint teacher's 64 are
+    measured whole. The probe holds just enough images for the largest measured batch (the joint teacher's 64 drawn
+    from two datasets: 32 each, for the warm-up and the timed step)."""
+    data = json.loads(json.dumps(PAPER_LIKE))
+    data["datasets"] = data["datasets"][:2]
+    data["datasets"][0]["teacher"] = {"batch_size": 64}
+    spec = from_dict(PipelineSpec, data)
+    measured, stepped, probes = [], [], []
+    real_measure, real_step, real_load = Planner._measure_task, Planner._step_peak, Planner._load_data
+
+    def measure(self: Planner, job, pctx, batch):  # type: ignore[no-untyped-def]
+        measured.append((job.kind, batch))
+        return real_measure(self, job, pctx, batch)
+
+    def step(self: Planner, job, pctx, batch):  # type: ignore[no-untyped-def]
+        stepped.append((job.kind, batch))
+        return real_step(self, job, pctx, batch)
+
+    monkeypatch.setattr(Planner, "_measure_task", measure)
+    monkeypatch.setattr(Planner, "_step_peak", step)
+    monkeypatch.setattr(Planner, "_load_data", lambda self: probes.append(real_load(self)) or probes[-1])
+    planner = Planner(spec, synthetic=True, steps=1, probe_batch=16)
+    try:
+        plan = planner.plan()
+    finally:
+        planner.close()
+    assert [len(p.train) for p in probes[0][1].values()] == [2 * 32, 2 * 32]
+    assert [s.label for s in plan.stages] == ["teacher cifar100", "teacher tiny", "multi_head test_resnet (cifar100)",
+                                              "multi_head test_efficientnet (tiny)", "joint teacher L2",
+                                              "student cifar100 L2", "student tiny L2"]
+    assert measured == [("teacher", 16), ("teacher", None), ("baseline", 16), ("baseline", None), ("joint", None),
+                        ("student", None), ("student", None)]
+    cut = "measured at batch 16 of 64 (--probe-batch 16); peak extrapolated"
+    assert [s.note for s in plan.stages] == [cut, "", cut, "", "", "", ""]
+    assert [s.batch_size for s in plan.stages] == [64, 16, 64, 16, 64, 16, 16]
+    assert [s.batch_field for s in plan.stages[:4]] == ["datasets.cifar100.teacher.batch_size", "teacher.batch_size",
+                                                        "datasets.cifar100.teacher.batch_size", "teacher.batch_size"]
+    # a pilot at 1/16 of each measured batch (a CPU checks the fit first), then the line of each cut: 16 and 8
+    assert stepped == [("teacher", 2), ("teacher", 16), ("teacher", 8), ("teacher", 2), ("baseline", 2),
+                       ("baseline", 16), ("baseline", 8), ("baseline", 2), ("joint", 4), ("student", 2), ("student", 2)]
+    for s in plan.stages:
+        assert s.images_per_s > 0 and s.peak_bytes >= s.resident_bytes
+    with pytest.raises(SpecError, match=r"^--probe-batch: must be >= 2 \(batch norm trains on two or more samples\), "
+                                        r"got 1$"):
+        Planner(spec, synthetic=True, probe_batch=1)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_out_of_memory_in_a_probe_is_measured_at_half_the_batch() -> None:
     """On a GPU capped to 2 GiB, a teacher batch of 2048 at 224 px (test_resnet: about 16 MB of activations per
@@ -302,6 +354,7 @@ def test_a_malformed_file_fails_before_torch_is_imported(argv: list[str], tmp_pa
      "--count mnist=size:3: unknown key 'size'; allowed: train, val, test, classes, image_size, channels"),
     (["--steps", "0"], "--steps: must be >= 1, got 0"),
     (["--count", "mnist=train:10"], "--count: image counts are for --synthetic; a real run counts its data"),
+    (["--probe-batch", "1"], "--probe-batch: must be >= 2 (batch norm trains on two or more samples), got 1"),
     (["--memory", "24 parsecs"], "--memory: '24 parsecs' is not a size; allowed: a positive number with an optional "
                                  "unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 24GiB"),
 ])
