@@ -391,6 +391,9 @@ class StagePlan:
     resident_bytes: int = 0
     """What the stage holds whole at full size (images, caches, targets), added to the probe's working memory."""
     resident_what: str = ""
+    targets_bytes: int = 0
+    """Of ``resident_bytes``, a student's cached joint-teacher targets (``joint.cache_on_device`` moves them out of
+    core)."""
     peak_bytes: int | None = None
     seconds: float | None = None
     warning: str = ""
@@ -828,9 +831,14 @@ class Planner:
                 n = shapes[job.dataset]
                 per = shapes[job.dataset].classes + sum(math.prod(s) for s in emb.values())
                 targets = n.train * per * TARGET_BYTES
-                sp.resident_bytes += targets
-                sp.resident_what += f" + targets {_fmt_bytes(targets)}"
-                probe_held += len(probes[job.dataset].train) * per * TARGET_BYTES
+                # where CachedTargets puts them: whole on the device, or read out of core
+                if caches_on_device(spec, targets, _budget(self.device, self.memory)[0]):
+                    sp.resident_bytes += targets
+                    sp.targets_bytes = targets
+                    sp.resident_what += f" + targets {_fmt_bytes(targets)}"
+                else:
+                    sp.resident_what += f" (targets {_fmt_bytes(targets)} read out of core)"
+                probe_held += len(probes[job.dataset].train) * per * TARGET_BYTES  # the probe's, small: on the device
             if job.kind == "student" and job.control == "own_teacher":
                 own = self._own_joint_seconds(job, pctx, shapes)
                 sp.seconds += own
@@ -856,10 +864,10 @@ class Planner:
 
 def fit_warning(sp: StagePlan, budget: int, device: str) -> str:
     """One line when a stage's estimated peak exceeds ``budget`` bytes (the memory of ``device``, or what ``--memory``
-    gives when ``device`` is ``"--memory"``), naming the switch that makes it fit; "" when it
-    fits. A joint teacher that holds its caches on the device: ``joint.cache_on_device: false``. Another stage: the batch
-    size at which its working memory (taken as proportional to the batch) leaves room for what it holds whole, else
-    streamed images."""
+    gives when ``device`` is ``"--memory"``), naming the switch that makes it fit; "" when it fits. A joint teacher
+    that holds its caches on the device, or a student its cached targets, and would fit without them:
+    ``joint.cache_on_device: false``. Another stage: the batch size at which its working memory (taken as proportional
+    to the batch) leaves room for what it holds whole, else streamed images."""
     if sp.peak_bytes is None or budget <= 0 or sp.peak_bytes <= budget:
         return ""
     where = f"{sp.label}: needs about {_fmt_bytes(sp.peak_bytes)}, " + (
@@ -867,6 +875,9 @@ def fit_warning(sp: StagePlan, budget: int, device: str) -> str:
     working = sp.peak_bytes - sp.resident_bytes
     if sp.kind == "joint" and sp.resident_bytes > 0 and working < budget:
         return f"{where}; it holds its {sp.resident_what} whole: set joint.cache_on_device: false (out of core)"
+    if sp.targets_bytes > 0 and sp.peak_bytes - sp.targets_bytes <= budget:
+        return (f"{where}; it holds its cached targets {_fmt_bytes(sp.targets_bytes)} whole: set "
+                f"joint.cache_on_device: false (read out of core)")
     batch = int(sp.batch_size * (budget - sp.resident_bytes) / working) if working > 0 else 0
     if batch >= 1:
         return f"{where}; lower {sp.batch_field} to {batch} or less"

@@ -148,6 +148,12 @@ def test_fit_warnings_name_the_switch() -> None:
     assert fit_warning(_stage("teacher", 100 * gb, 10 * gb), 80 * gb, "cuda").endswith(
         "lower teacher.batch_size to 99 or less")
     assert "options.stream: true" in fit_warning(_stage("teacher", 100 * gb, 90 * gb), 80 * gb, "cuda")
+    student = _stage("student", 34 * gb, 10 * gb)
+    student.targets_bytes = 9 * gb  # its cached targets, besides 1 GB of images: 25 GB without them
+    assert fit_warning(student, 26 * gb, "cuda") == (
+        "teacher tiny: needs about 34.0 GB, 26.0 GB on cuda; it holds its cached targets 9.0 GB whole: set "
+        "joint.cache_on_device: false (read out of core)")
+    assert fit_warning(student, 24 * gb, "cuda").endswith("lower teacher.batch_size to 74 or less")  # 128 x 14 / 24
     assert fit_warning(_stage("teacher", 100 * gb, 10 * gb), 80 * gb, "--memory").startswith(
         "teacher tiny: needs about 100.0 GB, --memory gives 80.0 GB; lower")
 
@@ -196,6 +202,11 @@ def test_a_batch_that_does_not_fit_is_measured_smaller_and_its_peak_extrapolated
     assert teacher.batch_size == 512 and teacher.images_per_s > 0 and teacher.peak_bytes > teacher.resident_bytes
     assert teacher.warning.startswith("teacher cifar100: needs about ") and "teacher.batch_size" in teacher.warning
     assert plan.stages[-1].note == ""  # a student's batch of 16 is measured whole: 1/16 of it is below two samples
+    # cache_on_device: auto reads a student's cached targets out of core beyond half the budget, as CachedTargets does
+    student = plan.stages[-1]
+    what = student.resident_what
+    assert re.fullmatch(r"images \S+ \S+ \(targets \S+ MB read out of core\)", what), what
+    assert student.targets_bytes == 0 and student.resident_bytes == 110_000 * 3 * 64 * 64  # its images only
 
 
 def test_out_of_memory_in_a_probe_halves_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
