@@ -166,3 +166,19 @@ def test_cache_bench_quick_runs(tmp_path):
     rec = json.loads(out.read_text())
     assert rec["bench"] == "cache" and rec["quick"] and rec["ratio"] > 1  # the cache is faster even on a CPU
     assert "faster than through the frozen teachers" in proc.stdout
+
+
+@pytest.mark.slow
+def test_probe_batch_bench_runs(tmp_path):
+    """bench/probe_batch.py at tiny batches: one row per T1 architecture of --quick, img/s at both batches, the ratio."""
+    out = tmp_path / "probe_batch.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "probe_batch.py"), "--quick", "--probe", "2",
+                           "--full", "4", "--json", str(out)], env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rec = json.loads(out.read_text())
+    assert [(r["arch"], r["probe_batch"], r["batch"]) for r in rec["rows"]] == [("resnet18", 2, 4),
+                                                                                ("efficientnet_b0", 2, 4)]
+    for r in rec["rows"]:
+        assert r["probe_img_s"] > 0 and r["img_s"] > 0
+        assert r["probe_over_full"] == pytest.approx(r["probe_img_s"] / r["img_s"], rel=0.02)
+    assert rec["summary"].startswith("img/s at batch 2 over img/s at the larger batch: resnet18 ")
